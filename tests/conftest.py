@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny synthetic dataset and one tiny trained build reused across tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from tlbuild.data.synth import synth_defects
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    """Write a recipe file and return its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+TINY_TRAIN = """
+[train]
+seed = 0
+batch_size = 8
+augment = {{ crop_scale = [0.8, 1.0], hflip = 0.5, rotation = 10, color_jitter = 0.1 }}
+early_stopping = {{ patience = 5 }}
+[[train.stages]]
+name = "head"
+epochs = {head}
+lr = 3e-3
+[[train.stages]]
+name = "finetune"
+epochs = {ft}
+lr = 1e-3
+unfreeze = 2
+"""
+
+
+def tiny_recipe(
+    folder: Path, data: Path, name: str = "tiny", head: int = 1, ft: int = 1, extra: str = ""
+) -> Path:
+    """A fast recipe: 64 px Lite0 with bundled weights, one epoch per stage."""
+    text = f"""
+name = "{name}"
+output_dir = "out"
+[data]
+root = "{data}"
+split = {{ val = 0.25, seed = 0 }}
+ok_class = "ok"
+[model]
+preprocess = {{ input_size = 64, resize = "resize" }}
+[export]
+parity_images = 8
+{TINY_TRAIN.format(head=head, ft=ft)}
+{extra}
+"""
+    return write_recipe(folder / f"{name}.toml", text)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 images per class, 64 px: enough to exercise every stage in seconds."""
+    root = tmp_path_factory.mktemp("data") / "defects"
+    synth_defects(root, per_class=8, size=64, seed=1)
+    return root
+
+
+@pytest.fixture()
+def data_copy(tiny_data: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny dataset a test may damage."""
+    dst = tmp_path / "data"
+    shutil.copytree(tiny_data, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One full `run` of the tiny recipe; returns its export folder."""
+    from tlbuild import pipeline
+    from tlbuild.recipe import load_recipe
+
+    folder = tmp_path_factory.mktemp("build")
+    recipe = load_recipe(tiny_recipe(folder, tiny_data))
+    pipeline.run(recipe, Console(quiet=True))
+    return recipe.out_dir

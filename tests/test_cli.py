@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import tiny_recipe
+from tlbuild.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["run"], ["train"], ["export"], ["check"], ["backbones"], ["data", "synth-defects"]],
+)
+def test_help_everywhere(args: list[str]) -> None:
+    res = runner.invoke(app, [*args, "--help"])
+    assert res.exit_code == 0 and "Usage" in res.output
+
+
+def test_empty_class_fails_the_build_with_one_message(data_copy: Path, tmp_path: Path) -> None:
+    (data_copy / "dent").mkdir()
+    res = runner.invoke(app, ["run", str(tiny_recipe(tmp_path, data_copy))])
+    assert res.exit_code == 1
+    assert "class 'dent' has 0 usable image(s)" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_export_before_train_is_a_usage_error(tiny_data: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["export", str(tiny_recipe(tmp_path, tiny_data))])
+    assert res.exit_code == 2 and "run `tlbuild train` first" in res.output
+
+
+def test_missing_recipe_and_bad_synth_arguments(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["run", str(tmp_path / "nope.toml")])
+    assert res.exit_code == 2 and "recipe not found" in res.output
+    res = runner.invoke(app, ["data", "synth-defects", str(tmp_path / "d"), "--per-class", "0"])
+    assert res.exit_code == 2 and "per_class" in res.output
+
+
+def test_backbones_lists_offline_weights() -> None:
+    res = runner.invoke(app, ["backbones"])
+    assert res.exit_code == 0
+    line = next(ln for ln in res.output.splitlines() if "tf_efficientnet_lite0" in ln)
+    assert "bundled" in line
+
+
+def test_synth_defects_cli_writes_class_folders(tmp_path: Path) -> None:
+    res = runner.invoke(
+        app, ["data", "synth-defects", str(tmp_path / "d"), "--per-class", "2", "--size", "48"]
+    )
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["crack", "ok", "scratch", "spot"]
+    assert len(list((tmp_path / "d").rglob("*.jpg"))) == 8

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import write_recipe
+from tlbuild.cli import app
+from tlbuild.errors import RecipeError
+from tlbuild.recipe import load_recipe
+
+
+def test_minimal_recipe_fills_defaults_and_resolves_paths(tmp_path: Path) -> None:
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    r = load_recipe(write_recipe(tmp_path / "recipes" / "demo.toml", '[data]\nroot = "../imgs"\n'))
+    assert r.name == "demo"  # from the file name
+    assert r.data.root == (tmp_path / "imgs").resolve()
+    assert r.model.backbone == "tf_efficientnet_lite0" and r.model.weights == "imagenet"
+    assert [s.name for s in r.train.stages] == ["head", "finetune"]
+    assert r.train.stages[0].unfreeze == 0 and r.train.stages[1].unfreeze == 3
+
+
+def test_every_mistake_is_reported_with_key_value_and_expectation(tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    text = """
+[data]
+root = "imgs"
+balanse = "loss"
+[model]
+dropout = 1.5
+[train]
+batch_size = "big"
+optimizer = "adam"
+[[train.stages]]
+name = "head"
+epochs = 0
+"""
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write_recipe(tmp_path / "r.toml", text))
+    msg = str(e.value)
+    assert "5 problem(s)" in msg
+    assert "data.balanse: unknown key" in msg
+    assert "model.dropout" in msg and "1.5" in msg and "less than 1" in msg
+    assert "train.batch_size" in msg and '"big"' in msg
+    assert "train.optimizer" in msg and "'adamw'" in msg
+    assert "train.stages.0.epochs" in msg
+
+
+def test_missing_paths_and_layouts_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.toml")
+    with pytest.raises(RecipeError, match="`root` folder does not exist"):
+        load_recipe(write_recipe(tmp_path / "a.toml", '[data]\nroot = "missing"\n'))
+    (tmp_path / "t").mkdir()
+    with pytest.raises(RecipeError, match="`train` and `val` go together"):
+        load_recipe(write_recipe(tmp_path / "b.toml", '[data]\ntrain = "t"\n'))
+    with pytest.raises(RecipeError, match="weights file does not exist"):
+        load_recipe(
+            write_recipe(tmp_path / "c.toml", '[data]\nroot = "t"\n[model]\nweights = "w.pth"\n')
+        )
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        load_recipe(write_recipe(tmp_path / "d.toml", "[data\nroot = 1"))
+
+
+def test_ok_class_must_be_a_class_folder(tmp_path: Path) -> None:
+    for c in ("good", "bad"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+    with pytest.raises(RecipeError, match="ok_class = 'ok' is not a class folder"):
+        load_recipe(write_recipe(tmp_path / "r.toml", '[data]\nroot = "imgs"\nok_class = "ok"\n'))
+
+
+def test_check_command_prints_resolved_recipe_and_exit_codes(tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    good = write_recipe(tmp_path / "good.toml", '[data]\nroot = "imgs"\n')
+    bad = write_recipe(tmp_path / "bad.toml", '[data]\nroot = "imgs"\n[trian]\n')
+    runner = CliRunner()
+    res = runner.invoke(app, ["check", str(good)])
+    assert res.exit_code == 0, res.output
+    assert (
+        str((tmp_path / "imgs").resolve()) in res.output and '"label_smoothing": 0.1' in res.output
+    )
+    res = runner.invoke(app, ["check", str(bad)])
+    assert res.exit_code == 2
+    assert "trian: unknown key" in res.output
+    assert "Traceback" not in res.output

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from tests.conftest import tiny_recipe
+from tlbuild import pipeline
+from tlbuild.recipe import TrainConfig, load_recipe
+from tlbuild.train.metrics import classification_metrics
+from tlbuild.train.optim import lr_factor
+
+
+def test_metrics_escape_and_false_reject_rates() -> None:
+    classes = ["crack", "ok", "scratch"]
+    y_true = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 2])
+    y_pred = np.array([0, 0, 1, 2, 1, 1, 1, 1, 0, 1])
+    m = classification_metrics(y_true, y_pred, classes, ok_class="ok")
+    assert m["accuracy"] == pytest.approx(0.6)
+    assert m["confusion_matrix"]["rows_true_cols_pred"] == [[2, 1, 1], [1, 4, 0], [0, 1, 0]]
+    assert m["escapes"] == 2 and m["escape_rate"] == pytest.approx(2 / 5)  # defects called ok
+    assert m["false_rejects"] == 1 and m["false_reject_rate"] == pytest.approx(1 / 5)
+    assert m["per_class"]["ok"]["precision"] == pytest.approx(4 / 6)
+    assert m["per_class"]["crack"]["recall"] == pytest.approx(0.5)
+    assert m["per_class"]["scratch"]["f1"] == 0.0
+
+
+@pytest.mark.parametrize("kind", ["cosine", "onecycle", "constant"])
+def test_schedules_warm_up_then_decay(kind: str) -> None:
+    f = [lr_factor(s, 100, 10, kind) for s in range(100)]
+    assert f[0] < 0.2 and max(f) == pytest.approx(1.0, abs=0.02)
+    if kind != "constant":
+        assert f[-1] < 0.05 and f[50] > f[90]
+
+
+def test_train_writes_model_history_metrics_and_plots(tiny_build: Path) -> None:
+    for name in (
+        "model.pt",
+        "history.csv",
+        "metrics.json",
+        "training_curves.png",
+        "confusion_val.png",
+        "splits.json",
+        "checkpoints/last.pt",
+    ):
+        assert (tiny_build / name).is_file(), name
+    rows = list(csv.DictReader((tiny_build / "history.csv").open()))
+    assert [r["stage"] for r in rows] == ["head", "finetune"]
+    assert set(rows[0]) >= {"train_loss", "val_loss", "val_acc", "lr_head", "lr_body", "seconds"}
+    assert float(rows[0]["lr_body"]) == 0.0 and float(rows[1]["lr_body"]) > 0.0
+    m = json.loads((tiny_build / "metrics.json").read_text())
+    assert 0.0 <= m["val"]["accuracy"] <= 1.0 and m["val"]["images"] == 8
+    assert {"escape_rate", "false_reject_rate"} <= set(m["val"])
+    assert set(m["val"]["per_class"]) == {"crack", "ok", "scratch", "spot"}
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_training_is_reproducible_and_resume_matches_uninterrupted(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quiet = Console(quiet=True)
+    a = load_recipe(tiny_recipe(tmp_path / "a", tiny_data, head=1, ft=2))
+    b = load_recipe(tiny_recipe(tmp_path / "b", tiny_data, head=1, ft=2))
+    pipeline.train_stage(a, quiet)
+    pipeline.train_stage(b, quiet)
+    wa, wb = _weights(a.out_dir / "model.pt"), _weights(b.out_dir / "model.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # Interrupt a third run after its third epoch (mid second stage), then resume it.
+    c = load_recipe(tiny_recipe(tmp_path / "c", tiny_data, head=1, ft=2))
+    from tlbuild.train import loop
+
+    real_save = loop.save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_die(*args, **kw):  # noqa: ANN002, ANN003
+        real_save(*args, **kw)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train_stage(c, quiet)
+    assert not (c.out_dir / "model.pt").exists()
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    pipeline.train_stage(c, quiet, resume=True)
+    wc = _weights(c.out_dir / "model.pt")
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    hist = (c.out_dir / "history.csv").read_text().splitlines()
+    assert len(hist) == 1 + 3
+
+
+def test_resume_refuses_a_changed_recipe(tiny_build: Path) -> None:
+    from tlbuild.errors import UsageError
+
+    recipe = load_recipe(tiny_build.parent.parent / "tiny.toml")
+    changed = recipe.model_copy(update={"train": TrainConfig(batch_size=4)})
+    with pytest.raises(UsageError, match="another recipe"):
+        pipeline.train_stage(changed, Console(quiet=True), resume=True)

@@ -1,0 +1,3 @@
+from tlbuild.cli import main
+
+main()

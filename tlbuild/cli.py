@@ -1,0 +1,173 @@
+"""The `tlbuild` command line: parse, call the pipeline, render. No build logic lives here."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tlbuild import __version__
+from tlbuild.errors import TlbuildError
+
+app = typer.Typer(
+    help="Build edge image classifiers from a TOML recipe: fine-tune, export, verify.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Dataset helpers.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+T = TypeVar("T")
+RecipeArg = Annotated[
+    Path, typer.Argument(help="Recipe TOML file (see the README's recipe reference).")
+]
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Run `fn`, turning user-facing errors into one message and the documented exit code."""
+    err = Console(stderr=True, highlight=False)
+    try:
+        return fn()
+    except TlbuildError as e:
+        err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]; finished files are kept. `--resume` continues training.")
+        raise typer.Exit(130) from None
+
+
+def _load(recipe: Path):  # noqa: ANN202 - Recipe, imported lazily to keep --help fast
+    from tlbuild.recipe import load_recipe
+
+    return load_recipe(recipe)
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    resume: Annotated[
+        bool, typer.Option(help="Continue training from the last checkpoint.")
+    ] = False,
+) -> None:
+    """Train, export and verify: the whole build for RECIPE."""
+    from tlbuild import pipeline
+
+    console = _console()
+    t0 = time.perf_counter()
+    out = _guard(lambda: pipeline.run(_load(recipe), console, resume=resume))
+    console.print(
+        f"[bold green]Build done[/] in {time.perf_counter() - t0:.0f}s: {out.onnx_path.parent}"
+    )
+
+
+@app.command()
+def train(
+    recipe: RecipeArg,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+) -> None:
+    """Fine-tune the recipe's backbone; writes model.pt, metrics and plots."""
+    from tlbuild import pipeline
+
+    console = _console()
+    _guard(lambda: pipeline.train_stage(_load(recipe), console, resume=resume))
+
+
+@app.command()
+def export(recipe: RecipeArg) -> None:
+    """Export the trained model to ONNX and check it against PyTorch."""
+    from tlbuild import pipeline
+
+    console = _console()
+    _guard(lambda: pipeline.export_stage(_load(recipe), console))
+
+
+@app.command()
+def check(recipe: RecipeArg) -> None:
+    """Validate RECIPE and print it fully resolved (defaults filled, paths absolute)."""
+    r = _guard(lambda: _load(recipe))
+    print(json.dumps({"output": str(r.out_dir), **r.to_jsonable()}, indent=2))
+
+
+@app.command()
+def backbones(
+    all_models: Annotated[
+        bool, typer.Option("--all", help="List every timm classification model.")
+    ] = False,
+    pattern: Annotated[str, typer.Option(help="Filter names, e.g. '*mobilenet*'.")] = "",
+) -> None:
+    """List backbones and whether ImageNet weights are available offline."""
+    import timm
+
+    from tlbuild.models.factory import RECOMMENDED, offline_weights
+
+    names = timm.list_models(pattern or "*") if all_models or pattern else list(RECOMMENDED)
+    table = Table("backbone", "input", "offline weights")
+    for name in names:
+        cfg = timm.models.get_pretrained_cfg(name)
+        size = "x".join(str(s) for s in cfg.input_size[1:]) if cfg is not None else "?"
+        table.add_row(name, size, offline_weights(name) or "-")
+    _console().print(table)
+
+
+@data_app.command("synth-defects")
+def synth_defects(
+    out: Annotated[Path, typer.Argument(help="Output folder (class sub-folders are created).")],
+    per_class: Annotated[int, typer.Option(help="Images per class.")] = 150,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 160,
+    seed: Annotated[int, typer.Option(help="Seed; same seed, same files.")] = 0,
+) -> None:
+    """Write the deterministic surface-inspection demo dataset (ok / scratch / spot / crack)."""
+    from rich.progress import Progress
+
+    from tlbuild.data.synth import CLASSES
+    from tlbuild.data.synth import synth_defects as make
+
+    console = _console()
+
+    def go() -> dict[str, int]:
+        try:
+            with Progress(console=console, transient=True) as progress:
+                task = progress.add_task("Generating", total=per_class * len(CLASSES))
+                return make(out, per_class, size, seed, lambda: progress.advance(task))
+        except ValueError as e:
+            from tlbuild.errors import UsageError
+
+            raise UsageError(str(e)) from None
+
+    counts = _guard(go)
+    console.print(f"Wrote {sum(counts.values())} images to {out}: {counts}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"tlbuild {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Build edge image classifiers from a TOML recipe."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The fine-tuned model file (model.pt): weights plus what is needed to rebuild and feed it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from tlbuild import __version__
+from tlbuild.data.preprocess import Preprocessing
+from tlbuild.errors import UsageError
+from tlbuild.fileio import atomic_path
+from tlbuild.models.factory import unwrap_state
+
+
+@dataclass
+class TrainedModel:
+    """A fine-tuned classifier and its metadata."""
+
+    model: nn.Module
+    backbone: str
+    classes: list[str]
+    preprocessing: Preprocessing
+    weights_source: str
+    dropout: float
+
+
+def save_trained(path: Path, tm: TrainedModel, extra: dict[str, Any] | None = None) -> None:
+    """Write model.pt atomically; tensors and plain data only, loadable with weights_only=True."""
+    payload = {
+        "format": "tlbuild.model/1",
+        "tlbuild_version": __version__,
+        "backbone": tm.backbone,
+        "classes": list(tm.classes),
+        "dropout": tm.dropout,
+        "preprocessing": tm.preprocessing.to_dict(),
+        "weights_source": tm.weights_source,
+        "state_dict": unwrap_state(tm.model),
+        **(extra or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_trained(path: Path) -> TrainedModel:
+    """Rebuild the model from model.pt (no network, no pretrained download)."""
+    if not path.is_file():
+        raise UsageError(f"no trained model at {path}; run `tlbuild train` first")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path}: not a readable tlbuild model file ({e})") from None
+    if not isinstance(d, dict) or d.get("format") != "tlbuild.model/1":
+        raise UsageError(f"{path}: not a tlbuild model file")
+    model = timm.create_model(
+        d["backbone"], pretrained=False, num_classes=len(d["classes"]), drop_rate=d["dropout"]
+    )
+    model.load_state_dict(d["state_dict"])
+    model.eval()
+    return TrainedModel(
+        model=model,
+        backbone=d["backbone"],
+        classes=list(d["classes"]),
+        preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+        weights_source=d["weights_source"],
+        dropout=float(d["dropout"]),
+    )

@@ -1,0 +1,54 @@
+"""manifest.json: what was built, from what, how to feed it, and the hash of every artifact."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+from pathlib import Path
+from typing import Any
+
+from tlbuild import __version__
+from tlbuild.fileio import sha256_file, write_json
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the artifacts."""
+    import numpy
+    import onnx
+    import onnxruntime
+    import timm
+    import torch
+
+    return {
+        "tlbuild": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def describe_artifacts(out_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """sha256 and size of each named file that exists under out_dir."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        p = out_dir / name
+        if p.is_file():
+            out[name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return out
+
+
+def write_manifest(out_dir: Path, body: dict[str, Any], artifact_names: list[str]) -> Path:
+    """Write manifest.json atomically with versions, time and artifact hashes added."""
+    manifest = {
+        "format": "tlbuild.manifest/1",
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+        **body,
+        "artifacts": describe_artifacts(out_dir, artifact_names),
+    }
+    path = out_dir / "manifest.json"
+    write_json(path, manifest)
+    return path

@@ -1,0 +1,326 @@
+"""The recipe: a TOML file validated by pydantic, with paths resolved against its own folder."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from tlbuild.errors import RecipeError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo such as `learning_rate` for `lr` must not be ignored.
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
+    """Resolve a relative path against the recipe's folder (passed as validation context)."""
+    if value is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    p = Path(value).expanduser()
+    if not p.is_absolute() and base is not None:
+        p = Path(base) / p
+    return p.resolve() if base is not None else p
+
+
+class SplitConfig(_Section):
+    """Fractions for a seeded, stratified split of a single `root` folder."""
+
+    val: float = Field(0.2, gt=0.0, lt=1.0)
+    test: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> SplitConfig:
+        if self.val + self.test >= 0.9:
+            raise ValueError(
+                f"val + test = {self.val + self.test:.2f} leaves under 10% for training; "
+                "use smaller fractions"
+            )
+        return self
+
+
+class DataConfig(_Section):
+    """Where the images are and how to split them."""
+
+    root: Path | None = Field(None, description="one folder per class; split by `split` fractions")
+    train: Path | None = Field(None, description="explicit training folder (one folder per class)")
+    val: Path | None = Field(None, description="explicit validation folder")
+    test: Path | None = Field(None, description="explicit test folder (optional)")
+    split: SplitConfig = SplitConfig()
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    min_per_class: int = Field(2, ge=1, description="fewest usable training images per class")
+    balance: Literal["none", "loss", "sampler"] = "none"
+    ok_class: str | None = Field(None, description="the 'good part' class, for escape rates")
+    workers: int | Literal["auto"] = "auto"
+
+    _resolve_paths = field_validator("root", "train", "val", "test")(_resolve)
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_lowercase(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in v)
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> DataConfig:
+        explicit = self.train is not None or self.val is not None
+        if self.root is not None and explicit:
+            raise ValueError("give either `root` (split by fractions) or `train` + `val`, not both")
+        if self.root is None and not explicit:
+            raise ValueError("give `root` (one folder per class) or `train` and `val` folders")
+        if explicit and (self.train is None or self.val is None):
+            raise ValueError("`train` and `val` go together; give both (or `root` instead)")
+        if self.test is not None and self.root is not None:
+            raise ValueError(
+                "`test` is a folder for the explicit layout; with `root` use split.test"
+            )
+        for key in ("root", "train", "val", "test"):
+            p = getattr(self, key)
+            if p is not None and not p.is_dir():
+                raise ValueError(f"`{key}` folder does not exist: {p}")
+        return self
+
+
+class PreprocessConfig(_Section):
+    """Overrides of the backbone's own preprocessing; unset keys come from its timm config."""
+
+    input_size: int | tuple[int, int] | None = None
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    resize: Literal["center_crop", "resize"] | None = Field(
+        None,
+        description="center_crop: scale the short side then crop the centre (ImageNet style); "
+        "resize: scale the whole image to the input size (nothing cut off)",
+    )
+    crop_pct: float | None = Field(None, gt=0.0, le=1.0)
+
+    @field_validator("input_size")
+    @classmethod
+    def _positive(cls, v: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
+        sizes = (v,) if isinstance(v, int) else (v or ())
+        if any(s < 32 or s > 2048 for s in sizes):
+            raise ValueError("input_size must be between 32 and 2048 pixels")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _nonzero_std(
+        cls, v: tuple[float, float, float] | None
+    ) -> tuple[float, float, float] | None:
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError("std values must be positive")
+        return v
+
+
+class ModelConfig(_Section):
+    """Which pretrained backbone, which weights, and the new head."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str = Field(
+        "imagenet",
+        description='"imagenet" (bundled or hub cache), "none", or a .pth/.safetensors path',
+    )
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    preprocess: PreprocessConfig = PreprocessConfig()
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_path(cls, v: str, info: ValidationInfo) -> str:
+        if v in ("imagenet", "none"):
+            return v
+        p = _resolve(Path(v), info)
+        assert p is not None
+        if p.suffix not in (".pth", ".pt", ".bin", ".safetensors"):
+            raise ValueError('expected "imagenet", "none" or a .pth/.pt/.safetensors file path')
+        if not p.is_file():
+            raise ValueError(f"weights file does not exist: {p}")
+        return str(p)
+
+
+class StageConfig(_Section):
+    """One fine-tuning stage: which layer groups train, for how long, at which rates."""
+
+    name: str
+    epochs: int = Field(ge=1, le=1000)
+    lr: float = Field(1e-3, gt=0.0, lt=10.0, description="learning rate of the new head")
+    unfreeze: int | Literal["all"] = Field(
+        0, description="body layer groups trained, counted from the top; 0 = body frozen"
+    )
+    body_lr_mult: float = Field(0.1, gt=0.0, le=1.0, description="body lr = lr * body_lr_mult")
+    freeze_bn: bool = Field(
+        False, description="keep BatchNorm statistics of unfrozen groups fixed as well"
+    )
+
+    @field_validator("unfreeze")
+    @classmethod
+    def _non_negative(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError('unfreeze must be >= 0 or "all"')
+        return v
+
+
+class AugmentConfig(_Section):
+    """Training-time augmentation; validation and export never augment."""
+
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.333)
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    vflip: float = Field(0.0, ge=0.0, le=1.0)
+    rotation: float = Field(0.0, ge=0.0, le=180.0, description="max degrees either way")
+    color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation")
+    hue: float = Field(0.0, ge=0.0, le=0.5)
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("expected [low, high] with 0 < low <= high")
+        return v
+
+
+class EarlyStoppingConfig(_Section):
+    """Stop a stage when validation loss stops improving; the best weights are restored."""
+
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+def _default_stages() -> tuple[StageConfig, ...]:
+    return (
+        StageConfig(name="head", epochs=3, lr=1e-3, unfreeze=0),
+        StageConfig(name="finetune", epochs=6, lr=5e-4, unfreeze=3, body_lr_mult=0.1),
+    )
+
+
+class TrainConfig(_Section):
+    """Staged fine-tuning: optimizer, schedule, regularisation, stages."""
+
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    batch_size: int = Field(32, ge=1, le=4096)
+    optimizer: Literal["adamw", "sgd", "rmsprop"] = "adamw"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(0.01, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.5, ge=0.0)
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    channels_last: bool = Field(True, description="channels-last memory format on CUDA")
+    augment: AugmentConfig = AugmentConfig()
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    stages: tuple[StageConfig, ...] = Field(default_factory=_default_stages, min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, v: tuple[StageConfig, ...]) -> tuple[StageConfig, ...]:
+        names = [s.name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(dup)}")
+        return v
+
+
+class ExportConfig(_Section):
+    """ONNX export and its parity check against PyTorch."""
+
+    opset: int = Field(18, ge=13, le=23)
+    parity_images: int = Field(64, ge=1, description="validation images compared with PyTorch")
+    parity_atol: float = Field(1e-3, gt=0.0, description="max allowed |logit difference|")
+    min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)
+
+
+class Recipe(_Section):
+    """A whole recipe. Later issues add sections (quantize, build, bench, gates)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output_dir: Path | None = Field(
+        None, description="exports root; default ./exports under the current directory"
+    )
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+
+    _resolve_out = field_validator("output_dir")(_resolve)
+
+    @model_validator(mode="after")
+    def _ok_class_known(self) -> Recipe:
+        # Class names only exist on disk, so this is checked again at scan time; here we only
+        # stop the obvious typo early when the layout is a plain root.
+        if self.data.ok_class and self.data.root is not None:
+            classes = {p.name for p in self.data.root.iterdir() if p.is_dir()}
+            if classes and self.data.ok_class not in classes:
+                raise ValueError(
+                    f"data.ok_class = {self.data.ok_class!r} is not a class folder under "
+                    f"{self.data.root} (found: {', '.join(sorted(classes))})"
+                )
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        """The folder this recipe's artifacts go to."""
+        root = self.output_dir if self.output_dir is not None else Path.cwd() / "exports"
+        return root / self.name
+
+    def to_jsonable(self) -> dict[str, Any]:
+        """The fully resolved recipe as plain JSON types."""
+        return json.loads(self.model_dump_json())
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    errors = err.errors()
+    # A failed item also fails its container's length check; report only the innermost.
+    locs = [tuple(e["loc"]) for e in errors]
+    errors = [
+        e
+        for e in errors
+        if not any(len(o) > len(e["loc"]) and o[: len(e["loc"])] == tuple(e["loc"]) for o in locs)
+    ]
+    lines = [f"{path}: {len(errors)} problem(s) in the recipe:"]
+    for e in errors:
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `tlbuild check --help` names the reference)"
+        if e["type"] == "missing":
+            lines.append(f"  - {loc}: required key is missing")
+            continue
+        given = e.get("input")
+        shown = json.dumps(given, default=str) if not isinstance(given, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  - {loc}: {msg} (given: {shown})")
+    return "\n".join(lines)
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    """Read, validate and resolve a recipe; raise RecipeError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    raw.setdefault("name", path.stem)
+    try:
+        return Recipe.model_validate(raw, context={"base_dir": path.resolve().parent})
+    except ValidationError as e:
+        raise RecipeError(_format_errors(path, e)) from None
