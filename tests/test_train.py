@@ -9,7 +9,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from tests.conftest import tiny_recipe
+from tests.conftest import tiny_recipe, write_recipe
 from tlbuild import pipeline
 from tlbuild.recipe import TrainConfig, load_recipe
 from tlbuild.train.metrics import classification_metrics
@@ -106,3 +106,36 @@ def test_resume_refuses_a_changed_recipe(tiny_build: Path) -> None:
     changed = recipe.model_copy(update={"train": TrainConfig(batch_size=4)})
     with pytest.raises(UsageError, match="another recipe"):
         pipeline.train_stage(changed, Console(quiet=True), resume=True)
+
+
+@pytest.mark.parametrize("balance", ["sampler", "loss"])
+def test_explicit_layout_with_test_split_and_balancing(
+    tiny_data: Path, tmp_path: Path, balance: str
+) -> None:
+    import shutil
+
+    for split in ("train", "val", "test"):
+        shutil.copytree(tiny_data, tmp_path / split)
+    for extra in list((tmp_path / "train" / "ok").glob("*.jpg"))[:5]:
+        extra.unlink()  # make the training classes unequal
+    text = f"""
+output_dir = "out"
+[data]
+train = "train"
+val = "val"
+test = "test"
+balance = "{balance}"
+ok_class = "ok"
+[model]
+preprocess = {{ input_size = 48, resize = "resize" }}
+[train]
+batch_size = 8
+[[train.stages]]
+name = "head"
+epochs = 1
+"""
+    recipe = load_recipe(write_recipe(tmp_path / "explicit.toml", text))
+    out = pipeline.train_stage(recipe, Console(quiet=True))
+    assert out.splits.counts()["train"]["ok"] == 3
+    assert out.metrics["test"]["images"] == 32 and "escape_rate" in out.metrics["test"]
+    assert (recipe.out_dir / "confusion_test.png").is_file()

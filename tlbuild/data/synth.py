@@ -29,18 +29,16 @@ _PLASTIC = np.array([(0.3, 0.3, 0.31), (0.5, 0.5, 0.5), (0.82, 0.82, 0.8), (0.35
 
 
 def _smooth(rng: np.random.Generator, n: int, cells: float) -> np.ndarray:
-    """Zero-mean value noise with about `cells` features across an n x n image."""
+    """Roughly zero-mean, unit-scale value noise with about `cells` features across n px."""
     c = max(2, int(round(cells)))
     grid = rng.standard_normal((c + 3, c + 3)).astype(np.float32)
     big = Image.fromarray(grid, "F").resize((n, n), Image.BICUBIC, box=(1, 1, c + 1, c + 1))
     return np.asarray(big, dtype=np.float32)
 
 
-def _fractal(
-    rng: np.random.Generator, n: int, cells: float, octaves: int, gain: float
-) -> np.ndarray:
+def _fractal(rng: np.random.Generator, n: int, cells: float, octaves: int, g: float) -> np.ndarray:
     """Multi-octave noise normalised to unit std (cast / sand-blasted look)."""
-    out = sum(gain**k * _smooth(rng, n, cells * 2**k) for k in range(octaves))
+    out = sum(g**k * _smooth(rng, n, cells * 2**k) for k in range(octaves))
     return (out - out.mean()) / (out.std() + 1e-6)
 
 
@@ -51,10 +49,11 @@ def _noise1d(rng: np.random.Generator, coord: np.ndarray, spacing: float) -> np.
     return np.interp(coord, knots, rng.standard_normal(knots.size)).astype(np.float32)
 
 
-def _rotated(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _rotated(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates (u, v) in a frame turned by a random angle: textures have no up."""
     ang = rng.uniform(0, np.pi)
     y, x = np.mgrid[0:n, 0:n].astype(np.float32)
-    return x * np.cos(ang) + y * np.sin(ang), -x * np.sin(ang) + y * np.cos(ang), ang
+    return x * np.cos(ang) + y * np.sin(ang), -x * np.sin(ang) + y * np.cos(ang)
 
 
 def _grey(rng: np.random.Generator, lo: float, hi: float, tint: float) -> np.ndarray:
@@ -65,7 +64,7 @@ def _background(rng: np.random.Generator, n: int, z: float) -> np.ndarray:
     """Albedo image (n, n, 3) in ~[0, 1] from one of five surface families."""
     s = n / 160 * z  # pixels per "nominal pixel" at this zoom
     fam = rng.integers(5)
-    u, v, _ = _rotated(rng, n)
+    u, v = _rotated(rng, n)
     if fam == 0:  # brushed metal: fine streaks along u, slowly varying in strength
         t = sum(a * _noise1d(rng, v, sp * s) for a, sp in ((1, 0.8), (0.6, 2.5), (0.4, 7)))
         t = t * (1 + 0.4 * _smooth(rng, n, 3)) * rng.uniform(0.03, 0.09)
@@ -84,7 +83,7 @@ def _background(rng: np.random.Generator, n: int, z: float) -> np.ndarray:
     elif fam == 3:  # knurled or woven: periodic pattern at a random angle and pitch
         p = rng.uniform(5, 11) * s
         if rng.random() < 0.5:
-            u2, _, _ = _rotated(rng, n)
+            u2, _ = _rotated(rng, n)
             t = 0.5 * (np.sin(2 * np.pi * u / p) + np.sin(2 * np.pi * u2 / p))
             base = _grey(rng, 0.4, 0.75, 0.04)
         else:
@@ -102,7 +101,7 @@ def _background(rng: np.random.Generator, n: int, z: float) -> np.ndarray:
 
 def _benign(rng: np.random.Generator, img: np.ndarray, n: int) -> None:
     """Harmless structure, equally likely in every class, so 'an edge' alone is no defect."""
-    u, v, _ = _rotated(rng, n)
+    u, v = _rotated(rng, n)
     a, b, c = rng.random(3)
     if a < 0.3:  # part edge / chamfer: a soft step across the whole frame
         edge = (v - rng.uniform(0.2, 0.8) * n) / (rng.uniform(0.5, 2.5) * n / 160)
