@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import tiny_recipe
+from tests.conftest import tiny_recipe, write_recipe
 from tlbuild.cli import app
 
 runner = CliRunner()
@@ -54,3 +54,25 @@ def test_synth_defects_cli_writes_class_folders(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["crack", "ok", "scratch", "spot"]
     assert len(list((tmp_path / "d").rglob("*.jpg"))) == 8
+
+
+def test_unwritable_output_dir_is_a_usage_error(tiny_data: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("a file where the export folder should go")
+    res = runner.invoke(app, ["train", str(tiny_recipe(tmp_path, tiny_data))])
+    assert res.exit_code == 2 and "cannot write to the export folder" in res.output
+
+
+def test_image_gone_before_export_is_one_clear_message(tiny_build: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    copy = tmp_path / "out" / "tiny"
+    shutil.copytree(tiny_build, copy)
+    d = torch.load(copy / "model.pt", weights_only=True)
+    d["meta"]["val"][0][0] = str(tmp_path / "vanished.jpg")
+    torch.save(d, copy / "model.pt")
+    recipe = (tiny_build.parent.parent / "tiny.toml").read_text()
+    res = runner.invoke(app, ["export", str(write_recipe(tmp_path / "tiny.toml", recipe))])
+    assert res.exit_code == 1, res.output
+    assert "vanished.jpg: file not found" in res.output and "Traceback" not in res.output

@@ -84,3 +84,20 @@ def test_check_command_prints_resolved_recipe_and_exit_codes(tmp_path: Path) -> 
     assert res.exit_code == 2
     assert "trian: unknown key" in res.output
     assert "Traceback" not in res.output
+
+
+def test_keys_accepting_several_forms_get_one_message_each(tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    text = '[data]\nroot = "imgs"\nworkers = "many"\n[model]\npreprocess = { input_size = [224] }\n'
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write_recipe(tmp_path / "r.toml", text))
+    msg = str(e.value)
+    assert "2 problem(s)" in msg
+    assert "data.workers: expected int or literal['auto'] (given: \"many\")" in msg
+    assert "model.preprocess.input_size: expected int or tuple[int, int] (given: [224])" in msg
+
+
+def test_name_defaults_to_a_safe_form_of_the_file_name(tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    r = load_recipe(write_recipe(tmp_path / "prüfung 1.toml", '[data]\nroot = "imgs"\n'))
+    assert r.name == "pr-fung-1"

@@ -68,3 +68,16 @@ def test_no_class_folders(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "x.png")
     with pytest.raises(DataError, match="no class folders"):
         scan_dataset(_cfg(root=tmp_path / "flat"))
+
+
+def test_one_class_is_not_a_classifier(tiny_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(tiny_data / "ok", tmp_path / "only" / "ok")
+    with pytest.raises(DataError, match="only one class folder"):
+        scan_dataset(_cfg(root=tmp_path / "only"))
+
+
+def test_split_that_leaves_too_few_training_images_stops(tiny_data: Path) -> None:
+    with pytest.raises(DataError, match=r"keeps 1 training image\(s\) of 8 .*lower data.split.val"):
+        scan_dataset(_cfg(root=tiny_data, split={"val": 0.5, "test": 0.35}, min_per_class=2))

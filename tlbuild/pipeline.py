@@ -94,12 +94,17 @@ def _splits_json(splits: Splits) -> dict[str, Any]:
     }
 
 
-def _read_split(out_dir: Path, split: str) -> list[Sample]:
-    path = out_dir / SPLITS_JSON
-    if not path.is_file():
-        raise UsageError(f"no {SPLITS_JSON} in {out_dir}; run `tlbuild train` first")
-    data = json.loads(path.read_text())
-    return [Sample(Path(p), int(label)) for p, label in data[split]]
+def _prepare_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(
+            f"cannot write to the export folder {out} ({e.strerror}); "
+            "set output_dir in the recipe to a writable folder"
+        ) from None
 
 
 def _history_csv(history: list[dict[str, Any]]) -> str:
@@ -129,9 +134,8 @@ def _evaluate_split(
 def train_stage(recipe: Recipe, console: Console, resume: bool = False) -> TrainOutputs:
     """Fine-tune the backbone; write model.pt, history, curves, metrics and confusion plots."""
     out = recipe.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out_dir(out)
     splits = load_data(recipe, console)
-    write_json(out / SPLITS_JSON, _splits_json(splits))
 
     # Seed before building: the new head's initial weights are part of reproducibility.
     torch.manual_seed(recipe.train.seed)
@@ -157,7 +161,7 @@ def train_stage(recipe: Recipe, console: Console, resume: bool = False) -> Train
         ckpt,
         console,
         resume=resume,
-        backbone=recipe.model.backbone,
+        model_key=recipe.model.model_dump_json(),
     )
     tm = TrainedModel(
         result.model,
@@ -166,8 +170,17 @@ def train_stage(recipe: Recipe, console: Console, resume: bool = False) -> Train
         built.preprocessing,
         built.weights_source,
         recipe.model.dropout,
+        # Export reads these from model.pt itself, so it always checks the model against the
+        # split and recipe it was trained with, whatever happened to the folder since.
+        meta={
+            "best_epoch": result.best_epoch,
+            "ok_class": recipe.data.ok_class,
+            "val": [[str(s.path), s.label] for s in splits.val],
+            "recipe": recipe.to_jsonable(),
+        },
     )
-    save_trained(out / MODEL_PT, tm, {"best_epoch": result.best_epoch})
+    save_trained(out / MODEL_PT, tm)
+    write_json(out / SPLITS_JSON, _splits_json(splits))
     write_text(out / "history.csv", _history_csv(result.history))
     plot_history(result.history, out / "training_curves.png")
 
@@ -177,6 +190,8 @@ def train_stage(recipe: Recipe, console: Console, resume: bool = False) -> Train
         if samples:
             metrics[split] = _evaluate_split(tm, samples, recipe.data.ok_class)
             plot_confusion(metrics[split], out / f"confusion_{split}.png", f"{recipe.name} {split}")
+        else:
+            (out / f"confusion_{split}.png").unlink(missing_ok=True)  # stale, from another run
     write_json(out / "metrics.json", metrics)
     v = metrics["val"]
     line = f"Validation accuracy {v['accuracy']:.1%} (macro F1 {v['macro_f1']:.3f})"
@@ -202,7 +217,10 @@ def export_stage(recipe: Recipe, console: Console) -> ExportOutputs:
     tm = load_trained(out / MODEL_PT)
     onnx_path = out / MODEL_ONNX
     cfg = recipe.export
-    samples = _parity_samples(_read_split(out, "val"), cfg.parity_images)
+    val = [Sample(Path(p), int(label)) for p, label in tm.meta.get("val", [])]
+    if not val:
+        raise UsageError(f"{out / MODEL_PT} records no validation images; retrain it")
+    samples = _parity_samples(val, cfg.parity_images)
     images = load_batch([s.path for s in samples], tm.preprocessing)
     # Export beside the final name and check parity before the rename: a model.onnx on disk
     # has always passed its check.
@@ -226,7 +244,7 @@ def export_stage(recipe: Recipe, console: Console) -> ExportOutputs:
     body = {
         "name": recipe.name,
         "classes": tm.classes,
-        "ok_class": recipe.data.ok_class,
+        "ok_class": tm.meta.get("ok_class"),
         "preprocessing": tm.preprocessing.to_dict(),
         "model": {
             "backbone": tm.backbone,
@@ -236,14 +254,15 @@ def export_stage(recipe: Recipe, console: Console) -> ExportOutputs:
         },
         "onnx": {
             "file": MODEL_ONNX,
-            "opset": cfg.opset,
+            "opset": io_desc.pop("opset"),
             "input": INPUT_NAME,
             "output": OUTPUT_NAME,
             **io_desc,
             "parity": parity.to_dict(),
         },
         "metrics": _metrics_summary(out),
-        "recipe": recipe.to_jsonable(),
+        # The recipe the model was trained with; its export section is this export's.
+        "recipe": {**tm.meta.get("recipe", {}), "export": recipe.export.model_dump()},
     }
     artifacts = [MODEL_ONNX, "labels.json", *TRAIN_FILES, "confusion_val.png", "confusion_test.png"]
     manifest = write_manifest(out, body, artifacts)
@@ -255,7 +274,7 @@ def _metrics_summary(out: Path) -> dict[str, Any]:
     path = out / "metrics.json"
     if not path.is_file():
         return {}
-    m = json.loads(path.read_text())
+    m = json.loads(path.read_text(encoding="utf-8"))
     keys = ("accuracy", "macro_f1", "escape_rate", "false_reject_rate", "images")
     return {s: {k: m[s][k] for k in keys if k in m[s]} for s in ("val", "test") if s in m}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -240,7 +241,8 @@ class TrainConfig(_Section):
 class ExportConfig(_Section):
     """ONNX export and its parity check against PyTorch."""
 
-    opset: int = Field(18, ge=13, le=23)
+    # The dynamo exporter writes opset 18 or newer; an older request would silently be ignored.
+    opset: int = Field(18, ge=18, le=23)
     parity_images: int = Field(64, ge=1, description="validation images compared with PyTorch")
     parity_atol: float = Field(1e-3, gt=0.0, description="max allowed |logit difference|")
     min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)
@@ -285,7 +287,26 @@ class Recipe(_Section):
 
 
 def _format_errors(path: Path, err: ValidationError) -> str:
-    errors = err.errors()
+    errors: list[Any] = []
+    unions: dict[tuple[Any, ...], list[str]] = {}
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        # Union members show up as path parts like "int" or "literal['auto']": fold them into
+        # one entry per key that says which forms were accepted.
+        cut = next((i for i, p in enumerate(loc) if isinstance(p, str) and _is_union_tag(p)), None)
+        if cut is None:
+            errors.append(dict(e))
+            continue
+        key = loc[:cut]
+        if key not in unions:
+            unions[key] = []
+            errors.append({**e, "loc": key, "type": "union", "msg": ""})
+        tag = str(loc[cut])
+        if tag not in unions[key]:
+            unions[key].append(tag)
+    for e in errors:
+        if e["type"] == "union":
+            e["msg"] = "expected " + " or ".join(unions[tuple(e["loc"])])
     # A failed item also fails its container's length check; report only the innermost.
     locs = [tuple(e["loc"]) for e in errors]
     errors = [
@@ -310,6 +331,10 @@ def _format_errors(path: Path, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _is_union_tag(part: str) -> bool:
+    return part in ("int", "float", "str", "bool", "none") or "[" in part
+
+
 def load_recipe(path: Path | str) -> Recipe:
     """Read, validate and resolve a recipe; raise RecipeError listing every problem."""
     path = Path(path)
@@ -319,7 +344,8 @@ def load_recipe(path: Path | str) -> Recipe:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
-    raw.setdefault("name", path.stem)
+    # The file name may hold spaces or accents; the export folder name gets a safe form of it.
+    raw.setdefault("name", re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._") or "recipe")
     try:
         return Recipe.model_validate(raw, context={"base_dir": path.resolve().parent})
     except ValidationError as e:

@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tlbuild.errors import DataError
+
 # Pillow's own default (about 89 Mpx) raises for larger images, which is what we want:
 # a production folder must not be able to exhaust memory with one crafted file.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
-class ImageReadError(Exception):
+class ImageReadError(DataError):
     """A file that cannot be used as an image; `reason` is short and human-readable."""
 
     def __init__(self, path: Path, reason: str) -> None:

@@ -36,6 +36,13 @@ class Preprocessing:
         d = asdict(self)
         d["input_size"] = list(self.input_size)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        # What happens before resizing, and which resize, so a consumer can match it exactly.
+        d["decode"] = {
+            "exif_orientation": "applied",
+            "alpha": "composited on white",
+            "high_bit_depth": "16-bit scaled to 8-bit (value / 257)",
+            "resize_impl": "Pillow Image.resize (antialiased when downscaling)",
+        }
         return d
 
     @classmethod

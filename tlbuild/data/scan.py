@@ -129,6 +129,11 @@ def scan_dataset(cfg: DataConfig, on_checked: Callable[[int], None] | None = Non
 
     first = "root" if "root" in found else "train"
     classes = sorted(found[first])
+    if len(classes) < 2:
+        raise DataError(
+            f"only one class folder ({', '.join(classes)}) under {getattr(cfg, first)}; "
+            "a classifier needs at least two (e.g. ok/ and defect/)"
+        )
     for split, per in found.items():
         unknown = sorted(set(per) - set(classes))
         if unknown:
@@ -161,6 +166,14 @@ def scan_dataset(cfg: DataConfig, on_checked: Callable[[int], None] | None = Non
         train, val, test = stratified_split(
             per_class, cfg.split.val, cfg.split.test, cfg.split.seed
         )
+        n_train = np.bincount([s.label for s in train], minlength=len(classes))
+        for c, n, paths in zip(classes, n_train, per_class, strict=True):
+            if n < cfg.min_per_class:
+                raise DataError(
+                    f"class '{c}' keeps {n} training image(s) of {len(paths)} after the val/test "
+                    f"split; at least {cfg.min_per_class} needed: add images to {cfg.root / c} "
+                    "or lower data.split.val / data.split.test"
+                )
     else:
         tr, va = usable("train"), usable("val")
         check_counts("train", tr, cfg.min_per_class)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ class TrainedModel:
     preprocessing: Preprocessing
     weights_source: str
     dropout: float
+    meta: dict[str, Any] = field(default_factory=dict)  # best epoch, val files, train recipe
 
 
 def save_trained(path: Path, tm: TrainedModel, extra: dict[str, Any] | None = None) -> None:
@@ -40,7 +41,7 @@ def save_trained(path: Path, tm: TrainedModel, extra: dict[str, Any] | None = No
         "preprocessing": tm.preprocessing.to_dict(),
         "weights_source": tm.weights_source,
         "state_dict": unwrap_state(tm.model),
-        **(extra or {}),
+        "meta": {**tm.meta, **(extra or {})},
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -68,4 +69,5 @@ def load_trained(path: Path) -> TrainedModel:
         preprocessing=Preprocessing.from_dict(d["preprocessing"]),
         weights_source=d["weights_source"],
         dropout=float(d["dropout"]),
+        meta=dict(d.get("meta", {})),
     )

@@ -7,6 +7,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -68,8 +69,8 @@ def _name_batch_dim(path: Path) -> None:
     onnx.save(m, str(path))
 
 
-def onnx_io(path: Path) -> dict[str, list[dict[str, object]]]:
-    """Names, shapes (symbolic dims as strings) and dtypes of the model's inputs and outputs."""
+def onnx_io(path: Path) -> dict[str, Any]:
+    """Opset, and names, shapes (symbolic dims as strings) and dtypes of inputs and outputs."""
     m = onnx.load(str(path), load_external_data=False)
 
     def describe(vi: onnx.ValueInfoProto) -> dict[str, object]:
@@ -81,7 +82,9 @@ def onnx_io(path: Path) -> dict[str, list[dict[str, object]]]:
             "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
         }
 
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
     return {
+        "opset": opset,
         "inputs": [describe(v) for v in m.graph.input],
         "outputs": [describe(v) for v in m.graph.output],
     }

@@ -47,7 +47,12 @@ def select_device(spec: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f'train.device = "{spec}" but no CUDA GPU is visible; use "auto" or "cpu"')
-    return torch.device(spec)
+    device = torch.device(spec)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(
+            f'train.device = "{spec}" but only {torch.cuda.device_count()} GPU(s) are visible'
+        )
+    return device
 
 
 def _workers(cfg: DataConfig, device: torch.device) -> int:
@@ -70,7 +75,9 @@ def _loaders(
         "batch_size": cfg.batch_size,
         "num_workers": workers,
         "pin_memory": device.type == "cuda",
-        "persistent_workers": workers > 0,
+        # Not persistent: workers are re-created (and re-seeded from `gen`) every epoch, which
+        # is what makes a resumed run draw the same augmentations as an uninterrupted one.
+        "persistent_workers": False,
     }
     train_ds = ImageDataset(splits.train, train_transform(spec, cfg.augment))
     sampler = None
@@ -128,16 +135,20 @@ def evaluate(
     return loss, lg.numpy(), lb.numpy()
 
 
-def _fingerprint(splits: Splits, cfg: TrainConfig, spec: Preprocessing, backbone: str) -> str:
+def _fingerprint(
+    splits: Splits, cfg: TrainConfig, data: DataConfig, spec: Preprocessing, model_key: str
+) -> str:
     import hashlib
     import json
 
     payload = {
         "train": json.loads(cfg.model_dump_json()),
+        "data": json.loads(data.model_dump_json(exclude={"workers"})),
         "classes": splits.classes,
-        "files": [str(s.path) for s in splits.train],
+        "train_files": [str(s.path) for s in splits.train],
+        "val_files": [str(s.path) for s in splits.val],
         "pre": spec.to_dict(),
-        "backbone": backbone,
+        "model": model_key,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -151,9 +162,13 @@ def fit(
     ckpt_path: Path,
     console: Console,
     resume: bool = False,
-    backbone: str = "",
+    model_key: str = "",
 ) -> TrainResult:
-    """Run every stage of `cfg.stages`; checkpoint each epoch; return the best model by val loss."""
+    """Run every stage of `cfg.stages`; checkpoint each epoch; return the best model by val loss.
+
+    `model_key` identifies the model settings (backbone, weights, dropout) so that --resume
+    refuses a checkpoint written for other ones.
+    """
     device = select_device(cfg.device)
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = (
@@ -176,7 +191,7 @@ def fit(
         weight=weight.to(device) if weight is not None else None,
         label_smoothing=cfg.label_smoothing,
     )
-    fingerprint = _fingerprint(splits, cfg, spec, backbone)
+    fingerprint = _fingerprint(splits, cfg, data, spec, model_key)
 
     state: dict[str, Any] = {
         "stage": 0,
