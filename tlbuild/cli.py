@@ -60,7 +60,7 @@ def run(
         bool, typer.Option(help="Continue training from the last checkpoint.")
     ] = False,
 ) -> None:
-    """Train, export and verify: the whole build for RECIPE."""
+    """Train, export, verify and quantize: the whole build for RECIPE."""
     from tlbuild import pipeline
 
     console = _console()
@@ -90,6 +90,15 @@ def export(recipe: RecipeArg) -> None:
 
     console = _console()
     _guard(lambda: pipeline.export_stage(_load(recipe), console))
+
+
+@app.command()
+def quantize(recipe: RecipeArg) -> None:
+    """Make the FP16 / INT8 variants of model.onnx and gate them on the validation split."""
+    from tlbuild import pipeline
+
+    console = _console()
+    _guard(lambda: pipeline.quantize_stage(_load(recipe), console))
 
 
 @app.command()

@@ -7,6 +7,7 @@ writes its own; nothing passes between stages except those files.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -22,9 +23,17 @@ from rich.table import Table
 from tlbuild.data.scan import Sample, Splits, scan_dataset
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.export.checkpoint import TrainedModel, load_trained, save_trained
+from tlbuild.export.gate import VariantResult, evaluate_variants
 from tlbuild.export.manifest import write_manifest
 from tlbuild.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_io
 from tlbuild.export.parity import ParityResult, check_parity, load_batch
+from tlbuild.export.quantize import (
+    VARIANT_FILES,
+    cpu_has_vnni,
+    make_fp16,
+    make_int8,
+    trt_qdq_problems,
+)
 from tlbuild.fileio import atomic_path, write_json, write_text
 from tlbuild.models.factory import build_model
 from tlbuild.recipe import Recipe
@@ -222,6 +231,7 @@ def export_stage(recipe: Recipe, console: Console) -> ExportOutputs:
         raise UsageError(f"{out / MODEL_PT} records no validation images; retrain it")
     samples = _parity_samples(val, cfg.parity_images)
     images = load_batch([s.path for s in samples], tm.preprocessing)
+    _remove_variants(out)  # derived from the previous model.onnx; never mix them with a new one
     # Export beside the final name and check parity before the rename: a model.onnx on disk
     # has always passed its check.
     with atomic_path(onnx_path) as tmp:
@@ -279,7 +289,142 @@ def _metrics_summary(out: Path) -> dict[str, Any]:
     return {s: {k: m[s][k] for k in keys if k in m[s]} for s in ("val", "test") if s in m}
 
 
+def _remove_variants(out: Path) -> None:
+    for name in VARIANT_FILES.values():
+        for p in (out / name, out / name.replace(".onnx", ".rejected.onnx")):
+            p.unlink(missing_ok=True)
+
+
+def _calibration_samples(train: list[Sample], n: int, seed: int) -> list[Sample]:
+    """`n` training samples, seeded, each class in its share of the split (at least one)."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[Sample]] = {}
+    for sm in train:
+        by_class.setdefault(sm.label, []).append(sm)
+    picked: list[Sample] = []
+    for label in sorted(by_class):
+        group = by_class[label]
+        k = min(len(group), max(1, round(n * len(group) / len(train))))
+        picked += [group[i] for i in sorted(rng.choice(len(group), k, replace=False))]
+    return picked
+
+
+def quantize_stage(recipe: Recipe, console: Console) -> dict[str, VariantResult]:
+    """Write the FP16 / INT8 variants, gate each on the validation split, update the manifest."""
+    out = recipe.out_dir
+    cfg = recipe.quantize
+    tm = load_trained(out / MODEL_PT)
+    fp32 = out / MODEL_ONNX
+    manifest_path = out / "manifest.json"
+    if not fp32.is_file() or not manifest_path.is_file():
+        raise UsageError(f"no verified {MODEL_ONNX} in {out}; run `tlbuild export` first")
+    splits = json.loads((out / SPLITS_JSON).read_text(encoding="utf-8"))
+    if splits["classes"] != tm.classes:
+        raise UsageError(f"{SPLITS_JSON} and {MODEL_PT} disagree; run `tlbuild train` again")
+    train = [Sample(Path(p), int(label)) for p, label in splits["train"]]
+    val = [Sample(Path(p), int(label)) for p, label in tm.meta["val"]]
+    calib = _calibration_samples(train, cfg.calibration_images, cfg.seed)
+    reduce_range = not cpu_has_vnni() if cfg.reduce_range == "auto" else bool(cfg.reduce_range)
+
+    made: dict[str, tuple[Path, bool]] = {}
+    _remove_variants(out)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("Building variants", total=len(cfg.variants))
+        images = (
+            load_batch([sm.path for sm in calib], tm.preprocessing)
+            if any(v.startswith("int8") for v in cfg.variants)
+            else None
+        )
+        for v in cfg.variants:
+            dst = out / VARIANT_FILES[v]
+            if v == "fp16":
+                make_fp16(fp32, dst)
+            else:
+                assert images is not None
+                flavour = v.removeprefix("int8_")
+                make_int8(
+                    fp32,
+                    dst,
+                    images,
+                    flavour,
+                    cfg.calibration_method,
+                    list(cfg.keep_float),
+                    reduce_range,
+                    cfg.percentile,
+                )
+                if flavour == "trt" and (problems := trt_qdq_problems(dst)):
+                    dst.unlink()
+                    raise BuildError(
+                        f"{dst.name} is not in the QDQ form TensorRT accepts: "
+                        + "; ".join(problems[:5])
+                    )
+            made[v] = (dst, v == "int8_trt")
+            progress.advance(task)
+        del images
+    _, results = evaluate_variants(fp32, made, val, tm.preprocessing)
+
+    failed = [r for r in results.values() if r.drop_points > cfg.max_drop]
+    for r in failed:
+        r.status = "rejected"
+    _print_variants(console, results, cfg.max_drop)
+    for r in failed:  # a rejected file must not look shippable, whatever happens next
+        src = out / r.file
+        r.file = r.file.replace(".onnx", ".rejected.onnx")
+        src.replace(out / r.file)
+    if failed and cfg.on_fail == "error":
+        r = failed[0]
+        raise BuildError(
+            f"{r.variant} loses {r.drop_points:.2f} accuracy points against FP32 "
+            f"({r.accuracy:.2%} vs {r.fp32_accuracy:.2%}; quantize.max_drop = {cfg.max_drop}); "
+            f'kept for inspection as {r.file}. Try calibration_method = "entropy" or '
+            '"percentile", more calibration_images, or more layers in keep_float; or set '
+            'on_fail = "reject" to ship without it.'
+        )
+
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    body = {
+        k: v for k, v in manifest.items() if k not in ("format", "created", "versions", "artifacts")
+    }
+    body["variants"] = {k: r.to_dict() for k, r in results.items()}
+    body["calibration"] = {
+        "images": len(calib),
+        "method": cfg.calibration_method,
+        "percentile": cfg.percentile if cfg.calibration_method == "percentile" else None,
+        "keep_float": list(cfg.keep_float),
+        "reduce_range_cpu": reduce_range,
+        "seed": cfg.seed,
+        "file_list_sha256": hashlib.sha256(
+            "\n".join(str(sm.path) for sm in calib).encode()
+        ).hexdigest(),
+    }
+    names = list(manifest["artifacts"]) + [r.file for r in results.values()]
+    write_manifest(out, body, names)
+    return results
+
+
+def _print_variants(console: Console, results: dict[str, VariantResult], max_drop: float) -> None:
+    table = Table(
+        title=f"Variants (gate: at most {max_drop:g} points below FP32)", title_justify="left"
+    )
+    for col in ("variant", "file", "accuracy", "drop", "agree w/ FP32", "status"):
+        table.add_column(col)
+    for r in results.values():
+        colour = "green" if r.status == "accepted" else "red"
+        table.add_row(
+            r.variant,
+            r.file,
+            f"{r.accuracy:.2%}",
+            f"{r.drop_points:+.2f}",
+            f"{r.top1_agreement:.1%}",
+            f"[{colour}]{r.status}[/]",
+        )
+    console.print(table)
+
+
 def run(recipe: Recipe, console: Console, resume: bool = False) -> ExportOutputs:
-    """The whole build: train then export."""
+    """The whole build: train, export, quantize."""
     train_stage(recipe, console, resume=resume)
-    return export_stage(recipe, console)
+    exported = export_stage(recipe, console)
+    if recipe.quantize.variants:
+        quantize_stage(recipe, console)
+    return exported

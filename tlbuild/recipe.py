@@ -248,6 +248,27 @@ class ExportConfig(_Section):
     min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)
 
 
+class QuantizeConfig(_Section):
+    """FP16 and INT8 variants of model.onnx, calibrated and accuracy-gated."""
+
+    variants: tuple[Literal["fp16", "int8_trt", "int8_cpu"], ...] = ("fp16", "int8_trt", "int8_cpu")
+    calibration_images: int = Field(300, ge=1, description="drawn seeded, stratified from train")
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = Field(99.999, gt=90.0, le=100.0, description="for the percentile method")
+    keep_float: tuple[str, ...] = Field(
+        ("first_conv", "classifier"),
+        description="nodes left in float: 'first_conv', 'classifier' or ONNX node names",
+    )
+    max_drop: float = Field(1.0, ge=0.0, le=100.0, description="accuracy points below FP32")
+    on_fail: Literal["error", "reject"] = Field(
+        "error", description="a variant over max_drop fails the build, or is marked rejected"
+    )
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto", description="7-bit weights for int8_cpu; auto: on when the CPU lacks VNNI"
+    )
+    seed: int = 0
+
+
 class Recipe(_Section):
     """A whole recipe. Later issues add sections (quantize, build, bench, gates)."""
 
@@ -259,6 +280,7 @@ class Recipe(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
 
     _resolve_out = field_validator("output_dir")(_resolve)
 

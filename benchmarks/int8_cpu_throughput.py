@@ -1,0 +1,53 @@
+"""INT8 (CPU flavour) vs FP32 throughput with ONNX Runtime on this machine, batch 32.
+
+    python benchmarks/int8_cpu_throughput.py exports/defects
+
+Runs both models on the same real validation batch, alternating them round by round so that
+machine noise hits both alike, and prints images/s for each, their ratio (target >= 1.3) and
+the accuracy drop the gate measured (target <= 1 point).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from tlbuild.export.checkpoint import load_trained
+from tlbuild.export.gate import variant_session
+from tlbuild.export.parity import load_batch
+
+
+def main(export_dir: str, batch: int = 32, rounds: int = 15) -> None:
+    out = Path(export_dir)
+    tm = load_trained(out / "model.pt")
+    paths = [Path(p) for p, _ in tm.meta["val"]]
+    x = load_batch((paths * (batch // len(paths) + 1))[:batch], tm.preprocessing)
+    models = {"fp32": out / "model.onnx", "int8_cpu": out / "model.int8.cpu.onnx"}
+    sessions = {k: variant_session(p, simulate_qdq=False) for k, p in models.items()}
+    name = sessions["fp32"].get_inputs()[0].name
+    for s in sessions.values():  # warm-up
+        for _ in range(2):
+            s.run(None, {name: x})
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, {name: x})
+            times[k].append(time.perf_counter() - t0)
+    rate = {k: batch / statistics.median(v) for k, v in times.items()}
+    for k, r in rate.items():
+        print(f"{k:>9}: {r:7.1f} img/s at batch {batch} (median of {rounds} rounds)")
+    print(f"int8_cpu / fp32 throughput: {rate['int8_cpu'] / rate['fp32']:.2f}x (target >= 1.3x)")
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    v = manifest["variants"]["int8_cpu"]
+    print(
+        f"int8_cpu accuracy {v['accuracy']:.2%} vs fp32 {v['fp32_accuracy']:.2%}: "
+        f"drop {v['drop_points']:.2f} points (target <= 1.0)"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "exports/defects")

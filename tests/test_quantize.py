@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from rich.console import Console
+
+from tlbuild import pipeline
+from tlbuild.errors import BuildError
+from tlbuild.export.gate import variant_session
+from tlbuild.export.quantize import trt_qdq_problems
+from tlbuild.fileio import sha256_file
+from tlbuild.recipe import QuantizeConfig, load_recipe
+
+
+def test_variants_are_written_gated_and_in_the_manifest(tiny_build: Path) -> None:
+    man = json.loads((tiny_build / "manifest.json").read_text())
+    assert set(man["variants"]) == {"fp16", "int8_trt", "int8_cpu"}
+    for name, v in man["variants"].items():
+        assert v["status"] == "accepted", name
+        assert man["artifacts"][v["file"]]["sha256"] == sha256_file(tiny_build / v["file"])
+        assert v["drop_points"] == pytest.approx((v["fp32_accuracy"] - v["accuracy"]) * 100)
+    assert "simulated" in man["variants"]["int8_trt"]["evaluated_with"]
+    cal = man["calibration"]
+    assert cal["images"] == 24 and cal["method"] == "minmax" and len(cal["file_list_sha256"]) == 64
+
+
+def test_fp16_variant_keeps_float32_io(tiny_build: Path) -> None:
+    m = onnx.load(str(tiny_build / "model.fp16.onnx"))
+    assert m.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert m.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    dtypes = {i.data_type for i in m.graph.initializer if len(i.dims) == 4}
+    assert dtypes == {TensorProto.FLOAT16}
+
+
+def test_trt_variant_has_the_form_tensorrt_accepts(tiny_build: Path) -> None:
+    path = tiny_build / "model.int8.trt.onnx"
+    assert trt_qdq_problems(path) == []
+    graph = onnx.load(str(path)).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs[0].input[1] in {i.name for i in graph.initializer}  # first conv kept in float
+
+
+def _mutated(src: Path, dst: Path, edit) -> Path:  # noqa: ANN001
+    m = onnx.load(str(src))
+    edit(m)
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_trt_check_catches_each_broken_condition(tiny_build: Path, tmp_path: Path) -> None:
+    src = tiny_build / "model.int8.trt.onnx"
+
+    def nonzero_zero_point(m: onnx.ModelProto) -> None:
+        zp = next(i for i in m.graph.initializer if i.name.endswith("zero_point") and not i.dims)
+        zp.CopyFrom(numpy_helper.from_array(np.array(3, np.int8), zp.name))
+
+    def uint8_activations(m: onnx.ModelProto) -> None:
+        zp = next(i for i in m.graph.initializer if i.name.endswith("zero_point") and not i.dims)
+        zp.CopyFrom(numpy_helper.from_array(np.array(0, np.uint8), zp.name))
+
+    def per_tensor_weights(m: onnx.ModelProto) -> None:
+        scale = next(i for i in m.graph.initializer if i.name.endswith("scale") and i.dims)
+        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale)[:1], scale.name))
+
+    def int32_bias(m: onnx.ModelProto) -> None:
+        dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear")
+        m.graph.initializer.append(numpy_helper.from_array(np.zeros(4, np.int32), "b_q"))
+        dq.input[0] = "b_q"
+
+    cases = {
+        nonzero_zero_point: "non-zero zero point",
+        uint8_activations: "not int8",
+        per_tensor_weights: "not per-channel on axis 0",
+        int32_bias: "int32 bias",
+    }
+    for edit, expected in cases.items():
+        bad = _mutated(src, tmp_path / f"{edit.__name__}.onnx", edit)
+        problems = trt_qdq_problems(bad)
+        assert any(expected in p for p in problems), (edit.__name__, problems)
+    assert trt_qdq_problems(tiny_build / "model.onnx")  # not quantized at all
+
+
+def test_qdq_simulation_follows_the_onnx_definition_exactly(tmp_path: Path) -> None:
+    """The gate's TensorRT simulation == NumPy Q/DQ (round half to even, saturate) + float math."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2, 3, 5, 5)) * 2).astype(np.float32)
+    x[0, 0, 0, :3] = [0.25, 0.75, -0.25]  # exact .5 ties at scale 0.5 -> banker's rounding
+    w = rng.standard_normal((4, 3, 1, 1)).astype(np.float32)
+    sx = np.float32(0.5)
+    sw = (np.abs(w).reshape(4, -1).max(1) / 127).astype(np.float32)
+    wq = np.clip(np.rint(w / sw[:, None, None, None]), -127, 127).astype(np.int8)
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+            helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+            helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
+            helper.make_node("Conv", ["xd", "wd"], ["y"]),
+        ],
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 5, 5])],
+        [
+            numpy_helper.from_array(np.array(sx), "sx"),
+            numpy_helper.from_array(np.array(0, np.int8), "zx"),
+            numpy_helper.from_array(wq, "wq"),
+            numpy_helper.from_array(sw, "sw"),
+            numpy_helper.from_array(np.zeros(4, np.int8), "zw"),
+        ],
+    )
+    path = tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    got = variant_session(path, simulate_qdq=True).run(None, {"x": x})[0]
+    xq = np.clip(np.rint(x / sx), -128, 127)  # np.rint rounds half to even, like ONNX
+    ref = np.einsum("nchw,oc->nohw", xq * sx, (wq * sw[:, None, None, None])[:, :, 0, 0])
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def _gate_recipe(tiny_build: Path, tmp_path: Path, on_fail: str):  # noqa: ANN202
+    out = tmp_path / "gate"
+    shutil.copytree(tiny_build, out)
+    recipe = load_recipe(tiny_build.parent.parent / "tiny.toml")
+    q = QuantizeConfig(variants=("int8_trt",), max_drop=1.0, on_fail=on_fail)
+    return recipe.model_copy(update={"output_dir": tmp_path, "name": "gate", "quantize": q}), out
+
+
+def _worse_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = pipeline.evaluate_variants
+
+    def evaluate(*args, **kw):  # noqa: ANN002, ANN003
+        fp32, results = real(*args, **kw)
+        r = results["int8_trt"]
+        r.accuracy, r.drop_points = r.fp32_accuracy - 0.05, 5.0
+        return fp32, results
+
+    monkeypatch.setattr(pipeline, "evaluate_variants", evaluate)
+
+
+def test_gate_fails_the_build_naming_the_variant(
+    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe, out = _gate_recipe(tiny_build, tmp_path, "error")
+    _worse_int8(monkeypatch)
+    with pytest.raises(BuildError, match=r"int8_trt loses 5.00 accuracy points.*max_drop"):
+        pipeline.quantize_stage(recipe, Console(quiet=True))
+    assert not (out / "model.int8.trt.onnx").exists()  # nothing failed looks shippable
+    assert (out / "model.int8.trt.rejected.onnx").is_file()
+
+
+def test_gate_can_reject_and_continue(
+    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe, out = _gate_recipe(tiny_build, tmp_path, "reject")
+    _worse_int8(monkeypatch)
+    pipeline.quantize_stage(recipe, Console(quiet=True))
+    assert not (out / "model.int8.trt.onnx").exists()
+    assert (out / "model.int8.trt.rejected.onnx").is_file()
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["variants"]["int8_trt"]["status"] == "rejected"
+    assert "model.int8.trt.rejected.onnx" in man["artifacts"]

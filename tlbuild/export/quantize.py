@@ -1,0 +1,211 @@
+"""Precision variants of model.onnx: FP16, INT8 QDQ for TensorRT, INT8 QDQ for x86 CPUs.
+
+Precision lives in the ONNX graph (DESIGN.md): TensorRT 10 strongly typed / TensorRT 11 networks
+take their precision from it, so these files are what gets compiled and shipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from tlbuild.errors import BuildError
+from tlbuild.fileio import atomic_path
+
+# File names of the variants, next to model.onnx.
+VARIANT_FILES = {
+    "fp16": "model.fp16.onnx",
+    "int8_trt": "model.int8.trt.onnx",
+    "int8_cpu": "model.int8.cpu.onnx",
+}
+
+
+def cpu_has_vnni() -> bool:
+    """True when this x86 CPU has an 8-bit dot-product instruction (AVX512-VNNI or AVX-VNNI)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # onnxruntime.quantization logs advice through the root logger and warns freely.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def make_fp16(src: Path, dst: Path) -> None:
+    """FP16 weights and compute inside, FP32 input and output (keep_io_types)."""
+    from onnxconverter_common import float16
+
+    with _quiet():
+        model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    with atomic_path(dst) as tmp:
+        onnx.save(model, str(tmp))
+
+
+def float_node_names(model_path: Path, keep_float: list[str]) -> list[str]:
+    """Resolve `keep_float` entries ('first_conv', 'classifier' or node names) to node names."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    names = {n.name for n in graph.node}
+    convs = [n.name for n in graph.node if n.op_type == "Conv"]
+    heads = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+    out: list[str] = []
+    for entry in keep_float:
+        if entry == "first_conv":
+            out += convs[:1]
+        elif entry == "classifier":
+            out += heads[-1:]
+        elif entry in names:
+            out.append(entry)
+        else:
+            raise BuildError(
+                f"quantize.keep_float: no node named '{entry}' in {model_path.name}; use "
+                "'first_conv', 'classifier' or a node name from the ONNX graph"
+            )
+    return out
+
+
+class _Batches:
+    """onnxruntime CalibrationDataReader over an in-memory NCHW array."""
+
+    def __init__(self, input_name: str, images: np.ndarray, batch: int = 16) -> None:
+        self._it = iter([{input_name: images[i : i + batch]} for i in range(0, len(images), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # part of the reader protocol; one pass is all ORT needs here
+        pass
+
+
+def make_int8(
+    src: Path,
+    dst: Path,
+    calibration: np.ndarray,
+    flavour: str,
+    method: str,
+    keep_float: list[str],
+    reduce_range: bool,
+    percentile: float = 99.999,
+) -> None:
+    """Static QDQ quantization calibrated on `calibration` (preprocessed NCHW float32 images).
+
+    flavour "trt": symmetric S8S8, per-channel weights, no int32 bias: the settings NVIDIA
+    ModelOpt passes to ORT, the form TensorRT's explicit quantization accepts.
+    flavour "cpu": U8 activations, S8 per-channel weights, reduce_range on CPUs without VNNI
+    (ORT's guidance, to avoid saturation in the 16-bit intermediate sums of AVX2 kernels).
+    """
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    extra: dict[str, object] = {}
+    if method == "percentile":
+        extra["CalibPercentile"] = percentile
+    if flavour == "trt":
+        kwargs = {
+            "activation_type": QuantType.QInt8,
+            "weight_type": QuantType.QInt8,
+            "reduce_range": False,
+        }
+        extra.update(
+            ActivationSymmetric=True,
+            WeightSymmetric=True,
+            QuantizeBias=False,
+            QDQDisableWeightAdjustForInt32Bias=True,
+        )
+    else:
+        kwargs = {
+            "activation_type": QuantType.QUInt8,
+            "weight_type": QuantType.QInt8,
+            "reduce_range": reduce_range,
+        }
+    input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    with atomic_path(dst) as tmp, _quiet():
+        quantize_static(
+            str(src),
+            str(tmp),
+            _Batches(input_name, calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            calibrate_method=methods[method],
+            nodes_to_exclude=float_node_names(src, keep_float),
+            extra_options=extra,
+            **kwargs,
+        )
+
+
+def trt_qdq_problems(path: Path) -> list[str]:
+    """Every way `path` departs from the QDQ form TensorRT accepts (empty list: conforms).
+
+    Checked: int8 activations and weights, all zero points exactly 0 (symmetric), Conv/Gemm
+    weights quantized per output channel on axis 0 (one scale per channel), no int32 bias.
+    """
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    problems: list[str] = []
+    qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if not qdq:
+        return ["no QuantizeLinear/DequantizeLinear nodes: the model is not quantized"]
+    for n in qdq:
+        zp_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        zp = inits.get(zp_name) if zp_name else None
+        if zp is None:
+            problems.append(f"{n.name}: no constant zero point (defaults to uint8)")
+            continue
+        if zp.dtype != np.int8:
+            problems.append(f"{n.name}: zero point is {zp.dtype}, not int8")
+        if np.any(zp != 0):
+            problems.append(f"{n.name}: non-zero zero point (asymmetric)")
+        weight = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if weight is None:
+            continue
+        if weight.dtype == np.int32:
+            problems.append(f"{n.name}: int32 bias; TensorRT wants float bias")
+            continue
+        for user in consumers.get(n.output[0], []):
+            if (
+                user.op_type not in ("Conv", "Gemm", "ConvTranspose")
+                or user.input[1] != n.output[0]
+            ):
+                continue
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            scale = inits.get(n.input[1])
+            channels = weight.shape[0]
+            if scale is None or scale.ndim != 1 or scale.size != channels or axis != 0:
+                problems.append(
+                    f"{n.name}: weights of {user.name} not per-channel on axis 0 "
+                    f"(axis {axis}, {0 if scale is None else scale.size} scale(s), "
+                    f"{channels} channels)"
+                )
+    return problems

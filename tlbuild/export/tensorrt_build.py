@@ -1,0 +1,446 @@
+"""Compile an ONNX variant into a TensorRT engine for this GPU, and run such an engine.
+
+Precision is not chosen here: the network is strongly typed (always, on TensorRT 11), so the
+ONNX graph decides it. An FP16 graph gives an FP16 engine, a Q/DQ graph an INT8 engine, and no
+BuilderFlag precision flag or INT8 calibrator is used (TensorRT 11 removed them). The
+`precision` argument only names the engine file and is checked against the graph.
+
+An engine only runs on the GPU architecture and TensorRT version that built it, so both are in
+its file name. `tensorrt` is imported inside functions: tlbuild runs without it everywhere else.
+
+NVIDIA pages this module follows (Python API 10.x unless noted):
+- Builder, create_network, NetworkDefinitionCreationFlag:
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Builder.html
+  and for 11.x
+  https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/_static/python-api/infer/Core/Builder.html
+- What 11.x removed (BuilderFlag.FP16/INT8, int8_calibrator, EXPLICIT_BATCH):
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-10x-to-11x-python-api-reference.html
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-10x-to-11x-python-api-patterns.html
+- OnnxParser, ParserError:
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/parsers/Onnx/pyOnnx.html
+- IBuilderConfig (set_memory_pool_limit, create/set/get_timing_cache, add_optimization_profile):
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/BuilderConfig.html
+- IOptimizationProfile.set_shape:
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/OptimizationProfile.html
+- ITimingCache.serialize, and how a timing cache is reused between builds:
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/TimingCache.html
+  https://docs.nvidia.com/deeplearning/tensorrt/10.16.1/performance/builder-performance.html
+- ILogger subclassing:
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Logger.html
+- Runtime, ICudaEngine, IExecutionContext (named I/O tensors, execute_async_v3):
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Runtime.html
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Engine.html
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ExecutionContext.html
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-8x-to-10x-python-api-patterns.html
+  and the sample samples/python/common_runtime.py in https://github.com/NVIDIA/TensorRT
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlbuild.errors import BuildError, UsageError
+from tlbuild.fileio import atomic_path
+
+# TensorRT 10 is the first with strongly typed networks and the named I/O tensor API.
+MIN_TRT_MAJOR = 10
+
+_PRECISION_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_CC_RE = re.compile(r"^\d+\.\d+$")
+_VERSION_RE = re.compile(r"^\d+(\.\d+)*")
+
+
+@dataclass
+class EngineInfo:
+    """One built engine: where it is, what it accepts and what built it."""
+
+    path: Path
+    precision: str
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    trt_version: str
+    gpu_name: str
+    compute_capability: str
+    build_seconds: float
+    workspace_mib: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (path as a string)."""
+        return {**asdict(self), "path": str(self.path)}
+
+
+def trt_version_xy(version: str) -> str:
+    """'10.3.0.26' -> '10.3': builds are tied to the minor version, not the patch."""
+    m = _VERSION_RE.match(version.strip())
+    if not m:
+        raise UsageError(f"TensorRT version '{version}' is not of the form X.Y[.Z]")
+    parts = m.group(0).split(".")
+    return ".".join((parts + ["0"])[:2])
+
+
+def _gpu_identity() -> tuple[str, str]:
+    # The GPU TensorRT builds for and runs on is the current CUDA device.
+    import torch
+
+    dev = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(dev)
+    return torch.cuda.get_device_name(dev), f"{major}.{minor}"
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """(True, 'TensorRT X.Y on <GPU> (sm_XY)') where engines can be built, else (False, why)."""
+    try:
+        import tensorrt as trt
+    except Exception as e:  # ImportError, or OSError when libnvinfer itself fails to load
+        return False, (
+            f"python package 'tensorrt' is not importable ({type(e).__name__}: {e}); "
+            "install it from NVIDIA's index on the target machine"
+        )
+    version = getattr(trt, "__version__", "0")
+    try:
+        xy = trt_version_xy(version)
+    except UsageError:
+        return False, f"cannot read the TensorRT version from tensorrt.__version__ = {version!r}"
+    if int(xy.split(".")[0]) < MIN_TRT_MAJOR:
+        return False, f"TensorRT {xy} is installed; tlbuild needs TensorRT {MIN_TRT_MAJOR} or newer"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, f"TensorRT {xy} is installed but no CUDA GPU is visible via torch.cuda"
+    name, cc = _gpu_identity()
+    return True, f"TensorRT {xy} on {name} (sm_{cc.replace('.', '')})"
+
+
+def _check_label(precision: str) -> None:
+    if not _PRECISION_RE.match(precision):
+        raise UsageError(f"engine precision '{precision}' may only use letters, digits, '-', '_'")
+
+
+def engine_file_name(
+    precision: str, min_batch: int, max_batch: int, compute_capability: str, trt_version: str
+) -> str:
+    """E.g. 'model.int8-trt.b1-32.sm87.trt10.3.engine': precision, batch range, GPU, TensorRT."""
+    _check_label(precision)
+    if not 1 <= min_batch <= max_batch:
+        raise UsageError(f"engine batch range {min_batch}..{max_batch}: need 1 <= min <= max")
+    if not _CC_RE.match(compute_capability):
+        raise UsageError(f"compute capability '{compute_capability}' is not of the form '8.7'")
+    sm = compute_capability.replace(".", "")
+    return (
+        f"model.{precision}.b{min_batch}-{max_batch}.sm{sm}.trt{trt_version_xy(trt_version)}.engine"
+    )
+
+
+def network_flags(flag_enum: Any, trt_major: int) -> int:
+    """The create_network() flags that make the network strongly typed on this TensorRT.
+
+    10.x: the STRONGLY_TYPED bit. 11.x: 0, because every network is strongly typed and the flag
+    is deprecated and ignored. EXPLICIT_BATCH is never set: 10.x ignores it, 11.x removed it.
+    """
+    if trt_major >= 11:
+        return 0
+    strongly_typed = getattr(flag_enum, "STRONGLY_TYPED", None)
+    if trt_major < MIN_TRT_MAJOR or strongly_typed is None:
+        raise UsageError(
+            f"TensorRT {trt_major}.x has no strongly typed networks; "
+            f"install TensorRT {MIN_TRT_MAJOR} or newer"
+        )
+    return 1 << int(strongly_typed)
+
+
+def _import_trt() -> Any:
+    ok, reason = tensorrt_status()
+    if not ok:
+        raise UsageError(f"TensorRT engines cannot be built or run here: {reason}")
+    import tensorrt as trt
+
+    return trt
+
+
+def _make_logger(trt: Any) -> Any:
+    """A TensorRT logger that keeps errors and warnings so failures can be reported in full."""
+
+    class CapturingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            # The docs require the explicit base __init__ call for Python loggers.
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+            self.warnings: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                self.errors.append(msg)
+            elif severity == trt.ILogger.WARNING:
+                self.warnings.append(msg)
+
+    return CapturingLogger()
+
+
+def _log_tail(logger: Any, limit: int = 20) -> str:
+    lines = logger.errors[-limit:] or logger.warnings[-limit:]
+    return "\n".join(f"  {m}" for m in lines) if lines else "  (TensorRT logged no error)"
+
+
+def _parser_errors(parser: Any) -> str:
+    out = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        # node_name / node_operator exist in 10.x parsers; older bindings only have node().
+        where = []
+        for attr in ("node_operator", "node_name"):
+            fn = getattr(err, attr, None)
+            value = fn() if callable(fn) else None
+            if value:
+                where.append(str(value))
+        suffix = f" (node {' '.join(where)})" if where else ""
+        out.append(f"  {err.code()}: {err.desc()}{suffix}")
+    return "\n".join(out)
+
+
+def _parse_failure(parser: Any, logger: Any, onnx_path: Path) -> str:
+    # An unreadable file can fail before the parser records anything; the log still says why.
+    details = _parser_errors(parser) if parser.num_errors else _log_tail(logger)
+    return f"TensorRT could not parse {onnx_path.name} ({parser.num_errors} error(s)):\n{details}"
+
+
+def _graph_precision(trt: Any, network: Any) -> str:
+    """'int8' if the parsed network has Q/DQ layers, 'fp16' if any tensor is FP16, else 'fp32'."""
+    half = False
+    qdq = (trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE)
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in qdq:
+            return "int8"
+        # In a strongly typed network every tensor's type is inferred at parse time.
+        for j in range(layer.num_outputs):
+            if layer.get_output(j).dtype == trt.DataType.HALF:
+                half = True
+    return "fp16" if half else "fp32"
+
+
+def _check_precision(label: str, graph: str, onnx_path: Path) -> None:
+    # Only labels of a known family are checked; anything else is the caller's own name.
+    family = re.split(r"[-_]", label, maxsplit=1)[0].lower()
+    if family in ("fp32", "fp16", "int8") and family != graph:
+        raise BuildError(
+            f"{onnx_path.name} is an {graph.upper()} graph but the engine was asked to be "
+            f"'{label}': TensorRT takes precision from the ONNX graph, so pass the "
+            f"{family.upper()} ONNX variant for it"
+        )
+
+
+def _input_chw(network: Any, onnx_path: Path) -> tuple[str, tuple[int, int, int]]:
+    if network.num_inputs != 1:
+        raise BuildError(
+            f"{onnx_path.name} has {network.num_inputs} inputs; one NCHW image input expected"
+        )
+    inp = network.get_input(0)
+    shape = tuple(int(d) for d in inp.shape)
+    if len(shape) != 4:
+        raise BuildError(f"{onnx_path.name} input '{inp.name}' has shape {shape}; NCHW expected")
+    if shape[0] != -1:
+        raise BuildError(
+            f"{onnx_path.name} input '{inp.name}' has a fixed batch of {shape[0]}; "
+            "export the ONNX model with a dynamic batch dimension"
+        )
+    if any(d <= 0 for d in shape[1:]):
+        raise BuildError(f"{onnx_path.name} input '{inp.name}' has dynamic C/H/W {shape[1:]}")
+    return inp.name, (shape[1], shape[2], shape[3])
+
+
+def _load_timing_cache(config: Any, path: Path) -> Any:
+    blob = path.read_bytes() if path.is_file() else b""
+    # A cache from another GPU or TensorRT version (or a damaged file) is not an error: the
+    # build just starts from an empty cache and the file is replaced afterwards.
+    try:
+        cache = config.create_timing_cache(blob)
+    except Exception:
+        cache = None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def _save_timing_cache(config: Any, path: Path) -> None:
+    cache = config.get_timing_cache()
+    if cache is None:
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(bytes(cache.serialize()))
+
+
+def build_engine(
+    onnx_path: Path,
+    out_dir: Path,
+    precision: str,
+    min_batch: int,
+    opt_batch: int,
+    max_batch: int,
+    workspace_mib: int,
+    timing_cache: Path,
+) -> EngineInfo:
+    """Build out_dir/engine_file_name(...) from `onnx_path` for the current GPU.
+
+    One optimization profile covers batch min..max (tuned for opt) on the single input, whose
+    C, H, W come from the network. `timing_cache` is loaded if present and written back.
+    """
+    onnx_path, out_dir, timing_cache = Path(onnx_path), Path(out_dir), Path(timing_cache)
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise UsageError(
+            f"engine batch sizes min={min_batch} opt={opt_batch} max={max_batch}: "
+            "need 1 <= min <= opt <= max"
+        )
+    if workspace_mib < 1:
+        raise UsageError(f"engine workspace_mib={workspace_mib}: need at least 1")
+    if not onnx_path.is_file():
+        raise UsageError(f"ONNX model not found: {onnx_path}")
+    _check_label(precision)
+    trt = _import_trt()
+    trt_xy = trt_version_xy(trt.__version__)
+    gpu_name, cc = _gpu_identity()
+
+    logger = _make_logger(trt)
+    builder = trt.Builder(logger)
+    flags = network_flags(trt.NetworkDefinitionCreationFlag, int(trt_xy.split(".")[0]))
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise BuildError(_parse_failure(parser, logger, onnx_path))
+    input_name, (c, h, w) = _input_chw(network, onnx_path)
+    _check_precision(precision, _graph_precision(trt, network), onnx_path)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, (min_batch, c, h, w), (opt_batch, c, h, w), (max_batch, c, h, w))
+    config.add_optimization_profile(profile)
+    _load_timing_cache(config, timing_cache)
+
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    # Kernel timings measured before a failure are still valid, so keep them either way.
+    _save_timing_cache(config, timing_cache)
+    if serialized is None:
+        raise BuildError(
+            f"TensorRT failed to build an engine from {onnx_path.name} "
+            f"(batch {min_batch}..{max_batch}, workspace {workspace_mib} MiB):\n{_log_tail(logger)}"
+        )
+
+    path = out_dir / engine_file_name(precision, min_batch, max_batch, cc, trt_xy)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(bytes(serialized))
+    return EngineInfo(
+        path=path,
+        precision=precision,
+        min_batch=min_batch,
+        opt_batch=opt_batch,
+        max_batch=max_batch,
+        trt_version=trt_xy,
+        gpu_name=gpu_name,
+        compute_capability=cc,
+        build_seconds=round(seconds, 3),
+        workspace_mib=workspace_mib,
+    )
+
+
+def _torch_dtype(trt: Any, dtype: Any) -> Any:
+    import torch
+
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
+    if dtype not in table:
+        raise BuildError(f"engine I/O type {dtype} is not supported; FP32 or FP16 I/O expected")
+    return table[dtype]
+
+
+class TensorRTPredictorCore:
+    """Load an engine file and run float32 NCHW batches through it on the current CUDA GPU.
+
+    Device memory is torch CUDA tensors; work is queued on a private stream because TensorRT
+    warns that execute_async_v3 on the default stream costs extra synchronisation.
+    """
+
+    def __init__(self, engine_path: Path) -> None:
+        engine_path = Path(engine_path)
+        if not engine_path.is_file():
+            raise UsageError(f"TensorRT engine not found: {engine_path}")
+        trt = _import_trt()
+        import torch
+
+        self._trt = trt
+        self.path = engine_path
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        # The logger, runtime and engine must outlive the execution context.
+        self._logger = _make_logger(trt)
+        self._runtime = trt.Runtime(self._logger)
+        with torch.cuda.device(self.device):
+            self._engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+            if self._engine is None:
+                raise BuildError(
+                    f"TensorRT could not load {engine_path.name}; an engine only runs with the "
+                    f"TensorRT version and GPU type that built it:\n{_log_tail(self._logger)}"
+                )
+            self._context = self._engine.create_execution_context()
+            if self._context is None:
+                raise BuildError(
+                    f"no execution context for {engine_path.name} (out of GPU memory?)"
+                )
+            self._stream = torch.cuda.Stream(self.device)
+
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise BuildError(
+                f"{engine_path.name} has inputs {inputs} and outputs {outputs}; "
+                "one image input and one logits output expected"
+            )
+        self.input_name, self.output_name = inputs[0], outputs[0]
+        self._in_dtype = _torch_dtype(trt, self._engine.get_tensor_dtype(self.input_name))
+        self._out_dtype = _torch_dtype(trt, self._engine.get_tensor_dtype(self.output_name))
+        # Profile 0 is the only one build_engine creates: (min, opt, max) input shapes.
+        lo, opt, hi = (tuple(s) for s in self._engine.get_tensor_profile_shape(self.input_name, 0))
+        self.min_batch, self.opt_batch, self.max_batch = int(lo[0]), int(opt[0]), int(hi[0])
+        self.input_chw = tuple(int(d) for d in hi[1:])
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits (float32, [N, classes]) for a float32 NCHW batch within the engine's range."""
+        import torch
+
+        batch = np.asarray(batch)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_chw:
+            raise UsageError(
+                f"{self.path.name} takes [N, {', '.join(map(str, self.input_chw))}] batches, "
+                f"got shape {list(batch.shape)}"
+            )
+        n = batch.shape[0]
+        if not self.min_batch <= n <= self.max_batch:
+            raise UsageError(
+                f"batch of {n} is outside {self.path.name}'s profile "
+                f"{self.min_batch}..{self.max_batch}; split the batch or rebuild the engine"
+            )
+        ctx = self._context
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+            x = x.to(self.device, dtype=self._in_dtype, non_blocking=False).contiguous()
+            if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
+                raise BuildError(f"TensorRT rejected input shape {tuple(x.shape)}")
+            out_shape = tuple(ctx.get_tensor_shape(self.output_name))
+            y = torch.empty(out_shape, dtype=self._out_dtype, device=self.device)
+            ctx.set_tensor_address(self.input_name, x.data_ptr())
+            ctx.set_tensor_address(self.output_name, y.data_ptr())
+            stream = torch.cuda.current_stream(self.device)
+            if not ctx.execute_async_v3(stream.cuda_stream):
+                raise BuildError(f"TensorRT inference failed:\n{_log_tail(self._logger)}")
+            stream.synchronize()
+            return y.float().cpu().numpy()
+
+    __call__ = run
