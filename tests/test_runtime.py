@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tlbuild.errors import UsageError
+from tlbuild.runtime import load_predictor
+
+
+def _val_paths(build: Path) -> list[Path]:
+    return [Path(p) for p, _ in json.loads((build / "splits.json").read_text())["val"]]
+
+
+def test_every_artifact_gives_the_same_answers_through_one_interface(tiny_build: Path) -> None:
+    paths = _val_paths(tiny_build)
+    ref = load_predictor(tiny_build / "model.pt").predict_paths(paths, batch_size=3)
+    assert ref.shape == (8, 4) and np.allclose(ref.sum(1), 1, atol=1e-5)
+    for name, atol in (
+        ("model.onnx", 1e-4),
+        ("model.fp16.onnx", 2e-2),
+        ("model.int8.cpu.onnx", 0.2),
+    ):
+        p = load_predictor(tiny_build, artifact=name)
+        assert p.backend == "onnxruntime:CPUExecutionProvider" and p.classes == [
+            "crack",
+            "ok",
+            "scratch",
+            "spot",
+        ]
+        got = p.predict_paths(paths)
+        assert np.abs(got - ref).max() < atol, name
+
+
+def test_folder_picks_the_best_accepted_cpu_artifact(tiny_build: Path) -> None:
+    p = load_predictor(tiny_build)
+    assert p.artifact.name == "model.int8.cpu.onnx" and p.precision == "int8"
+
+
+def test_a_tampered_artifact_or_missing_provider_is_refused(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_build, copy)
+    with (copy / "model.onnx").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UsageError, match="does not match the sha256"):
+        load_predictor(copy / "model.onnx")
+    with pytest.raises(
+        UsageError, match="not available in this onnxruntime build|did not initialise"
+    ):
+        load_predictor(tiny_build, artifact="model.onnx", provider="tensorrt")
+    with pytest.raises(UsageError, match="no manifest.json"):
+        load_predictor(tmp_path)

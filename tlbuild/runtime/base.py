@@ -1,0 +1,57 @@
+"""The Predictor interface: the manifest's preprocessing in, class probabilities out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tlbuild.data.images import load_rgb
+from tlbuild.data.preprocess import Preprocessing, preprocess
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32, stable for large logits."""
+    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Predictor(ABC):
+    """An artifact ready to classify: same preprocessing, same classes, whatever the backend."""
+
+    def __init__(
+        self, artifact: Path, classes: list[str], spec: Preprocessing, precision: str
+    ) -> None:
+        self.artifact = artifact
+        self.classes = classes
+        self.preprocessing = spec
+        self.precision = precision
+
+    @property
+    @abstractmethod
+    def backend(self) -> str:
+        """Where it runs, e.g. 'onnxruntime:CPUExecutionProvider' or 'torch:cpu'."""
+
+    @abstractmethod
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw outputs for an NCHW float32 batch already preprocessed."""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, classes) for a preprocessed NCHW float32 batch."""
+        return softmax(self.logits(np.ascontiguousarray(batch, dtype=np.float32)))
+
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        """One decoded RGB image -> CHW float32, exactly as in training evaluation."""
+        return preprocess(img, self.preprocessing)
+
+    def predict_paths(self, paths: Sequence[Path], batch_size: int = 32) -> np.ndarray:
+        """Decode, preprocess and classify image files; probabilities in input order."""
+        out = []
+        for i in range(0, len(paths), batch_size):
+            x = np.stack([self.preprocess(load_rgb(p)) for p in paths[i : i + batch_size]])
+            out.append(self.predict(x))
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)

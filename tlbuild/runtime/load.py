@@ -1,0 +1,83 @@
+"""Open an export folder, or one artifact of it, as a Predictor checked against its manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tlbuild.data.preprocess import Preprocessing
+from tlbuild.errors import UsageError
+from tlbuild.fileio import sha256_file
+from tlbuild.runtime.backends import OnnxPredictor, TensorRTPredictor, TorchPredictor
+from tlbuild.runtime.base import Predictor
+
+# Preference for CPU inference: INT8 for x86 first (1.5x FP32 here), then FP32.
+CPU_ORDER = ("model.int8.cpu.onnx", "model.onnx")
+PRECISION = {
+    "model.onnx": "fp32",
+    "model.fp16.onnx": "fp16",
+    "model.int8.trt.onnx": "int8",
+    "model.int8.cpu.onnx": "int8",
+    "model.pt": "fp32",
+}
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The folder's manifest.json, or a UsageError saying what the folder lacks."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise UsageError(f"{folder} has no manifest.json; is it a tlbuild export folder?")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def verify_artifact(folder: Path, name: str, manifest: dict[str, Any]) -> None:
+    """Refuse an artifact whose sha256 differs from the manifest (a corrupt or swapped copy)."""
+    entry = manifest.get("artifacts", {}).get(name)
+    if entry is None:
+        raise UsageError(f"{name} is not listed in {folder / 'manifest.json'}")
+    if sha256_file(folder / name) != entry["sha256"]:
+        raise UsageError(f"{folder / name} does not match the sha256 in its manifest; re-copy it")
+
+
+def _accepted(manifest: dict[str, Any], name: str) -> bool:
+    for v in manifest.get("variants", {}).values():
+        if v["file"] == name:
+            return v["status"] == "accepted"
+    return name in ("model.onnx", "model.pt")
+
+
+def load_predictor(
+    path: Path | str, artifact: str | None = None, provider: str = "cpu"
+) -> Predictor:
+    """Open `path`: an export folder (its best artifact for `provider`, or `artifact`) or a file."""
+    path = Path(path)
+    if path.is_file():
+        folder, name = path.parent, path.name
+    elif path.is_dir():
+        folder = path
+        manifest = read_manifest(folder)
+        if artifact is not None:
+            name = artifact
+        else:
+            order = CPU_ORDER if provider == "cpu" else ("model.onnx",)
+            name = next((n for n in order if (folder / n).is_file() and _accepted(manifest, n)), "")
+            if not name:
+                raise UsageError(f"no usable artifact in {folder}; run `tlbuild run` first")
+    else:
+        raise UsageError(f"model not found: {path}")
+    manifest = read_manifest(folder)
+    if not (folder / name).is_file():
+        raise UsageError(f"no {name} in {folder}")
+    verify_artifact(folder, name, manifest)
+    if not _accepted(manifest, name):
+        raise UsageError(f"{name} was rejected by the accuracy gate; see manifest.json variants")
+    classes = list(manifest["classes"])
+    spec = Preprocessing.from_dict(manifest["preprocessing"])
+    if name.endswith(".pt"):
+        return TorchPredictor(folder / name, device="cuda" if provider == "cuda" else "cpu")
+    if name.endswith(".engine"):
+        return TensorRTPredictor(folder / name, classes, spec, name.split(".")[1])
+    if name.endswith(".onnx"):
+        return OnnxPredictor(folder / name, classes, spec, PRECISION.get(name, "fp32"), provider)
+    raise UsageError(f"{name}: not a model artifact (.onnx, .engine or .pt)")
