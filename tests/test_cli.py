@@ -13,7 +13,17 @@ runner = CliRunner()
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["run"], ["train"], ["export"], ["check"], ["backbones"], ["data", "synth-defects"]],
+    [
+        [],
+        ["run"],
+        ["train"],
+        ["export"],
+        ["quantize"],
+        ["build"],
+        ["check"],
+        ["backbones"],
+        ["data", "synth-defects"],
+    ],
 )
 def test_help_everywhere(args: list[str]) -> None:
     res = runner.invoke(app, [*args, "--help"])

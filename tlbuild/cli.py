@@ -102,6 +102,39 @@ def quantize(recipe: RecipeArg) -> None:
 
 
 @app.command()
+def build(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe TOML file.")] = None,
+    on_device: Annotated[
+        Path | None,
+        typer.Option(help="Build from an exported folder alone, on the target machine."),
+    ] = None,
+) -> None:
+    """Compile TensorRT engines from the accepted ONNX variants (skipped without TensorRT)."""
+    from tlbuild import pipeline
+    from tlbuild.errors import UsageError
+
+    console = _console()
+
+    def go() -> object:
+        if (recipe is None) == (on_device is None):
+            raise UsageError("give either RECIPE or --on-device DIR")
+        if recipe is not None:
+            return pipeline.engines_stage(_load(recipe), console)
+        from tlbuild.export.engines import build_stage
+        from tlbuild.recipe import BuildConfig
+
+        assert on_device is not None
+        if not (on_device / "manifest.json").is_file():
+            raise UsageError(f"{on_device} has no manifest.json; copy the whole export folder")
+        manifest = json.loads((on_device / "manifest.json").read_text(encoding="utf-8"))
+        cfg = BuildConfig.model_validate(manifest.get("recipe", {}).get("build", {}))
+        max_drop = manifest.get("recipe", {}).get("quantize", {}).get("max_drop", 1.0)
+        return build_stage(on_device, cfg, console, None, max_drop)
+
+    _guard(go)
+
+
+@app.command()
 def check(recipe: RecipeArg) -> None:
     """Validate RECIPE and print it fully resolved (defaults filled, paths absolute)."""
     r = _guard(lambda: _load(recipe))

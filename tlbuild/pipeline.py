@@ -290,6 +290,8 @@ def _metrics_summary(out: Path) -> dict[str, Any]:
 
 
 def _remove_variants(out: Path) -> None:
+    for engine in out.glob("model.*.engine"):
+        engine.unlink()
     for name in VARIANT_FILES.values():
         for p in (out / name, out / name.replace(".onnx", ".rejected.onnx")):
             p.unlink(missing_ok=True)
@@ -421,10 +423,24 @@ def _print_variants(console: Console, results: dict[str, VariantResult], max_dro
     console.print(table)
 
 
+def engines_stage(recipe: Recipe, console: Console) -> dict[str, Any]:
+    """TensorRT engines for the recipe's export folder, gated on its validation images."""
+    from tlbuild.export.engines import build_stage
+
+    out = recipe.out_dir
+    if not (out / "manifest.json").is_file():
+        raise UsageError(f"no manifest.json in {out}; run `tlbuild run` first")
+    tm = load_trained(out / MODEL_PT)
+    val = [Sample(Path(p), int(label)) for p, label in tm.meta.get("val", [])]
+    return build_stage(out, recipe.build, console, val, recipe.quantize.max_drop)
+
+
 def run(recipe: Recipe, console: Console, resume: bool = False) -> ExportOutputs:
-    """The whole build: train, export, quantize."""
+    """The whole build: train, export, quantize, TensorRT engines (skipped without TensorRT)."""
     train_stage(recipe, console, resume=resume)
     exported = export_stage(recipe, console)
     if recipe.quantize.variants:
         quantize_stage(recipe, console)
+    if recipe.build.variants:
+        engines_stage(recipe, console)
     return exported

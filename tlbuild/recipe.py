@@ -269,6 +269,24 @@ class QuantizeConfig(_Section):
     seed: int = 0
 
 
+class BuildConfig(_Section):
+    """TensorRT engines compiled from the accepted ONNX variants (where TensorRT exists)."""
+
+    variants: tuple[Literal["fp32", "fp16", "int8_trt"], ...] = ("fp16", "int8_trt")
+    min_batch: int = Field(1, ge=1)
+    opt_batch: int = Field(8, ge=1)
+    max_batch: int = Field(32, ge=1)
+    workspace_mib: int = Field(2048, ge=64)
+    fp32_atol: float = Field(1e-2, gt=0.0, description="max |logit diff| of an FP32 engine")
+    on_fail: Literal["error", "reject"] = "error"
+
+    @model_validator(mode="after")
+    def _batch_order(self) -> BuildConfig:
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError("need min_batch <= opt_batch <= max_batch")
+        return self
+
+
 class Recipe(_Section):
     """A whole recipe. Later issues add sections (quantize, build, bench, gates)."""
 
@@ -281,6 +299,7 @@ class Recipe(_Section):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     quantize: QuantizeConfig = QuantizeConfig()
+    build: BuildConfig = BuildConfig()
 
     _resolve_out = field_validator("output_dir")(_resolve)
 
