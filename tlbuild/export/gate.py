@@ -21,6 +21,7 @@ class VariantResult:
 
     variant: str
     file: str
+    precision: str
     accuracy: float
     fp32_accuracy: float
     drop_points: float
@@ -81,6 +82,7 @@ def evaluate_variants(
         results[k] = VariantResult(
             variant=k,
             file=path.name,
+            precision="fp16" if k == "fp16" else "int8",
             accuracy=acc,
             fp32_accuracy=fp32_acc,
             drop_points=round((fp32_acc - acc) * 100, 4),

@@ -27,7 +27,18 @@ def library_versions() -> dict[str, str]:
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
         "numpy": numpy.__version__,
+        "tensorrt": _tensorrt_version(),
     }
+
+
+def _tensorrt_version() -> str:
+    # Recorded either way: a device compares it with its own before reusing any engine.
+    try:
+        import tensorrt  # type: ignore[import-not-found]
+
+        return str(tensorrt.__version__)
+    except Exception:  # not installed, or its CUDA libraries are missing
+        return "not installed"
 
 
 def describe_artifacts(out_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
