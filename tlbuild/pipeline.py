@@ -24,7 +24,7 @@ from tlbuild.data.scan import Sample, Splits, scan_dataset
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.export.checkpoint import TrainedModel, load_trained, save_trained
 from tlbuild.export.gate import VariantResult, evaluate_variants
-from tlbuild.export.manifest import write_manifest
+from tlbuild.export.manifest import update_manifest, write_manifest
 from tlbuild.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_io
 from tlbuild.export.parity import ParityResult, check_parity, load_batch
 from tlbuild.export.quantize import (
@@ -212,6 +212,14 @@ def train_stage(recipe: Recipe, console: Console, resume: bool = False) -> Train
     return TrainOutputs(result, metrics, splits)
 
 
+def _val_samples(tm: TrainedModel, out: Path) -> list[Sample]:
+    """The validation split recorded in model.pt at training time."""
+    val = [Sample(Path(p), int(label)) for p, label in tm.meta.get("val", [])]
+    if not val:
+        raise UsageError(f"{out / MODEL_PT} records no validation images; retrain it")
+    return val
+
+
 def _parity_samples(samples: list[Sample], n: int) -> list[Sample]:
     # Evenly spaced through the (class-ordered) split, so every class is represented.
     if len(samples) <= n:
@@ -226,10 +234,7 @@ def export_stage(recipe: Recipe, console: Console) -> ExportOutputs:
     tm = load_trained(out / MODEL_PT)
     onnx_path = out / MODEL_ONNX
     cfg = recipe.export
-    val = [Sample(Path(p), int(label)) for p, label in tm.meta.get("val", [])]
-    if not val:
-        raise UsageError(f"{out / MODEL_PT} records no validation images; retrain it")
-    samples = _parity_samples(val, cfg.parity_images)
+    samples = _parity_samples(_val_samples(tm, out), cfg.parity_images)
     images = load_batch([s.path for s in samples], tm.preprocessing)
     _remove_variants(out)  # derived from the previous model.onnx; never mix them with a new one
     # Export beside the final name and check parity before the rename: a model.onnx on disk
@@ -324,7 +329,7 @@ def quantize_stage(recipe: Recipe, console: Console) -> dict[str, VariantResult]
     if splits["classes"] != tm.classes:
         raise UsageError(f"{SPLITS_JSON} and {MODEL_PT} disagree; run `tlbuild train` again")
     train = [Sample(Path(p), int(label)) for p, label in splits["train"]]
-    val = [Sample(Path(p), int(label)) for p, label in tm.meta["val"]]
+    val = _val_samples(tm, out)
     calib = _calibration_samples(train, cfg.calibration_images, cfg.seed)
     reduce_range = not cpu_has_vnni() if cfg.reduce_range == "auto" else bool(cfg.reduce_range)
 
@@ -384,11 +389,8 @@ def quantize_stage(recipe: Recipe, console: Console) -> dict[str, VariantResult]
         )
 
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    body = {
-        k: v for k, v in manifest.items() if k not in ("format", "created", "versions", "artifacts")
-    }
-    body["variants"] = {k: r.to_dict() for k, r in results.items()}
-    body["calibration"] = {
+    manifest["variants"] = {k: r.to_dict() for k, r in results.items()}
+    manifest["calibration"] = {
         "images": len(calib),
         "method": cfg.calibration_method,
         "percentile": cfg.percentile if cfg.calibration_method == "percentile" else None,
@@ -399,8 +401,7 @@ def quantize_stage(recipe: Recipe, console: Console) -> dict[str, VariantResult]
             "\n".join(str(sm.path) for sm in calib).encode()
         ).hexdigest(),
     }
-    names = list(manifest["artifacts"]) + [r.file for r in results.values()]
-    write_manifest(out, body, names)
+    update_manifest(out, manifest, [r.file for r in results.values()])
     return results
 
 
@@ -431,7 +432,7 @@ def engines_stage(recipe: Recipe, console: Console) -> dict[str, Any]:
     if not (out / "manifest.json").is_file():
         raise UsageError(f"no manifest.json in {out}; run `tlbuild run` first")
     tm = load_trained(out / MODEL_PT)
-    val = [Sample(Path(p), int(label)) for p, label in tm.meta.get("val", [])]
+    val = _val_samples(tm, out)
     return build_stage(out, recipe.build, console, val, recipe.quantize.max_drop)
 
 

@@ -19,7 +19,7 @@ from tlbuild.data.preprocess import Preprocessing
 from tlbuild.data.scan import Sample
 from tlbuild.errors import BuildError
 from tlbuild.export.gate import variant_session
-from tlbuild.export.manifest import write_manifest
+from tlbuild.export.manifest import update_manifest
 from tlbuild.export.parity import load_batch
 from tlbuild.export.quantize import VARIANT_FILES
 from tlbuild.export.tensorrt_build import TensorRTPredictorCore, build_engine, tensorrt_status
@@ -135,11 +135,8 @@ def build_stage(
                 )
         section = {"status": "built", "engines": engines}
     manifest["engines"] = section
-    body = {
-        k: v for k, v in manifest.items() if k not in ("format", "created", "versions", "artifacts")
-    }
-    names = list(manifest["artifacts"])
+    names: list[str] = []
     if section["status"] == "built":
-        names += [e["path"] for e in section["engines"].values() if "path" in e] + [TIMING_CACHE]
-    write_manifest(folder, body, names)
+        names = [e["path"] for e in section["engines"].values() if "path" in e] + [TIMING_CACHE]
+    update_manifest(folder, manifest, names)
     return section

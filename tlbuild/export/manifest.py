@@ -51,6 +51,13 @@ def describe_artifacts(out_dir: Path, names: list[str]) -> dict[str, dict[str, A
     return out
 
 
+def update_manifest(out_dir: Path, manifest: dict[str, Any], extra: list[str]) -> Path:
+    """Rewrite a read manifest with changed sections, re-hashing its artifacts plus `extra`."""
+    generated = ("format", "created", "versions", "artifacts")
+    body = {k: v for k, v in manifest.items() if k not in generated}
+    return write_manifest(out_dir, body, list(manifest["artifacts"]) + extra)
+
+
 def write_manifest(out_dir: Path, body: dict[str, Any], artifact_names: list[str]) -> Path:
     """Write manifest.json atomically with versions, time and artifact hashes added."""
     manifest = {
