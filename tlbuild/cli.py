@@ -135,6 +135,152 @@ def build(
 
 
 @app.command()
+def classify(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Folders (recursive), image files, or text files of paths (.txt/.lst, '-' "
+            "for stdin).",
+            show_default=False,
+        ),
+    ],
+    model: Annotated[
+        Path, typer.Option(help="Export folder (best artifact for this machine) or an artifact.")
+    ],
+    out: Annotated[Path, typer.Option(help="Parquet results file; resumed if it exists.")],
+    artifact: Annotated[
+        str | None, typer.Option(help="Artifact of the folder to use, e.g. model.onnx.")
+    ] = None,
+    provider: Annotated[str, typer.Option(help="cpu, cuda or tensorrt.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 32,
+    workers: Annotated[int, typer.Option(help="Decode threads; 0 = one per core.")] = 0,
+    topk: Annotated[int, typer.Option(help="Labels kept per image in topk_labels.")] = 3,
+    ok_class: Annotated[
+        str | None, typer.Option(help="The good class; default: the model's ok_class.")
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Defective when p(ok class) is below this (default: argmax rule)."),
+    ] = None,
+    ext: Annotated[
+        str, typer.Option(help="Extensions taken from folders, comma-separated.")
+    ] = "jpg,jpeg,png,bmp,tif,tiff,webp",
+    exact_decode: Annotated[
+        bool, typer.Option(help="Full-resolution JPEG decode (slower, bit-identical).")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Start --out over instead of resuming it.")
+    ] = False,
+    max_error_rate: Annotated[
+        float | None,
+        typer.Option(help="Exit 1 if more than this fraction of inputs fail (e.g. 0.01)."),
+    ] = None,
+) -> None:
+    """Classify image folders into a Parquet file: streaming, resumable, bad files kept as rows."""
+    import signal
+
+    from rich.progress import Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    from tlbuild.classify.inputs import parse_extensions
+    from tlbuild.classify.run import ClassifyOptions
+    from tlbuild.classify.run import classify as run_classify
+
+    console = _console()
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
+            return Text(f"{task.speed:.0f} img/s" if task.speed else "", style="cyan")
+
+    def go():  # noqa: ANN202
+        options = ClassifyOptions(
+            artifact=artifact,
+            provider=provider,
+            batch_size=batch_size,
+            workers=workers,
+            topk=topk,
+            ok_class=ok_class,
+            threshold=threshold,
+            exact_decode=exact_decode,
+            extensions=parse_extensions(ext),
+            overwrite=overwrite,
+            max_error_rate=max_error_rate,
+        )
+        shown = 0
+
+        def warn(msg: str) -> None:
+            nonlocal shown
+            shown += 1
+            if shown <= 20:
+                err.print(f"[yellow]warning:[/] {msg}", markup=True)
+            elif shown == 21:
+                err.print("[yellow]warning:[/] more warnings follow; see the summary", markup=True)
+
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("Classifying"),
+            TextColumn("{task.completed:,.0f} images"),
+            Rate(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            speed_estimate_period=10.0,
+        ) as progress:
+            task = progress.add_task("classify", total=None)
+            return run_classify(
+                inputs, model, out, options, lambda n: progress.advance(task, n), warn
+            )
+
+    # A scheduler stopping the job (SIGTERM) gets the same clean stop as Ctrl-C.
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        summary = _guard(go)
+    except KeyboardInterrupt:
+        err.print(
+            f"[yellow]interrupted[/]; rows so far are in {out}. Run the same command to go on."
+        )
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _print_classify_summary(console, summary)
+    _guard(lambda: summary.check_error_rate(max_error_rate))
+
+
+def _print_classify_summary(console: Console, s) -> None:  # noqa: ANN001 - ClassifySummary
+    table = Table("label", "images", "share", title=f"{s.rows:,} classified with {s.artifact}")
+    ok_rows = s.rows - s.errors
+    for label, n in sorted(s.labels.items(), key=lambda kv: -kv[1]):
+        table.add_row(label, f"{n:,}", f"{n / max(ok_rows, 1):.1%}")
+    if s.errors:
+        table.add_row("[red]error[/]", f"{s.errors:,}", f"{s.errors / max(s.rows, 1):.1%}")
+    console.print(table)
+    if s.error_reasons:
+        reasons = ", ".join(f"{k}: {v:,}" for k, v in s.error_reasons.most_common(5))
+        console.print(f"Errors by reason: {reasons}")
+    if s.ok_class is not None:
+        console.print(
+            f"Defective (not '{s.ok_class}'): {s.defective:,} of {ok_rows:,} readable images"
+        )
+    extra = []
+    if s.skipped:
+        extra.append(f"{s.skipped:,} already in the file (resumed)")
+    if s.ignored_files:
+        extra.append(f"{s.ignored_files:,} files with other extensions ignored")
+    if s.warnings:
+        extra.append(f"{s.warnings:,} warnings")
+    if extra:
+        console.print("; ".join(extra).capitalize())
+    console.print(
+        f"[bold green]Done[/]: {s.rows:,} rows in {s.seconds:.1f}s ({s.rate:,.0f} img/s, "
+        f"{s.backend}) -> {s.out} ({s.previous_rows + s.rows:,} rows in all)"
+    )
+
+
+@app.command()
 def check(recipe: RecipeArg) -> None:
     """Validate RECIPE and print it fully resolved (defaults filled, paths absolute)."""
     r = _guard(lambda: _load(recipe))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,9 @@ from tlbuild.errors import DataError
 # Pillow's own default (about 89 Mpx) raises for larger images, which is what we want:
 # a production folder must not be able to exhaust memory with one crafted file.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# decode() refuses images over MAX_PIXELS itself, so Pillow's warning for them is noise. Set once
+# here: warnings.catch_warnings() per call is not thread-safe, and decoding runs in threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageReadError(DataError):
@@ -48,35 +53,68 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def load_rgb(path: Path | str, draft_size: tuple[int, int] | None = None) -> Image.Image:
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+_SWAPS_AXES = (5, 6, 7, 8)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An upright RGB image and the full-resolution size of the file (before any draft scaling)."""
+
+    image: Image.Image
+    width: int
+    height: int
+
+
+def decode(
+    path: Path | str, min_size: Callable[[int, int], tuple[int, int]] | None = None
+) -> Decoded:
     """Open `path`, apply its EXIF orientation and return RGB; raise ImageReadError if unusable.
 
-    `draft_size` lets JPEG decode at a reduced scale (never below that size); used only to check
-    files quickly, not for pixels the model sees.
+    `min_size(width, height)` (upright, full resolution) lets a JPEG decode at a reduced DCT
+    scale that is never smaller than the size it returns: the fast path for big photos.
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise ImageReadError(path, f"image too large ({img.width}x{img.height})")
-                if draft_size is not None:
-                    img.draft("RGB", draft_size)
-                img.load()
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageReadError(path, f"image too large ({img.width}x{img.height})")
+            orientation = img.getexif().get(0x0112, 1)
+            swap = orientation in _SWAPS_AXES
+            width, height = (img.height, img.width) if swap else img.size
+            if min_size is not None and img.format == "JPEG":
+                w, h = min_size(width, height)
+                # draft() works in stored orientation and never goes below the request.
+                img.draft("RGB", (h, w) if swap else (w, h))
+            img.load()
+            if orientation not in (None, 1):  # transposing is a full copy: skip if upright
                 img = ImageOps.exif_transpose(img)
-                rgb = _to_rgb(img)
-                rgb.load()
-                return rgb
+            rgb = _to_rgb(img)
+            rgb.load()
+            return Decoded(rgb, width, height)
     except ImageReadError:
         raise
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "is a folder, not a file") from None
+    except PermissionError:
+        raise ImageReadError(path, "permission denied") from None
     except UnidentifiedImageError:
         size = path.stat().st_size if path.exists() else 0
-        raise ImageReadError(path, "empty file" if size == 0 else "not an image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        reason = "empty file" if size == 0 else "not an image, or a format Pillow cannot read"
+        raise ImageReadError(path, reason) from None
+    except Image.DecompressionBombError:
         raise ImageReadError(path, "image too large (decompression bomb guard)") from None
     except (OSError, SyntaxError, ValueError) as e:
         # Truncated and corrupt files surface as OSError ("image file is truncated", ...).
         raise ImageReadError(path, f"cannot decode: {e}") from None
+
+
+def load_rgb(path: Path | str, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Open `path` as an upright RGB image; raise ImageReadError if unusable.
+
+    `draft_size` lets JPEG decode at a reduced scale (never below that size); used only to check
+    files quickly, not for pixels the model sees.
+    """
+    return decode(path, None if draft_size is None else lambda w, h: draft_size).image

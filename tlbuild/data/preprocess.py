@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
+
+from tlbuild.data.images import decode
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -63,27 +66,80 @@ class Preprocessing:
         return _RESAMPLE[self.interpolation]
 
 
-def resize_for_model(img: Image.Image, spec: Preprocessing) -> Image.Image:
-    """Resize (and centre-crop, per the policy) an RGB image to exactly the input size."""
+def resized_size(width: int, height: int, spec: Preprocessing) -> tuple[int, int]:
+    """(w, h) an image of this size is resized to before the centre crop (if any)."""
     h, w = spec.input_size
     if spec.resize == "resize":
-        return img.resize((w, h), spec.resample)
+        return w, h
     # Scale so the image covers (h, w) / crop_pct, then cut the centre: timm's eval transform.
-    scale = max(h / spec.crop_pct / img.height, w / spec.crop_pct / img.width)
-    new_w = max(w, math.floor(img.width * scale + 0.5))
-    new_h = max(h, math.floor(img.height * scale + 0.5))
+    scale = max(h / spec.crop_pct / height, w / spec.crop_pct / width)
+    return max(w, math.floor(width * scale + 0.5)), max(h, math.floor(height * scale + 0.5))
+
+
+def resize_for_model(
+    img: Image.Image, spec: Preprocessing, full_size: tuple[int, int] | None = None
+) -> Image.Image:
+    """Resize (and centre-crop, per the policy) an RGB image to exactly the input size.
+
+    `full_size` is the file's real (w, h) when `img` was decoded at a reduced scale, so the
+    geometry is the same as for a full decode.
+    """
+    h, w = spec.input_size
+    new_w, new_h = resized_size(*(full_size or img.size), spec)
     img = img.resize((new_w, new_h), spec.resample)
+    if spec.resize == "resize":
+        return img
     left, top = (new_w - w) // 2, (new_h - h) // 2
     return img.crop((left, top, left + w, top + h))
 
 
 def normalize(img: Image.Image, spec: Preprocessing) -> np.ndarray:
     """RGB image of the input size -> float32 CHW array, scaled and normalised."""
-    arr = np.asarray(img, dtype=np.float32) * np.float32(spec.pixel_scale)
-    arr = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    # One fused multiply-add straight from uint8 HWC into CHW: (x * scale - mean) / std.
+    std = np.asarray(spec.std, np.float32)
+    a = (np.float32(spec.pixel_scale) / std).reshape(3, 1, 1)
+    b = (-np.asarray(spec.mean, np.float32) / std).reshape(3, 1, 1)
+    chw = np.asarray(img).transpose(2, 0, 1)
+    out = np.empty(chw.shape, np.float32)
+    np.multiply(chw, a, out=out)
+    out += b
+    return out
 
 
 def preprocess(img: Image.Image, spec: Preprocessing) -> np.ndarray:
     """The full inference preprocessing of one decoded RGB image (CHW float32)."""
     return normalize(resize_for_model(img, spec), spec)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One file ready for the model: CHW float32 `array` and the file's full (width, height)."""
+
+    array: np.ndarray
+    width: int
+    height: int
+
+
+# A JPEG may decode at a reduced DCT scale only while it stays this much larger than the
+# resize target, so Pillow's anti-aliased resize still does most of the filtering. Measured on
+# photographs and the demo surfaces: 1.0 drifts by up to 1.4 grey levels on average and 12 at
+# the 99th percentile; 1.5 by at most 0.7 and 6; 2.0 gives up the speed-up for 640x480 -> 160.
+DRAFT_OVERSAMPLE = 1.5
+
+
+def load_input(path: Path | str, spec: Preprocessing, exact: bool = False) -> ModelInput:
+    """Decode a file and apply the inference preprocessing; ImageReadError if unusable.
+
+    By default a JPEG much larger than needed decodes at a reduced DCT scale (libjpeg's draft
+    mode: 640x480 -> 160 px decodes at 320x240, about 1.5x faster), within 1 grey level on
+    average and 6 at the 99th percentile of the full decode (tests/test_classify.py).
+    `exact=True` decodes fully: bit-identical to the training evaluation.
+    """
+
+    def min_size(w: int, h: int) -> tuple[int, int]:
+        rw, rh = resized_size(w, h, spec)
+        return math.ceil(rw * DRAFT_OVERSAMPLE), math.ceil(rh * DRAFT_OVERSAMPLE)
+
+    d = decode(path, None if exact else min_size)
+    x = normalize(resize_for_model(d.image, spec, (d.width, d.height)), spec)
+    return ModelInput(x, d.width, d.height)

@@ -53,6 +53,7 @@ class OnnxPredictor(Predictor):
         precision: str,
         provider: str = "cpu",
         threads: int | None = None,
+        spinning: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -72,6 +73,10 @@ class OnnxPredictor(Predictor):
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
+        if not spinning:
+            # Idle ORT threads otherwise busy-wait, taking cores from work that overlaps
+            # inference (decoding in `tlbuild classify`).
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = (
             [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
         )

@@ -48,9 +48,16 @@ def _accepted(manifest: dict[str, Any], name: str) -> bool:
 
 
 def load_predictor(
-    path: Path | str, artifact: str | None = None, provider: str = "cpu"
+    path: Path | str,
+    artifact: str | None = None,
+    provider: str = "cpu",
+    threads: int | None = None,
+    spinning: bool = True,
 ) -> Predictor:
-    """Open `path`: an export folder (its best artifact for `provider`, or `artifact`) or a file."""
+    """Open `path`: an export folder (its best artifact for `provider`, or `artifact`) or a file.
+
+    `threads` and `spinning` tune ONNX Runtime's CPU thread pool (ignored by other backends).
+    """
     path = Path(path)
     if path.is_file():
         folder, name = path.parent, path.name
@@ -79,5 +86,6 @@ def load_predictor(
     if name.endswith(".engine"):
         return TensorRTPredictor(folder / name, classes, spec, name.split(".")[1])
     if name.endswith(".onnx"):
-        return OnnxPredictor(folder / name, classes, spec, PRECISION.get(name, "fp32"), provider)
+        precision = PRECISION.get(name, "fp32")
+        return OnnxPredictor(folder / name, classes, spec, precision, provider, threads, spinning)
     raise UsageError(f"{name}: not a model artifact (.onnx, .engine or .pt)")

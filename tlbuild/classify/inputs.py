@@ -1,0 +1,114 @@
+"""Lazily list the image files named by `tlbuild classify`'s inputs: folders, files, path lists."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from tlbuild.errors import UsageError
+
+DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# An input file with one of these suffixes (or "-" for stdin) is a list of image paths.
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+
+
+def parse_extensions(text: str) -> tuple[str, ...]:
+    """'jpg,PNG' -> ('.jpg', '.png'); a UsageError for an empty list."""
+    exts = tuple(
+        "." + e.strip().lower().lstrip(".") for e in text.split(",") if e.strip().strip(".")
+    )
+    if not exts:
+        raise UsageError(f"--ext '{text}' names no extension; e.g. --ext jpg,png")
+    return exts
+
+
+def check_inputs(inputs: Iterable[str]) -> list[str]:
+    """Fail before any work if a named input does not exist (a typo should not run for hours)."""
+    inputs = list(inputs)
+    if not inputs:
+        raise UsageError("name at least one INPUT: a folder, an image file or a list of paths")
+    for raw in inputs:
+        if raw != "-" and not os.path.exists(raw):
+            raise UsageError(f"input not found: {raw}")
+    return inputs
+
+
+class InputWalker:
+    """Yields absolute image paths one at a time; problems with folders go to `warn`, not raise.
+
+    Folders are read with os.scandir in file-system order and never sorted or listed whole, so
+    memory stays flat however many files a folder holds. Symlinked folders are followed once:
+    a folder reached again (a symlink loop, or two links to one folder) is reported and skipped.
+    Names starting with '.' are skipped (editor and OS droppings such as ._IMG_1.jpg).
+    """
+
+    def __init__(
+        self,
+        extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        self.extensions = extensions
+        self.warn = warn or (lambda msg: None)
+        self.ignored = 0  # files in folders with another extension
+        self._seen_dirs: set[tuple[int, int]] = set()
+
+    def __call__(self, inputs: Iterable[str]) -> Iterator[str]:
+        for raw in inputs:
+            if raw == "-":
+                yield from self._list(sys.stdin, Path.cwd())
+            elif os.path.isdir(raw):
+                yield from self._walk(os.path.abspath(raw))
+            elif raw.lower().endswith(LIST_SUFFIXES):
+                try:
+                    with open(raw, encoding="utf-8") as f:
+                        yield from self._list(f, Path(raw).resolve().parent)
+                except (OSError, UnicodeDecodeError) as e:
+                    self.warn(f"cannot read path list {raw}: {e}")
+            else:
+                # A file named explicitly is classified whatever its extension.
+                yield os.path.abspath(raw)
+
+    def _list(self, lines: Iterable[str], base: Path) -> Iterator[str]:
+        """Paths from a list file: one per line, relative to the list's folder, '#' comments."""
+        for line in lines:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                p = os.path.join(base, os.path.expanduser(line))
+                if os.path.isdir(p):
+                    yield from self._walk(os.path.abspath(p))
+                else:
+                    yield os.path.abspath(p)  # a missing one becomes an error row
+
+    def _walk(self, root: str) -> Iterator[str]:
+        stack = [root]
+        while stack:
+            folder = stack.pop()
+            try:
+                st = os.stat(folder)
+            except OSError as e:
+                self.warn(f"cannot read folder {folder}: {e.strerror}")
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in self._seen_dirs:
+                self.warn(f"skipped {folder}: already visited (symlink loop or second link)")
+                continue
+            self._seen_dirs.add(key)
+            try:
+                with os.scandir(folder) as it:
+                    for entry in it:
+                        if entry.name.startswith("."):
+                            continue
+                        try:
+                            is_dir = entry.is_dir()  # follows symlinks
+                        except OSError:
+                            is_dir = False
+                        if is_dir:
+                            stack.append(entry.path)
+                        elif entry.name.lower().endswith(self.extensions):
+                            yield entry.path  # a broken link becomes an error row
+                        else:
+                            self.ignored += 1
+            except OSError as e:
+                self.warn(f"cannot read folder {folder}: {e.strerror or e}")

@@ -1,0 +1,292 @@
+"""The classify results file: Parquet that is always readable, resumable, and loses at most a batch.
+
+How it stays safe when the process is killed at any moment:
+- every finished batch is appended (and flushed) to a JSON-lines journal beside the file,
+  `<out>.journal`, so a kill loses at most the batch in flight;
+- every few thousand rows (or seconds) the buffered rows become a new row group: the Parquet file
+  is copied, the group appended to the copy, and the copy renamed over the original, so the file
+  on disk is always a complete Parquet file (pandas, pyarrow, DuckDB) that never lags the journal
+  by more than one commit;
+- the next run with the same --out folds the journal back in before it continues.
+Appending a row group per batch in place would be simpler, but a kill during the footer write
+leaves a file no reader can open, and thousands of tiny row groups make every reader slow.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from tlbuild.errors import UsageError
+from tlbuild.fileio import atomic_path
+
+# Column -> how it is stored. Documented in README.md ("Classify results schema").
+COLUMNS: dict[str, str] = {
+    "path": "utf8",
+    "label": "utf8",
+    "score": "Float32",
+    "topk_labels": "json",
+    "topk_scores": "json",
+    "ok_score": "Float32",
+    "defective": "boolean",
+    "decided_by": "utf8",
+    "width": "Int32",
+    "height": "Int32",
+    "file_size": "Int64",
+    "error": "utf8",
+    "model_sha256": "utf8",
+    "artifact": "utf8",
+    "precision": "utf8",
+    "classified_at": "timestamp",
+}
+META_KEY = "tlbuild.classify"
+# Settings that must match for a resumed run to append to the same file.
+IDENTITY_KEYS = ("model_sha256", "artifact", "ok_class", "threshold", "topk")
+
+
+def path_key(path: str) -> int:
+    """A 64-bit key for a path: the resume index holds 8 bytes per row, not the strings."""
+    return int.from_bytes(
+        hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little"
+    )
+
+
+def storable(path: str) -> str:
+    """A path as valid UTF-8 (undecodable bytes in file names become \\x escapes)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _frame(cols: dict[str, list[Any]]):  # noqa: ANN202 - pandas imported lazily
+    import pandas as pd
+
+    data: dict[str, Any] = {}
+    for name, kind in COLUMNS.items():
+        values = cols[name]
+        if kind in ("utf8", "json"):
+            data[name] = pd.Series(values, dtype=object)
+        elif kind == "timestamp":
+            data[name] = pd.to_datetime(np.asarray(values, np.int64), unit="us", utc=True)
+        else:
+            data[name] = pd.array(values, dtype=kind)
+    return pd.DataFrame(data)
+
+
+def _fastparquet():  # noqa: ANN202 - the module
+    # Importing fastparquet under pandas 3 warns about a pandas option it reads; not the user's.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import fastparquet
+    return fastparquet
+
+
+def _encodings() -> dict[str, str]:
+    return {n: k for n, k in COLUMNS.items() if k in ("utf8", "json")}
+
+
+class ResultsFile:
+    """Appends rows to `out`; `done(path)` says whether a previous run already classified it."""
+
+    def __init__(
+        self,
+        out: Path,
+        identity: dict[str, Any],
+        overwrite: bool = False,
+        commit_rows: int = 4096,
+        commit_seconds: float = 15.0,
+    ) -> None:
+        self.out = Path(out)
+        self.identity = {k: identity.get(k) for k in IDENTITY_KEYS}
+        self.meta = dict(identity)
+        self.commit_rows = commit_rows
+        self.commit_seconds = commit_seconds
+        self.journal_path = self.out.with_name(self.out.name + ".journal")
+        self.previous_rows = 0
+        self._done = np.zeros(0, np.uint64)
+        self._buf: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+        self._last_commit = time.monotonic()
+        self._journal: TextIO | None = None
+        self._open(overwrite)
+
+    # -- opening and resuming -------------------------------------------------------------
+    def _open(self, overwrite: bool) -> None:
+        if self.out.is_dir():
+            raise UsageError(f"--out {self.out} is a folder; name a .parquet file")
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            journal = open(self.journal_path, "a+", encoding="utf-8")  # noqa: SIM115 - held open
+        except OSError as e:
+            raise UsageError(f"cannot write beside {self.out}: {e.strerror}") from None
+        try:
+            fcntl.flock(journal, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            journal.close()
+            raise UsageError(
+                f"another tlbuild classify is writing {self.out}; wait for it or use another --out"
+            ) from None
+        self._journal = journal
+        try:
+            self._resume(overwrite)
+        except BaseException:
+            # A refused run leaves the folder as it found it (no empty journal behind).
+            journal.seek(0, os.SEEK_END)
+            if journal.tell() == 0:
+                self.journal_path.unlink(missing_ok=True)
+            journal.close()
+            self._journal = None
+            raise
+
+    def _resume(self, overwrite: bool) -> None:
+        if overwrite:
+            self.out.unlink(missing_ok=True)
+            self._reset_journal()
+            return
+        keys: list[np.ndarray] = []
+        if self.out.exists():
+            self._check_identity(self._file_identity(), str(self.out))
+            keys.append(self._file_keys())
+        self._done = np.unique(np.concatenate(keys)) if keys else self._done
+        self._fold_journal()
+
+    def _file_identity(self) -> dict[str, Any]:
+        try:
+            pf = _fastparquet().ParquetFile(str(self.out))
+        except Exception as e:
+            raise UsageError(
+                f"{self.out} exists but is not a readable Parquet file ({e}); "
+                "use --overwrite to replace it, or another --out"
+            ) from None
+        raw = pf.key_value_metadata.get(META_KEY)
+        if raw is None:
+            raise UsageError(
+                f"{self.out} was not written by tlbuild classify; "
+                "use --overwrite to replace it, or another --out"
+            )
+        self.previous_rows = int(pf.count())
+        return json.loads(raw)
+
+    def _check_identity(self, found: dict[str, Any], where: str) -> None:
+        diffs = [
+            f"{k}: {found.get(k)!r} there, {self.identity[k]!r} now"
+            for k in IDENTITY_KEYS
+            if found.get(k) != self.identity[k]
+        ]
+        if diffs:
+            raise UsageError(
+                f"{where} holds results of another model or settings ({'; '.join(diffs)}). "
+                "Use --overwrite to start over, or another --out."
+            )
+
+    def _file_keys(self) -> np.ndarray:
+        parts = [np.zeros(0, np.uint64)]
+        for df in _fastparquet().ParquetFile(str(self.out)).iter_row_groups(columns=["path"]):
+            parts.append(np.fromiter((path_key(p) for p in df["path"]), np.uint64, len(df)))
+        return np.concatenate(parts)
+
+    def _fold_journal(self) -> None:
+        """Rows journaled by a run that was killed go into the file before anything new."""
+        assert self._journal is not None
+        self._journal.seek(0)
+        lines = self._journal.read().splitlines()
+        if lines:
+            try:
+                header = json.loads(lines[0])
+            except json.JSONDecodeError:
+                header = {}
+            if header.get("journal") == META_KEY:
+                self._check_identity(header.get("identity", {}), str(self.journal_path))
+                rows = []
+                for line in lines[1:]:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        break  # the line being written when the run was killed
+                # A kill between the file's rename and the journal's reset leaves rows twice.
+                fresh = [r for r in rows if not self.done(r["path"])]
+                for r in fresh:
+                    for c in COLUMNS:
+                        self._buf[c].append(r[c])
+                self.previous_rows += len(fresh)
+                if fresh:
+                    self._done = np.unique(
+                        np.concatenate([self._done, [path_key(r["path"]) for r in fresh]])
+                    )
+        self._commit()
+
+    # -- writing ----------------------------------------------------------------------------
+    def done(self, path: str) -> bool:
+        """True if `path` has a row from an earlier run of the same model and settings."""
+        if not self._done.size:
+            return False
+        k = np.uint64(path_key(storable(path)))
+        i = int(np.searchsorted(self._done, k))
+        return i < self._done.size and self._done[i] == k
+
+    def add(self, rows: dict[str, list[Any]]) -> None:
+        """Append one batch (columnar, every column of COLUMNS): journaled now, committed soon."""
+        assert self._journal is not None
+        n = len(rows["path"])
+        lines = [json.dumps({c: rows[c][i] for c in COLUMNS}) for i in range(n)]
+        self._journal.write("\n".join(lines) + "\n")
+        self._journal.flush()
+        for c in COLUMNS:
+            self._buf[c].extend(rows[c])
+        # The first batch is committed at once, so the file (and any write problem) shows early.
+        if (
+            not self.out.exists()
+            or len(self._buf["path"]) >= self.commit_rows
+            or time.monotonic() - self._last_commit >= self.commit_seconds
+        ):
+            self._commit()
+
+    def _commit(self) -> None:
+        fastparquet = _fastparquet()
+        if not self._buf["path"]:
+            self._reset_journal()
+            return
+        df = _frame(self._buf)
+        # fastparquet trips pandas' deprecation warnings; users should not see them per run.
+        with warnings.catch_warnings(), atomic_path(self.out) as tmp:
+            warnings.simplefilter("ignore")
+            if self.out.exists():
+                shutil.copyfile(self.out, tmp)
+                fastparquet.write(
+                    str(tmp), df, append=True, object_encoding=_encodings(), compression="ZSTD"
+                )
+            else:
+                fastparquet.write(
+                    str(tmp),
+                    df,
+                    object_encoding=_encodings(),
+                    compression="ZSTD",
+                    custom_metadata={META_KEY: json.dumps(self.meta)},
+                )
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        self._buf = {c: [] for c in COLUMNS}
+        self._reset_journal()
+
+    def _reset_journal(self) -> None:
+        assert self._journal is not None
+        self._journal.seek(0)
+        self._journal.truncate()
+        self._journal.write(json.dumps({"journal": META_KEY, "identity": self.identity}) + "\n")
+        self._journal.flush()
+        self._last_commit = time.monotonic()
+
+    def close(self) -> None:
+        """Commit what is buffered and remove the journal; safe to call twice."""
+        if self._journal is None:
+            return
+        self._commit()
+        self.journal_path.unlink(missing_ok=True)
+        self._journal.close()
+        self._journal = None
