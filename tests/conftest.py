@@ -51,6 +51,12 @@ ok_class = "ok"
 preprocess = {{ input_size = 64, resize = "resize" }}
 [export]
 parity_images = 8
+[bench]
+batch_sizes = [1, 4]
+warmup_iters = 1
+min_iters = 5
+min_seconds = 0.0
+max_seconds = 1.0
 {TINY_TRAIN.format(head=head, ft=ft)}
 {extra}
 """

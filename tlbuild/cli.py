@@ -10,6 +10,7 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tlbuild import __version__
@@ -40,7 +41,7 @@ def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except TlbuildError as e:
-        err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]; finished files are kept. `--resume` continues training.")
@@ -59,16 +60,67 @@ def run(
     resume: Annotated[
         bool, typer.Option(help="Continue training from the last checkpoint.")
     ] = False,
+    force: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Rerun a stage even if fresh (repeatable): train, export, quantize, build, "
+            "bench, report, or all."
+        ),
+    ] = None,
 ) -> None:
-    """Train, export, verify and quantize: the whole build for RECIPE."""
+    """The whole build for RECIPE, redoing only what changed; exit 1 if a gate fails."""
     from tlbuild import pipeline
 
     console = _console()
     t0 = time.perf_counter()
-    out = _guard(lambda: pipeline.run(_load(recipe), console, resume=resume))
-    console.print(
-        f"[bold green]Build done[/] in {time.perf_counter() - t0:.0f}s: {out.onnx_path.parent}"
+    result = _guard(
+        lambda: pipeline.run(_load(recipe), console, resume=resume, force=tuple(force or ()))
     )
+    reused = [s.stage for s in result.stages if s.action == "reused"]
+    ran = [s.stage for s in result.stages if s.action == "ran"]
+    console.print(
+        f"[bold]Build done[/] in {time.perf_counter() - t0:.1f}s: {result.out} "
+        f"(ran: {', '.join(ran) or 'nothing'}; reused: {', '.join(reused) or 'nothing'})"
+    )
+    _gate_verdict(console, result.gates)
+
+
+def _gate_verdict(console: Console, gates: list) -> None:  # noqa: ANN001 - GateResult list
+    """Print every gate; exit 1 naming each failed one with its threshold and measured value."""
+    if not gates:
+        return
+    failed = [g for g in gates if g.failed]
+    for g in gates:
+        mark = {"passed": "[green]pass[/]", "failed": "[red]FAIL[/]"}.get(g.status, "[dim]n/a[/]")
+        console.print(f"  gate {mark}  {escape(g.describe())}")
+    if failed:
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        err.print(
+            f"[bold red]error:[/] {len(failed)} gate(s) failed: "
+            + escape("; ".join(g.describe() for g in failed))
+        )
+        raise typer.Exit(1)
+    console.print(f"[bold green]All {len(gates)} gates passed[/]")
+
+
+@app.command()
+def status(recipe: RecipeArg) -> None:
+    """Fresh or stale, per stage, and why; builds nothing."""
+    from tlbuild import pipeline
+
+    rows = _guard(lambda: pipeline.stage_status(_load(recipe)))
+    table = Table("stage", "state", "why")
+    for r in rows:
+        colour = {"fresh": "green", "stale": "yellow"}.get(r.action, "dim")
+        table.add_row(r.stage, f"[{colour}]{r.action}[/]", escape("; ".join(r.why)))
+    _console().print(table)
+
+
+def _stage_command(stage: str, recipe: Path, resume: bool = False) -> None:
+    from tlbuild import pipeline
+
+    console = _console()
+    _guard(lambda: pipeline.run_stage(_load(recipe), console, stage, resume=resume))
 
 
 @app.command()
@@ -77,28 +129,19 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
 ) -> None:
     """Fine-tune the recipe's backbone; writes model.pt, metrics and plots."""
-    from tlbuild import pipeline
-
-    console = _console()
-    _guard(lambda: pipeline.train_stage(_load(recipe), console, resume=resume))
+    _stage_command("train", recipe, resume)
 
 
 @app.command()
 def export(recipe: RecipeArg) -> None:
     """Export the trained model to ONNX and check it against PyTorch."""
-    from tlbuild import pipeline
-
-    console = _console()
-    _guard(lambda: pipeline.export_stage(_load(recipe), console))
+    _stage_command("export", recipe)
 
 
 @app.command()
 def quantize(recipe: RecipeArg) -> None:
     """Make the FP16 / INT8 variants of model.onnx and gate them on the validation split."""
-    from tlbuild import pipeline
-
-    console = _console()
-    _guard(lambda: pipeline.quantize_stage(_load(recipe), console))
+    _stage_command("quantize", recipe)
 
 
 @app.command()
@@ -116,14 +159,13 @@ def build(
     console = _console()
 
     def go() -> object:
-        if (recipe is None) == (on_device is None):
-            raise UsageError("give either RECIPE or --on-device DIR")
-        if recipe is not None:
-            return pipeline.engines_stage(_load(recipe), console)
         from tlbuild.export.engines import build_stage
         from tlbuild.recipe import BuildConfig
 
-        assert on_device is not None
+        if (recipe is None) == (on_device is None):
+            raise UsageError("give either RECIPE or --on-device DIR")
+        if recipe is not None:
+            return pipeline.run_stage(_load(recipe), console, "build")
         if not (on_device / "manifest.json").is_file():
             raise UsageError(f"{on_device} has no manifest.json; copy the whole export folder")
         manifest = json.loads((on_device / "manifest.json").read_text(encoding="utf-8"))
@@ -132,6 +174,37 @@ def build(
         return build_stage(on_device, cfg, console, None, max_drop)
 
     _guard(go)
+
+
+@app.command()
+def bench(
+    target: Annotated[
+        Path, typer.Argument(help="Recipe TOML file, or an export folder (e.g. on a device).")
+    ],
+) -> None:
+    """Latency p50/p90/p99, throughput, accuracy and size of every artifact this machine runs."""
+    console = _console()
+    if target.is_dir():
+
+        def go() -> object:
+            from tlbuild.bench.run import bench_folder
+            from tlbuild.export.checkpoint import load_trained
+            from tlbuild.recipe import BenchConfig
+            from tlbuild.runtime.load import read_manifest
+
+            manifest = read_manifest(target)
+            cfg = BenchConfig.model_validate(manifest.get("recipe", {}).get("bench", {}))
+            val = None
+            if (target / "model.pt").is_file():
+                from tlbuild.data.scan import Sample
+
+                meta = load_trained(target / "model.pt").meta
+                val = [Sample(Path(p), int(label)) for p, label in meta.get("val", [])]
+            return bench_folder(target, cfg, console, val)
+
+        _guard(go)
+    else:
+        _stage_command("bench", target)
 
 
 @app.command()
@@ -213,7 +286,7 @@ def classify(
             nonlocal shown
             shown += 1
             if shown <= 20:
-                err.print(f"[yellow]warning:[/] {msg}", markup=True)
+                err.print(f"[yellow]warning:[/] {escape(msg)}", markup=True)
             elif shown == 21:
                 err.print("[yellow]warning:[/] more warnings follow; see the summary", markup=True)
 

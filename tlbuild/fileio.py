@@ -54,3 +54,23 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def quiet_fastparquet():  # noqa: ANN201 - the fastparquet module, imported lazily
+    """Import fastparquet without the pandas deprecation warnings it trips on import."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import fastparquet
+    return fastparquet
+
+
+def write_parquet(path: Path, df: Any) -> None:
+    """Write a pandas DataFrame as one Parquet file (ZSTD), atomically."""
+    import warnings
+
+    fastparquet = quiet_fastparquet()
+    with warnings.catch_warnings(), atomic_path(path) as tmp:
+        warnings.simplefilter("ignore")
+        fastparquet.write(str(tmp), df, compression="ZSTD")

@@ -1,4 +1,4 @@
-"""The stage graph: data -> train -> export (later: quantize, build, bench, classify).
+"""The stage graph: train -> export -> quantize -> build -> bench -> report, incremental.
 
 Each stage reads the recipe and the files earlier stages wrote under `recipe.out_dir`, and
 writes its own; nothing passes between stages except those files.
@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -35,6 +37,8 @@ from tlbuild.export.quantize import (
     trt_qdq_problems,
 )
 from tlbuild.fileio import atomic_path, write_json, write_text
+from tlbuild.gates import GATES_JSON, GateResult, evaluate_gates, gates_json
+from tlbuild.incremental import STAGE_NAMES, STAGES, BuildState, StageDef
 from tlbuild.models.factory import build_model
 from tlbuild.recipe import Recipe
 from tlbuild.train.loop import TrainResult, fit
@@ -436,12 +440,161 @@ def engines_stage(recipe: Recipe, console: Console) -> dict[str, Any]:
     return build_stage(out, recipe.build, console, val, recipe.quantize.max_drop)
 
 
-def run(recipe: Recipe, console: Console, resume: bool = False) -> ExportOutputs:
-    """The whole build: train, export, quantize, TensorRT engines (skipped without TensorRT)."""
-    train_stage(recipe, console, resume=resume)
-    exported = export_stage(recipe, console)
-    if recipe.quantize.variants:
-        quantize_stage(recipe, console)
-    if recipe.build.variants:
-        engines_stage(recipe, console)
-    return exported
+def bench_stage(recipe: Recipe, console: Console) -> dict[str, Any]:
+    """Benchmark every artifact this machine can run; writes bench.json and bench.parquet."""
+    from tlbuild.bench.run import bench_folder
+
+    out = recipe.out_dir
+    if not (out / "manifest.json").is_file():
+        raise UsageError(f"no manifest.json in {out}; run `tlbuild run` first")
+    val = _val_samples(load_trained(out / MODEL_PT), out)
+    return bench_folder(out, recipe.bench, console, val)
+
+
+def report_stage(recipe: Recipe, console: Console) -> list[GateResult]:
+    """Evaluate the gates (gates.json) and write report.md with its plots."""
+    from tlbuild.report import write_report
+
+    out = recipe.out_dir
+    gates = evaluate_gates(recipe.gates, out)
+    write_json(out / GATES_JSON, gates_json(gates))
+    state = BuildState(out)
+    stages = [
+        {"stage": name, **{k: state.stages[name][k] for k in ("finished", "seconds", "summary")}}
+        for name in STAGE_NAMES
+        if name in state.stages
+    ]
+    path = write_report(out, gates, stages)
+    console.print(f"Wrote {path}")
+    return gates
+
+
+@dataclass
+class StageOutcome:
+    """What `run` did with one stage."""
+
+    stage: str
+    action: str  # "ran", "reused" or "disabled"
+    why: list[str]
+    seconds: float = 0.0
+
+
+@dataclass
+class RunResult:
+    """The outcome of `run`: per-stage actions and the gates."""
+
+    out: Path
+    stages: list[StageOutcome]
+    gates: list[GateResult]
+
+    @property
+    def failed_gates(self) -> list[GateResult]:
+        """Gates that were measured and missed."""
+        return [g for g in self.gates if g.failed]
+
+
+def _enabled(recipe: Recipe, stage: str) -> bool:
+    return {"quantize": bool(recipe.quantize.variants), "build": bool(recipe.build.variants)}.get(
+        stage, True
+    )
+
+
+def _summary(stage: str, result: Any) -> str:
+    """One line for build_state.json and the report."""
+    if stage == "train":
+        v = result.metrics["val"]
+        return f"val accuracy {v['accuracy']:.1%}, best epoch {result.result.best_epoch + 1}"
+    if stage == "export":
+        return f"parity max |logit diff| {result.parity.max_abs_logit_diff:.1e}"
+    if stage == "quantize":
+        return ", ".join(f"{k} {r.status} ({r.drop_points:+.2f} pts)" for k, r in result.items())
+    if stage == "build":
+        return result.get("reason", "") if result.get("status") != "built" else "engines built"
+    if stage == "bench":
+        return f"{len(result['results'])} measurements, {len(result['skipped'])} skipped"
+    failed = sum(g.failed for g in result)
+    return f"{len(result) - failed} of {len(result)} gates passed"
+
+
+def _call(stage: str, recipe: Recipe, console: Console, resume: bool) -> Any:
+    funcs = {
+        "export": export_stage,
+        "quantize": quantize_stage,
+        "build": engines_stage,
+        "bench": bench_stage,
+        "report": report_stage,
+    }
+    if stage == "train":
+        return train_stage(recipe, console, resume=resume)
+    return funcs[stage](recipe, console)
+
+
+def _machine(stage: StageDef) -> dict[str, Any] | None:
+    if not stage.machine:
+        return None
+    from tlbuild.bench.environment import environment, machine_key
+
+    return machine_key(environment())
+
+
+def run_stage(recipe: Recipe, console: Console, stage: str, resume: bool = False) -> Any:
+    """Run one stage unconditionally (the single-stage commands) and record it as built."""
+    st = next(s for s in STAGES if s.name == stage)
+    state = BuildState(recipe.out_dir)
+    inputs = state.inputs(st, recipe, _machine(st))
+    state.start(stage)
+    t0 = time.perf_counter()
+    result = _call(stage, recipe, console, resume)
+    state.finish(st, inputs, time.perf_counter() - t0, _summary(stage, result))
+    return result
+
+
+def stage_status(recipe: Recipe) -> list[StageOutcome]:
+    """Fresh or stale per stage, and why; runs nothing."""
+    state = BuildState(recipe.out_dir)
+    rows = []
+    for st in STAGES:
+        if not _enabled(recipe, st.name):
+            rows.append(StageOutcome(st.name, "disabled", ["no variants in the recipe"]))
+            continue
+        fresh, why = state.check(st, state.inputs(st, recipe, _machine(st)))
+        rows.append(StageOutcome(st.name, "fresh" if fresh else "stale", why))
+    return rows
+
+
+def run(
+    recipe: Recipe, console: Console, resume: bool = False, force: tuple[str, ...] = ()
+) -> RunResult:
+    """The whole build, redoing only the stages whose inputs changed (or `force`d ones)."""
+    unknown = set(force) - {*STAGE_NAMES, "all"}
+    if unknown:
+        raise UsageError(
+            f"--force {', '.join(sorted(unknown))}: not a stage; use {', '.join(STAGE_NAMES)} "
+            "or all"
+        )
+    out = recipe.out_dir
+    state = BuildState(out)
+    outcomes: list[StageOutcome] = []
+    for st in STAGES:
+        if not _enabled(recipe, st.name):
+            state.start(st.name)  # downstream stages see the change
+            outcomes.append(StageOutcome(st.name, "disabled", ["no variants in the recipe"]))
+            continue
+        inputs = state.inputs(st, recipe, _machine(st))
+        fresh, why = state.check(st, inputs)
+        if st.name in force or "all" in force:
+            fresh, why = False, ["forced with --force"]
+        if fresh:
+            console.print(f"[green]✓[/] {st.name}: up to date, reused")
+            outcomes.append(StageOutcome(st.name, "reused", []))
+            continue
+        console.rule(f"[bold]{st.name}[/] — {escape('; '.join(why))}", align="left", style="dim")
+        state.start(st.name)
+        t0 = time.perf_counter()
+        result = _call(st.name, recipe, console, resume)
+        seconds = time.perf_counter() - t0
+        state.finish(st, inputs, seconds, _summary(st.name, result))
+        outcomes.append(StageOutcome(st.name, "ran", why, seconds))
+    # Gates are checked on every run, reused stages or not: CI must fail while they fail.
+    gates = evaluate_gates(recipe.gates, out)
+    return RunResult(out, outcomes, gates)

@@ -69,6 +69,11 @@ class DataConfig(_Section):
     balance: Literal["none", "loss", "sampler"] = "none"
     ok_class: str | None = Field(None, description="the 'good part' class, for escape rates")
     workers: int | Literal["auto"] = "auto"
+    fingerprint: Literal["stat", "content"] = Field(
+        "stat",
+        description="how incremental builds see data changes: file sizes and modification "
+        "times, or content hashes (slower; survives copies that reset times)",
+    )
 
     _resolve_paths = field_validator("root", "train", "val", "test")(_resolve)
 
@@ -287,8 +292,69 @@ class BuildConfig(_Section):
         return self
 
 
+# Artifact names a gate may name: model.pt, model[.variant].onnx, or a glob over them / engines.
+_ARTIFACT_PATTERN = re.compile(r"^model[A-Za-z0-9_.*?\[\]-]*\.(pt|onnx|engine|\*)$|^\*$")
+
+
+class BenchConfig(_Section):
+    """Latency / throughput / accuracy of every artifact this machine can run."""
+
+    batch_sizes: tuple[int, ...] = Field((1, 8, 32), min_length=1)
+    warmup_iters: int = Field(5, ge=0, description="untimed runs before measuring")
+    min_iters: int = Field(50, ge=5, description="timed runs at least (p99 needs many)")
+    min_seconds: float = Field(1.0, ge=0.0, description="and timed for at least this long")
+    max_seconds: float = Field(5.0, gt=0.0, description="per artifact and batch size, at most")
+    threads: int = Field(0, ge=0, description="CPU threads for torch / ONNX Runtime; 0 = all")
+    accuracy: bool = Field(True, description="measure each artifact on the validation split")
+    timer_check: bool = Field(
+        True, description="compare the timer with ONNX Runtime's own profiler (ORT artifacts)"
+    )
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive_sorted(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b < 1 for b in v):
+            raise ValueError("batch sizes must be at least 1")
+        return tuple(sorted(set(v)))
+
+
+class GatesConfig(_Section):
+    """Thresholds that make `tlbuild run` exit 1; every gate is listed in the report."""
+
+    min_accuracy: float | None = Field(
+        None, ge=0.0, le=1.0, description="validation accuracy of every benchmarked artifact"
+    )
+    min_macro_f1: float | None = Field(None, ge=0.0, le=1.0)
+    max_escape_rate: float | None = Field(None, ge=0.0, le=1.0, description="needs ok_class")
+    max_false_reject_rate: float | None = Field(None, ge=0.0, le=1.0, description="needs ok_class")
+    max_int8_drop: float | None = Field(
+        None, ge=0.0, description="accuracy points an INT8 variant may lose against FP32"
+    )
+    max_p99_ms: dict[str, dict[int, float]] = Field(
+        default_factory=dict,
+        description='per artifact (name or glob) and batch size, e.g. {"model.onnx" = {1 = 20}}',
+    )
+    min_throughput: dict[str, dict[int, float]] = Field(
+        default_factory=dict, description="images/s, per artifact and batch size"
+    )
+
+    @field_validator("max_p99_ms", "min_throughput")
+    @classmethod
+    def _artifact_names(cls, v: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
+        for name, per_batch in v.items():
+            if not _ARTIFACT_PATTERN.match(name):
+                raise ValueError(
+                    f"'{name}' is not an artifact name (model.pt, model.onnx, "
+                    "model.int8.cpu.onnx, a TensorRT *.engine, or a glob such as 'model.*.onnx')"
+                )
+            for batch, value in per_batch.items():
+                if batch < 1 or value <= 0:
+                    raise ValueError(f"'{name}': batch sizes and limits must be positive")
+        return v
+
+
 class Recipe(_Section):
-    """A whole recipe. Later issues add sections (quantize, build, bench, gates)."""
+    """A whole recipe."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output_dir: Path | None = Field(
@@ -300,6 +366,8 @@ class Recipe(_Section):
     export: ExportConfig = ExportConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     build: BuildConfig = BuildConfig()
+    bench: BenchConfig = BenchConfig()
+    gates: GatesConfig = GatesConfig()
 
     _resolve_out = field_validator("output_dir")(_resolve)
 
@@ -314,6 +382,22 @@ class Recipe(_Section):
                     f"data.ok_class = {self.data.ok_class!r} is not a class folder under "
                     f"{self.data.root} (found: {', '.join(sorted(classes))})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _gate_batches_benchmarked(self) -> Recipe:
+        for key in ("max_p99_ms", "min_throughput"):
+            for name, per_batch in getattr(self.gates, key).items():
+                missing = sorted(set(per_batch) - set(self.bench.batch_sizes))
+                if missing:
+                    raise ValueError(
+                        f"gates.{key}['{name}'] names batch size {missing[0]}, which bench does "
+                        f"not measure; add it to bench.batch_sizes {list(self.bench.batch_sizes)}"
+                    )
+        if (
+            self.gates.max_escape_rate is not None or self.gates.max_false_reject_rate is not None
+        ) and not self.data.ok_class:
+            raise ValueError("gates.max_escape_rate / max_false_reject_rate need data.ok_class")
         return self
 
     @property

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from tlbuild.errors import UsageError
-from tlbuild.fileio import atomic_path
+from tlbuild.fileio import atomic_path, quiet_fastparquet
 
 # Column -> how it is stored. Documented in README.md ("Classify results schema").
 COLUMNS: dict[str, str] = {
@@ -78,14 +78,6 @@ def _frame(cols: dict[str, list[Any]]):  # noqa: ANN202 - pandas imported lazily
         else:
             data[name] = pd.array(values, dtype=kind)
     return pd.DataFrame(data)
-
-
-def _fastparquet():  # noqa: ANN202 - the module
-    # Importing fastparquet under pandas 3 warns about a pandas option it reads; not the user's.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import fastparquet
-    return fastparquet
 
 
 def _encodings() -> dict[str, str]:
@@ -158,7 +150,7 @@ class ResultsFile:
 
     def _file_identity(self) -> dict[str, Any]:
         try:
-            pf = _fastparquet().ParquetFile(str(self.out))
+            pf = quiet_fastparquet().ParquetFile(str(self.out))
         except Exception as e:
             raise UsageError(
                 f"{self.out} exists but is not a readable Parquet file ({e}); "
@@ -187,7 +179,7 @@ class ResultsFile:
 
     def _file_keys(self) -> np.ndarray:
         parts = [np.zeros(0, np.uint64)]
-        for df in _fastparquet().ParquetFile(str(self.out)).iter_row_groups(columns=["path"]):
+        for df in quiet_fastparquet().ParquetFile(str(self.out)).iter_row_groups(columns=["path"]):
             parts.append(np.fromiter((path_key(p) for p in df["path"]), np.uint64, len(df)))
         return np.concatenate(parts)
 
@@ -248,7 +240,7 @@ class ResultsFile:
             self._commit()
 
     def _commit(self) -> None:
-        fastparquet = _fastparquet()
+        fastparquet = quiet_fastparquet()
         if not self._buf["path"]:
             self._reset_journal()
             return

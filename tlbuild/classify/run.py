@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from tlbuild.bench.environment import cpu_cores
 from tlbuild.classify.inputs import DEFAULT_EXTENSIONS, InputWalker, check_inputs
 from tlbuild.classify.results import COLUMNS, ResultsFile, storable
 from tlbuild.data.preprocess import Preprocessing, load_input
@@ -176,14 +177,6 @@ def _check_options(options: ClassifyOptions) -> None:
         raise UsageError("--workers must be 0 (one per core) or more")
     if options.max_error_rate is not None and not 0.0 <= options.max_error_rate <= 1.0:
         raise UsageError("--max-error-rate is a fraction between 0 and 1, e.g. 0.01")
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (the affinity mask, which containers set, not the host)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def classify(

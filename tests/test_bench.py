@@ -1,0 +1,65 @@
+"""`tlbuild bench`: what it measures, where it writes it, and how it times."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from typer.testing import CliRunner
+
+from tlbuild.bench.timing import measure, ort_profile_check
+from tlbuild.cli import app
+
+runner = CliRunner()
+
+
+def test_bench_on_an_export_folder_writes_json_parquet_and_a_table(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "device"
+    shutil.copytree(tiny_build, folder)
+    (folder / "bench.json").unlink()
+    res = runner.invoke(app, ["bench", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert "p99 ms" in res.output and "model.int8.cpu.onnx" in res.output
+    bench = json.loads((folder / "bench.json").read_text())
+    env = bench["environment"]
+    assert env["cores"] >= 1 and env["cpu"] and env["versions"]["onnxruntime"]
+    assert bench["settings"]["threads"] >= 1 and bench["settings"]["batch_sizes"] == [1, 4]
+    rows = bench["results"]
+    assert {(r["artifact"], r["batch"]) for r in rows} == {
+        (a, b) for a in ("model.pt", "model.onnx", "model.int8.cpu.onnx") for b in (1, 4)
+    }
+    for r in rows:
+        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["iters"] >= 5
+        assert np.isclose(r["throughput_ips"], r["batch"] * 1000 / r["mean_ms"])
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["size_bytes"] > 0
+    skipped = {s["artifact"] for s in bench["skipped"]}
+    assert {"model.fp16.onnx", "model.int8.trt.onnx"} <= skipped  # no GPU provider here
+    checks = bench["timer_check"]
+    assert {(c["artifact"], c["batch"]) for c in checks} == {
+        (a, b) for a in ("model.onnx", "model.int8.cpu.onnx") for b in (1, 4)
+    }
+    assert all(c["runs"] >= 5 and c["ort_profiler_p50_ms"] > 0 for c in checks)
+    df = pd.read_parquet(folder / "bench.parquet")
+    assert len(df) == len(rows) and {"p99_ms", "cpu", "created", "backend"} <= set(df.columns)
+
+
+def test_measure_reaches_both_the_count_and_the_time() -> None:
+    calls = []
+    lat = measure(
+        lambda: calls.append(1), warmup_iters=3, min_iters=20, min_seconds=0.0, max_seconds=9
+    )
+    assert lat.samples_ms.size == 20 and len(calls) == 23
+    s = lat.summary(batch=8)
+    assert s["iters"] == 20 and s["p50_ms"] <= s["p99_ms"]
+
+
+def test_timer_check_reads_the_onnx_runtime_profile(tiny_build: Path) -> None:
+    x = np.zeros((2, 3, 64, 64), np.float32)
+    c = ort_profile_check(tiny_build / "model.onnx", x, threads=1, iters=8)
+    assert c["runs"] == 8 and c["batch"] == 2
+    assert c["timer_p50_ms"] > 0 and c["ort_profiler_p50_ms"] > 0

@@ -1,0 +1,206 @@
+"""Incremental builds, gates and the report: what reruns when, and what CI sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from tests.conftest import tiny_recipe
+from tlbuild import pipeline
+from tlbuild.cli import app
+from tlbuild.errors import RecipeError
+from tlbuild.incremental import STAGES, BuildState
+from tlbuild.recipe import load_recipe
+
+runner = CliRunner()
+QUIET = Console(quiet=True)
+
+
+def _copy_of_build(tiny_build: Path, tiny_data: Path, folder: Path, extra: str = "") -> Path:
+    """A recipe whose export folder is a copy of the session's tiny build (same sections)."""
+    recipe = tiny_recipe(folder, tiny_data, extra=extra)
+    shutil.copytree(tiny_build, folder / "out" / "tiny")
+    return recipe
+
+
+def _actions(result: pipeline.RunResult) -> dict[str, str]:
+    return {s.stage: s.action for s in result.stages}
+
+
+def _rewrite(recipe: Path, old: str, new: str) -> None:
+    text = recipe.read_text()
+    assert old in text
+    recipe.write_text(text.replace(old, new))
+
+
+def test_a_copied_build_is_fresh_and_each_section_reruns_only_its_stages(
+    tiny_build: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    recipe = _copy_of_build(tiny_build, tiny_data, tmp_path)
+    out = tmp_path / "out" / "tiny"
+    model_mtime = (out / "model.pt").stat().st_mtime_ns
+
+    first = pipeline.run(load_recipe(recipe), QUIET)
+    assert set(_actions(first).values()) == {"reused"}  # nothing to do, even in a new folder
+
+    _rewrite(recipe, "min_iters = 5", "min_iters = 6")
+    changed = _actions(pipeline.run(load_recipe(recipe), QUIET))
+    assert changed == {
+        "train": "reused",
+        "export": "reused",
+        "quantize": "reused",
+        "build": "reused",
+        "bench": "ran",
+        "report": "ran",
+    }
+    assert json.loads((out / "bench.json").read_text())["settings"]["min_iters"] == 6
+
+    _rewrite(recipe, "parity_images = 8", "parity_images = 6")
+    rows = {r.stage: r for r in pipeline.stage_status(load_recipe(recipe))}
+    assert rows["train"].action == "fresh" and rows["export"].action == "stale"
+    assert rows["export"].why == ["recipe [export] changed"]
+    ran = _actions(pipeline.run(load_recipe(recipe), QUIET))
+    assert ran["train"] == "reused"
+    assert all(ran[s] == "ran" for s in ("export", "quantize", "build", "bench", "report"))
+    assert (out / "model.pt").stat().st_mtime_ns == model_mtime  # never retrained
+
+    forced = _actions(pipeline.run(load_recipe(recipe), QUIET, force=("bench",)))
+    assert forced["bench"] == "ran" and forced["quantize"] == "reused"
+
+
+def test_status_says_why_a_stage_is_stale(
+    tiny_build: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    recipe = tiny_recipe(tmp_path, data)
+    out = tmp_path / "out" / "tiny"
+    shutil.copytree(tiny_build, out)
+    # Same files elsewhere: the copy has new paths, so training is stale with the reason.
+    res = runner.invoke(app, ["status", str(recipe)])
+    assert res.exit_code == 0 and "dataset changed" in res.output
+
+    recipe = tiny_recipe(tmp_path, tiny_data)
+    assert "stale" not in runner.invoke(app, ["status", str(recipe)]).output
+    (out / "model.int8.cpu.onnx").write_bytes(b"tampered")
+    (out / "model.onnx").unlink()
+    rows = {r.stage: r for r in pipeline.stage_status(load_recipe(recipe))}
+    assert "model.onnx is missing" in rows["export"].why
+    assert "model.int8.cpu.onnx was modified" in rows["quantize"].why
+    assert rows["train"].action == "fresh"
+
+
+def test_a_new_image_makes_training_stale(
+    tiny_data: Path, tiny_build: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, copy_function=shutil.copy2)
+    recipe = tiny_recipe(tmp_path, data)
+    out = tmp_path / "out" / "tiny"
+    shutil.copytree(tiny_build, out)
+    # Record training as built from this recipe and data folder as they are now.
+    state = BuildState(out)
+    state.stages["train"]["inputs"] = state.inputs(STAGES[0], load_recipe(recipe), None)
+    state._save()
+    assert pipeline.stage_status(load_recipe(recipe))[0].action == "fresh"
+
+    extra = data / "ok" / "ok_new.jpg"
+    shutil.copy(next((data / "ok").glob("*.jpg")), extra)
+    row = pipeline.stage_status(load_recipe(recipe))[0]
+    assert row.action == "stale" and "dataset changed (33 files" in row.why[0]
+    os.utime(extra, ns=(1, 1))  # a changed time counts too (content hashes on request)
+    assert pipeline.stage_status(load_recipe(recipe))[0].action == "stale"
+
+
+def test_a_stage_killed_midway_is_rerun(
+    tiny_build: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = _copy_of_build(tiny_build, tiny_data, tmp_path)
+    _rewrite(recipe, "min_iters = 5", "min_iters = 7")
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt  # what a kill looks like from inside the stage
+
+    monkeypatch.setattr(pipeline, "bench_stage", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(load_recipe(recipe), QUIET)
+    monkeypatch.undo()
+    rows = {r.stage: r for r in pipeline.stage_status(load_recipe(recipe))}
+    assert rows["bench"].why == ["never built (or its last run did not finish)"]
+    assert rows["quantize"].action == "fresh"
+    ran = _actions(pipeline.run(load_recipe(recipe), QUIET))
+    assert ran["bench"] == "ran" and ran["train"] == "reused"
+    out = tmp_path / "out" / "tiny"
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]  # no half-written files
+
+
+def test_tightened_gates_fail_the_run_and_name_each_gate(
+    tiny_build: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    gates = """
+[gates]
+min_accuracy = 0.0
+max_escape_rate = 1.0
+max_int8_drop = 100.0
+max_p99_ms = { "model.int8.cpu.onnx" = { 1 = 100000.0 }, "model.fp16.*.engine" = { 4 = 1.0 } }
+"""
+    recipe = _copy_of_build(tiny_build, tiny_data, tmp_path, extra=gates)
+    res = runner.invoke(app, ["run", str(recipe)])
+    assert res.exit_code == 0, res.output
+    assert "report" in res.output and "All 6 gates passed" not in res.output
+    out = tmp_path / "out" / "tiny"
+    verdict = json.loads((out / "gates.json").read_text())
+    assert verdict["passed"]
+    statuses = {g["gate"]: g["status"] for g in verdict["gates"]}
+    assert statuses["max_p99_ms[model.fp16.*.engine, batch 4]"] == "not measured"
+
+    _rewrite(recipe, "{ 1 = 100000.0 }", "{ 1 = 0.0001 }")
+    _rewrite(recipe, "min_accuracy = 0.0", "min_accuracy = 1.0")
+    res = runner.invoke(app, ["run", str(recipe)])
+    assert res.exit_code == 1
+    assert (
+        "max_p99_ms[model.int8.cpu.onnx on onnxruntime:CPUExecutionProvider, batch 1]" in res.output
+    )
+    assert "threshold 0.0001" in res.output and "measured" in res.output
+    report = (out / "report.md").read_text()
+    assert "**FAILED**" in report and "❌ FAILED" in report and "✅ passed" in report
+    gates_after = json.loads((out / "gates.json").read_text())
+    assert not gates_after["passed"] and len(gates_after["gates"]) == len(verdict["gates"])
+
+
+def test_report_has_every_section_and_its_plots(tiny_build: Path) -> None:
+    report = (tiny_build / "report.md").read_text()
+    for heading in (
+        "## Gates",
+        "## Validation",
+        "## Precision variants",
+        "## TensorRT engines",
+        "## Benchmark",
+        "## Build stages",
+    ):
+        assert heading in report
+    assert "escape rate" in report and "false-reject rate" in report
+    for png in ("report_per_class.png", "report_latency_accuracy.png", "confusion_val.png"):
+        assert f"]({png})" in report and (tiny_build / png).stat().st_size > 1000
+    assert "`model.int8.cpu.onnx` | ort:CPU | 4 |" in report
+
+
+def test_gate_typos_are_recipe_errors(tiny_data: Path, tmp_path: Path) -> None:
+    bad = tiny_recipe(
+        tmp_path, tiny_data, extra='[gates]\nmax_p99_ms = { "modle.onnx" = { 1 = 5 } }'
+    )
+    with pytest.raises(RecipeError, match="gates.max_p99_ms: .*'modle.onnx' is not an artifact"):
+        load_recipe(bad)
+    bad = tiny_recipe(
+        tmp_path, tiny_data, extra='[gates]\nmax_p99_ms = { "model.onnx" = { 64 = 5 } }'
+    )
+    with pytest.raises(RecipeError, match="batch size 64, which bench does not measure"):
+        load_recipe(bad)
+    res = runner.invoke(app, ["run", str(tiny_recipe(tmp_path, tiny_data)), "--force", "nope"])
+    assert res.exit_code == 2 and "not a stage" in res.output

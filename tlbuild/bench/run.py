@@ -1,0 +1,262 @@
+"""The bench stage: latency, throughput, accuracy and size of every artifact this machine runs.
+
+Timing is host to host: the batch goes in as a NumPy array and the logits come back as one, so
+every backend has finished (and, on a GPU, synchronised its stream: torch's copy to host, ORT's
+output fetch, TensorRT's stream.synchronize()) before the clock stops; torch on CUDA is also
+synchronised explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from tlbuild.bench.environment import cpu_cores, environment
+from tlbuild.bench.timing import measure, ort_profile_check
+from tlbuild.data.preprocess import Preprocessing
+from tlbuild.data.scan import Sample
+from tlbuild.errors import UsageError
+from tlbuild.export.parity import load_batch
+from tlbuild.fileio import write_json, write_parquet
+from tlbuild.recipe import BenchConfig
+from tlbuild.runtime.base import Predictor
+from tlbuild.runtime.load import load_predictor, read_manifest
+
+BENCH_JSON = "bench.json"
+BENCH_PARQUET = "bench.parquet"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One artifact on one backend."""
+
+    artifact: str
+    provider: str  # cpu / cuda / tensorrt (load_predictor's names)
+
+
+def targets(folder: Path, manifest: dict[str, Any]) -> tuple[list[Target], list[dict[str, str]]]:
+    """What this machine can benchmark, and what it skips with the reason."""
+    import onnxruntime as ort
+    import torch
+
+    gpu = torch.cuda.is_available()
+    providers = set(ort.get_available_providers())
+    status = {v["file"]: v["status"] for v in manifest.get("variants", {}).values()}
+    found: list[Target] = []
+    skipped: list[dict[str, str]] = []
+
+    def skip(name: str, reason: str) -> None:
+        skipped.append({"artifact": name, "reason": reason})
+
+    if (folder / "model.pt").is_file():
+        found.append(Target("model.pt", "cpu"))
+        if gpu:
+            found.append(Target("model.pt", "cuda"))
+    if (folder / "model.onnx").is_file():
+        found.append(Target("model.onnx", "cpu"))
+        if "CUDAExecutionProvider" in providers:
+            found.append(Target("model.onnx", "cuda"))
+    for name, needs in (
+        ("model.fp16.onnx", "CUDAExecutionProvider"),
+        ("model.int8.trt.onnx", "TensorrtExecutionProvider"),
+        ("model.int8.cpu.onnx", "CPUExecutionProvider"),
+    ):
+        rejected = folder / name.replace(".onnx", ".rejected.onnx")
+        if rejected.is_file():
+            skip(rejected.name, "rejected by the accuracy gate")
+        if not (folder / name).is_file():
+            continue
+        if status.get(name, "accepted") != "accepted":
+            skip(name, "rejected by the accuracy gate")
+        elif needs in providers:
+            provider = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
+            found.append(Target(name, provider.get(needs, "cpu")))
+        elif name == "model.fp16.onnx":
+            skip(name, "needs a GPU execution provider (ONNX Runtime's CPU emulates FP16)")
+        else:
+            skip(name, "runs on TensorRT; its engine is benchmarked where TensorRT exists")
+    engines = sorted(folder.glob("*.engine"))
+    if engines:
+        from tlbuild.export.tensorrt_build import tensorrt_status
+
+        ok, why = tensorrt_status()
+        for e in engines:
+            if ok:
+                found.append(Target(e.name, "tensorrt"))
+            else:
+                skip(e.name, why)
+    return found, skipped
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _inputs(spec: Preprocessing, val: Sequence[Sample] | None, batch: int) -> np.ndarray:
+    """A batch of real validation images (repeated if there are fewer), else seeded noise."""
+    if val:
+        picked = [val[i % len(val)].path for i in range(min(batch, len(val)))]
+        x = load_batch(picked, spec)
+        reps = -(-batch // len(x))
+        return np.ascontiguousarray(np.concatenate([x] * reps)[:batch])
+    h, w = spec.input_size
+    return np.random.default_rng(0).standard_normal((batch, 3, h, w)).astype(np.float32)
+
+
+def _accuracy(
+    predictors: dict[Target, Predictor], val: Sequence[Sample], spec: Preprocessing
+) -> dict[Target, float]:
+    """Top-1 accuracy of each predictor on the validation split, decoding each chunk once."""
+    correct = dict.fromkeys(predictors, 0)
+    for i in range(0, len(val), 32):
+        chunk = val[i : i + 32]
+        x = load_batch([s.path for s in chunk], spec)
+        y = np.array([s.label for s in chunk])
+        for t, p in predictors.items():
+            correct[t] += int((p.logits(x).argmax(1) == y).sum())
+    return {t: c / len(val) for t, c in correct.items()}
+
+
+def _sync(p: Predictor) -> None:
+    if p.backend == "torch:cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def bench_folder(
+    folder: Path, cfg: BenchConfig, console: Console, val: Sequence[Sample] | None
+) -> dict[str, Any]:
+    """Benchmark every runnable artifact of an export folder; write bench.json and .parquet."""
+    manifest = read_manifest(folder)
+    spec = Preprocessing.from_dict(manifest["preprocessing"])
+    threads = cfg.threads or cpu_cores()
+    found, skipped = targets(folder, manifest)
+    if not found:
+        raise UsageError(f"nothing in {folder} can run on this machine; run `tlbuild run` first")
+    for s in skipped:
+        console.print(f"[dim]bench: skipping {s['artifact']}: {s['reason']}[/]")
+    val = [s for s in (val or []) if s.path.is_file()] or None
+    rows: list[dict[str, Any]] = []
+    checks: list[dict[str, Any]] = []
+    with _torch_threads(threads):
+        predictors = {
+            t: load_predictor(folder, t.artifact, t.provider, threads=threads) for t in found
+        }
+        acc = _accuracy(predictors, val, spec) if (cfg.accuracy and val) else {}
+        inputs = {b: _inputs(spec, val, b) for b in cfg.batch_sizes}
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("Benchmarking", total=len(found) * len(inputs))
+            for t, p in predictors.items():
+                for b, x in inputs.items():
+                    progress.update(task, description=f"Benchmarking {t.artifact} batch {b}")
+
+                    def call(p: Predictor = p, x: np.ndarray = x) -> None:
+                        p.logits(x)
+                        _sync(p)
+
+                    lat = measure(
+                        call, cfg.warmup_iters, cfg.min_iters, cfg.min_seconds, cfg.max_seconds
+                    )
+                    rows.append(
+                        {
+                            "artifact": t.artifact,
+                            "backend": p.backend,
+                            "precision": p.precision,
+                            "batch": b,
+                            **lat.summary(b),
+                            "accuracy": acc.get(t),
+                            "size_bytes": (folder / t.artifact).stat().st_size,
+                            "threads": threads,
+                        }
+                    )
+                    progress.advance(task)
+            if cfg.timer_check:
+                for t in found:
+                    if t.provider == "cpu" and t.artifact.endswith(".onnx"):
+                        for x in inputs.values():
+                            checks.append(ort_profile_check(folder / t.artifact, x, threads))
+    result = {
+        "format": "tlbuild.bench/1",
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "environment": environment(),
+        "settings": {**cfg.model_dump(), "threads": threads},
+        "validation_images": len(val) if val else 0,
+        "results": rows,
+        "skipped": skipped,
+        "timer_check": checks,
+    }
+    write_json(folder / BENCH_JSON, result)
+    _write_parquet(folder / BENCH_PARQUET, result)
+    print_bench(console, result)
+    return result
+
+
+def _write_parquet(path: Path, result: dict[str, Any]) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame(result["results"])
+    env = result["environment"]
+    df["accuracy"] = df["accuracy"].astype("float64")
+    df["cpu"] = env["cpu"]
+    df["gpu"] = ", ".join(env["gpus"]) or None
+    df["created"] = pd.Timestamp(result["created"])
+    write_parquet(path, df)
+
+
+def print_bench(console: Console, result: dict[str, Any]) -> None:
+    """The benchmark as a rich table."""
+    env = result["environment"]
+    title = f"Benchmark on {env['cpu']} ({env['cores']} cores"
+    title += f", {', '.join(env['gpus'])})" if env["gpus"] else ")"
+    table = Table(title=title, title_justify="left")
+    for col in ("artifact", "backend", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ± sd ms"):
+        table.add_column(col, justify="left" if col in ("artifact", "backend") else "right")
+    for col in ("img/s", "accuracy", "MB"):
+        table.add_column(col, justify="right")
+    for r in result["results"]:
+        table.add_row(
+            r["artifact"],
+            r["backend"].replace("onnxruntime:", "ort:").replace("ExecutionProvider", ""),
+            str(r["batch"]),
+            f"{r['p50_ms']:.2f}",
+            f"{r['p90_ms']:.2f}",
+            f"{r['p99_ms']:.2f}",
+            f"{r['mean_ms']:.2f} ± {r['std_ms']:.2f}",
+            f"{r['throughput_ips']:.0f}",
+            "-" if r["accuracy"] is None else f"{r['accuracy']:.2%}",
+            f"{r['size_bytes'] / 1e6:.1f}",
+        )
+    # At least 132 columns even in an 80-column CI log: a wrapped latency table is unreadable.
+    wide = Console(
+        file=console.file,
+        width=max(console.width, 132),
+        quiet=console.quiet,
+        highlight=False,
+        no_color=console.no_color,
+        force_terminal=console.is_terminal,
+    )
+    wide.print(table)
+    for c in result["timer_check"]:
+        console.print(
+            f"[dim]timer check {c['artifact']} batch {c['batch']}: p50 {c['timer_p50_ms']:.2f} ms "
+            f"vs ONNX Runtime profiler {c['ort_profiler_p50_ms']:.2f} ms "
+            f"({c['diff_pct']:+.1f}%)[/]"
+        )

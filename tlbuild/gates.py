@@ -1,0 +1,127 @@
+"""Release gates: the recipe's thresholds against what the build measured.
+
+Evaluated on every `tlbuild run`, reused stages or not, so a CI job fails whenever the build
+is not good enough. A gate that cannot be measured on this machine (a TensorRT engine on a
+CPU-only runner) is listed as "not measured" and does not fail the build.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tlbuild.recipe import GatesConfig
+
+GATES_JSON = "gates.json"
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One gate: what was required, what was measured, and the verdict."""
+
+    gate: str  # e.g. "max_p99_ms[model.onnx, batch 1]"
+    threshold: float
+    measured: float | None
+    status: str  # "passed", "failed" or "not measured"
+    note: str = ""
+
+    @property
+    def failed(self) -> bool:
+        """True when the gate was measured and missed."""
+        return self.status == "failed"
+
+    def describe(self) -> str:
+        """One line naming the gate, its threshold and the measured value."""
+        shown = "-" if self.measured is None else f"{self.measured:.4g}"
+        return f"{self.gate}: measured {shown}, threshold {self.threshold:g}" + (
+            f" ({self.note})" if self.note else ""
+        )
+
+
+def _check(
+    gate: str, threshold: float, measured: float | None, upper: bool, note: str = ""
+) -> GateResult:
+    if measured is None:
+        return GateResult(gate, threshold, None, "not measured", note)
+    ok = measured <= threshold if upper else measured >= threshold
+    return GateResult(gate, threshold, measured, "passed" if ok else "failed", note)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def evaluate_gates(cfg: GatesConfig, out: Path) -> list[GateResult]:
+    """Every configured gate against metrics.json, manifest.json and bench.json in `out`."""
+    metrics = _read(out / "metrics.json").get("val", {})
+    manifest = _read(out / "manifest.json")
+    bench = _read(out / "bench.json")
+    results: list[GateResult] = []
+
+    for key, upper in (
+        ("min_macro_f1", False),
+        ("max_escape_rate", True),
+        ("max_false_reject_rate", True),
+    ):
+        threshold = getattr(cfg, key)
+        if threshold is not None:
+            metric = key.removeprefix("min_").removeprefix("max_")
+            results.append(_check(key, threshold, metrics.get(metric), upper, "validation split"))
+
+    if cfg.min_accuracy is not None:
+        accuracy = {r["artifact"]: r["accuracy"] for r in bench.get("results", [])}
+        accuracy.setdefault("model.pt", metrics.get("accuracy"))  # training's own evaluation
+        for artifact, value in sorted(accuracy.items()):
+            results.append(_check(f"min_accuracy[{artifact}]", cfg.min_accuracy, value, False))
+
+    if cfg.max_int8_drop is not None:
+        for v in manifest.get("variants", {}).values():
+            if v["precision"] == "int8":
+                results.append(
+                    _check(
+                        f"max_int8_drop[{v['file']}]",
+                        cfg.max_int8_drop,
+                        v["drop_points"],
+                        True,
+                        "accuracy points below FP32",
+                    )
+                )
+
+    rows = bench.get("results", [])
+    for key, field, upper in (
+        ("max_p99_ms", "p99_ms", True),
+        ("min_throughput", "throughput_ips", False),
+    ):
+        for pattern, per_batch in getattr(cfg, key).items():
+            for batch, threshold in sorted(per_batch.items()):
+                hits = [
+                    r
+                    for r in rows
+                    if r["batch"] == batch and fnmatch.fnmatch(r["artifact"], pattern)
+                ]
+                if not hits:
+                    why = "not benchmarked on this machine" if bench else "no bench.json"
+                    results.append(
+                        _check(f"{key}[{pattern}, batch {batch}]", threshold, None, upper, why)
+                    )
+                for r in hits:
+                    results.append(
+                        _check(
+                            f"{key}[{r['artifact']} on {r['backend']}, batch {batch}]",
+                            threshold,
+                            r[field],
+                            upper,
+                        )
+                    )
+    return results
+
+
+def gates_json(results: list[GateResult]) -> dict[str, Any]:
+    """JSON form for gates.json."""
+    return {
+        "passed": not any(r.failed for r in results),
+        "gates": [asdict(r) for r in results],
+    }

@@ -1,0 +1,269 @@
+"""report.md: the build in one page a person reads in a minute, with its plots beside it.
+
+Reads only files in the export folder (metrics.json, manifest.json, bench.json, gates.json,
+build_state.json), so it can be regenerated at any time and reads well on a code host.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tlbuild.fileio import atomic_path, write_text
+from tlbuild.gates import GateResult
+
+REPORT_MD = "report.md"
+PER_CLASS_PNG = "report_per_class.png"
+LATENCY_PNG = "report_latency_accuracy.png"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _table(header: list[str], rows: list[list[str]], align: str = "") -> list[str]:
+    align = align or "l" * len(header)
+    marks = ["---:" if a == "r" else "---" for a in align]
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks) + " |"]
+    # A '|' inside a cell would end it early on every Markdown renderer.
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def plot_per_class(val: dict[str, Any], path: Path) -> None:
+    """Grouped bars: precision, recall and F1 of each class on the validation split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    classes = list(val["per_class"])
+    x = np.arange(len(classes))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(classes) + 2), 3.4))
+    for i, key in enumerate(("precision", "recall", "f1")):
+        vals = [val["per_class"][c][key] for c in classes]
+        ax.bar(x + (i - 1) * 0.27, vals, 0.27, label=key)
+    ax.set_xticks(x, [f"{c}\n(n={val['per_class'][c]['support']})" for c in classes])
+    ax.set_ylim(max(0.0, min(0.8, ax.get_ylim()[0])), 1.02)
+    ax.set_ylabel("validation")
+    ax.legend(loc="lower right", ncol=3, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def plot_latency_accuracy(bench: dict[str, Any], path: Path) -> bool:
+    """Accuracy against batch-1 latency (p50, whisker to p99) per artifact; False if no data."""
+    rows = [r for r in bench.get("results", []) if r["accuracy"] is not None]
+    batch = min((r["batch"] for r in rows), default=None)
+    rows = [r for r in rows if r["batch"] == batch]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for r in rows:
+        label = f"{r['artifact']} ({r['backend'].split(':')[-1].replace('ExecutionProvider', '')})"
+        ax.errorbar(
+            r["p50_ms"],
+            100 * r["accuracy"],
+            xerr=[[0], [r["p99_ms"] - r["p50_ms"]]],
+            fmt="o",
+            capsize=3,
+            label=label,
+        )
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    accs = [100 * r["accuracy"] for r in rows]
+    pad = max(1.0, (max(accs) - min(accs)) * 0.3)
+    ax.set_ylim(max(0.0, min(accs) - pad), min(100.5, max(accs) + pad))
+    ax.set_xlabel(f"latency at batch {batch}, ms (dot p50, whisker to p99; log scale)")
+    ax.set_ylabel("validation accuracy, %")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]]) -> Path:
+    """Write report.md (and its plots) for the export folder `out`.
+
+    `stages`: one dict per built stage with `stage`, `finished`, `seconds` and `summary`.
+    """
+    metrics = _read(out / "metrics.json")
+    manifest = _read(out / "manifest.json")
+    bench = _read(out / "bench.json")
+    val = metrics.get("val", {})
+    failed = [g for g in gates if g.failed]
+    name = manifest.get("name", out.name)
+    lines = [f"# Build report: {name}", ""]
+    if not gates:
+        verdict = "none configured"
+    elif failed:
+        verdict = f"**FAILED** ({len(failed)} of {len(gates)}: {', '.join(g.gate for g in failed)})"
+    else:
+        verdict = f"**passed** ({len(gates)} of {len(gates)})"
+    lines += [
+        f"Gates: {verdict}. Backbone `{manifest.get('model', {}).get('backbone', '?')}`, "
+        f"{len(manifest.get('classes', []))} classes, input "
+        f"{'x'.join(str(s) for s in manifest.get('preprocessing', {}).get('input_size', []))}.",
+        "",
+    ]
+
+    lines += ["## Gates", ""]
+    if gates:
+        rows = [
+            [
+                g.gate,
+                f"{g.threshold:g}",
+                "-" if g.measured is None else f"{g.measured:.4g}",
+                {"passed": "✅ passed", "failed": "❌ FAILED"}.get(g.status, "⚪ " + g.status),
+                g.note,
+            ]
+            for g in gates
+        ]
+        lines += _table(["gate", "threshold", "measured", "result", "note"], rows, "lrrll")
+    else:
+        lines += ["No gates configured (recipe section `[gates]`).", ""]
+
+    if val:
+        lines += ["## Validation", ""]
+        summary = [
+            ["images", str(val.get("images", "-"))],
+            ["accuracy", _pct(val.get("accuracy"))],
+            ["macro F1", f"{val.get('macro_f1', 0):.3f}"],
+        ]
+        if "escape_rate" in val:
+            summary += [
+                ["escape rate (defect predicted ok)", _pct(val["escape_rate"])],
+                ["false-reject rate (ok predicted defect)", _pct(val["false_reject_rate"])],
+            ]
+        lines += _table(["metric", "value"], summary, "lr")
+        per = val.get("per_class", {})
+        rows = [
+            [c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])]
+            for c, m in per.items()
+        ]
+        lines += _table(["class", "precision", "recall", "F1", "images"], rows, "lrrrr")
+        if per:
+            plot_per_class(val, out / PER_CLASS_PNG)
+            lines += [f"![per-class metrics]({PER_CLASS_PNG})", ""]
+        for png, alt in (
+            ("confusion_val.png", "confusion matrix"),
+            ("training_curves.png", "training curves"),
+        ):
+            if (out / png).is_file():
+                lines += [f"![{alt}]({png})", ""]
+
+    variants = manifest.get("variants", {})
+    if variants:
+        lines += ["## Precision variants", ""]
+        rows = [
+            [
+                f"`{v['file']}`",
+                v["precision"],
+                _pct(v["accuracy"]),
+                f"{v['drop_points']:+.2f}",
+                _pct(v["top1_agreement"]),
+                v["status"],
+            ]
+            for v in variants.values()
+        ]
+        lines += _table(
+            ["file", "precision", "accuracy", "drop (points)", "agrees with FP32", "status"],
+            rows,
+            "llrrrl",
+        )
+    engines = manifest.get("engines")
+    if engines:
+        lines += ["## TensorRT engines", ""]
+        if engines.get("status") != "built":
+            lines += [f"Skipped: {engines.get('reason', '')}", ""]
+        else:
+            rows = [
+                [variant, f"`{e.get('path', '-')}`", e.get("status", "-"), e.get("reason", "")]
+                for variant, e in engines.get("engines", {}).items()
+            ]
+            lines += _table(["variant", "engine", "status", "note"], rows)
+
+    if bench.get("results"):
+        env = bench["environment"]
+        lines += ["## Benchmark", ""]
+        gpu = f", GPU {', '.join(env['gpus'])} (driver {env['gpu_driver']})" if env["gpus"] else ""
+        lines += [
+            f"{env['cpu']}, {env['cores']} cores{gpu}; {bench['settings']['threads']} threads; "
+            f"at least {bench['settings']['min_iters']} timed runs and "
+            f"{bench['settings']['min_seconds']:g} s per row after "
+            f"{bench['settings']['warmup_iters']} warm-up runs (at most "
+            f"{bench['settings']['max_seconds']:g} s). Latency is host to host.",
+            "",
+        ]
+        rows = [
+            [
+                f"`{r['artifact']}`",
+                r["backend"].replace("onnxruntime:", "ort:").replace("ExecutionProvider", ""),
+                str(r["batch"]),
+                f"{r['p50_ms']:.2f}",
+                f"{r['p90_ms']:.2f}",
+                f"{r['p99_ms']:.2f}",
+                f"{r['mean_ms']:.2f} ± {r['std_ms']:.2f}",
+                f"{r['throughput_ips']:.0f}",
+                _pct(r["accuracy"]),
+                f"{r['size_bytes'] / 1e6:.1f}",
+            ]
+            for r in bench["results"]
+        ]
+        lines += _table(
+            [
+                "artifact",
+                "backend",
+                "batch",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "mean ± sd ms",
+                "img/s",
+                "accuracy",
+                "MB",
+            ],
+            rows,
+            "llrrrrrrrr",
+        )
+        if plot_latency_accuracy(bench, out / LATENCY_PNG):
+            lines += [f"![latency vs accuracy]({LATENCY_PNG})", ""]
+        for s in bench.get("skipped", []):
+            lines.append(f"- not benchmarked: `{s['artifact']}`: {s['reason']}")
+        if bench.get("skipped"):
+            lines.append("")
+
+    if stages:
+        lines += ["## Build stages", ""]
+        rows = [[s["stage"], s["finished"], f"{s['seconds']:.1f}", s["summary"]] for s in stages]
+        lines += _table(["stage", "built (UTC)", "seconds", "result"], rows, "llrl")
+
+    versions = manifest.get("versions", {})
+    if versions:
+        lines += [
+            "## Versions",
+            "",
+            ", ".join(f"{k} {v}" for k, v in versions.items()),
+            "",
+        ]
+    path = out / REPORT_MD
+    write_text(path, "\n".join(lines))
+    return path
