@@ -210,6 +210,12 @@ def test_resume_skips_done_inputs_and_refuses_another_model(
         == first.classified_at.tolist()
     )
 
+    both = tmp_path / "both.parquet"  # a folder and a list naming files inside it
+    res = _classify(
+        str(tmp_path / "photos"), str(half), "--model", str(tiny_build), "--out", str(both)
+    )
+    assert res.exit_code == 0 and pd.read_parquet(both).path.is_unique
+
     other = _classify(str(tmp_path / "photos"), *base, "--artifact", "model.onnx")
     assert (
         other.exit_code == 2 and "another model" in other.output and "--overwrite" in other.output

@@ -204,3 +204,22 @@ def test_gate_typos_are_recipe_errors(tiny_data: Path, tmp_path: Path) -> None:
         load_recipe(bad)
     res = runner.invoke(app, ["run", str(tiny_recipe(tmp_path, tiny_data)), "--force", "nope"])
     assert res.exit_code == 2 and "not a stage" in res.output
+
+
+def test_disabling_a_stage_removes_its_files_and_reruns_what_follows(
+    tiny_build: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    recipe = _copy_of_build(tiny_build, tiny_data, tmp_path, extra="[quantize]\nvariants = []")
+    out = tmp_path / "out" / "tiny"
+    ran = _actions(pipeline.run(load_recipe(recipe), QUIET))
+    assert ran["quantize"] == "disabled" and ran["train"] == "reused"
+    assert ran["bench"] == "ran" and ran["report"] == "ran"
+    assert not list(out.glob("model.*.onnx"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "variants" not in manifest and "model.int8.cpu.onnx" not in manifest["artifacts"]
+    bench = json.loads((out / "bench.json").read_text())
+    assert {r["artifact"] for r in bench["results"]} == {"model.pt", "model.onnx"}
+    assert set(_actions(pipeline.run(load_recipe(recipe), QUIET)).values()) <= {
+        "reused",
+        "disabled",
+    }

@@ -55,3 +55,24 @@ def test_a_tampered_artifact_or_missing_provider_is_refused(
         load_predictor(tiny_build, artifact="model.onnx", provider="tensorrt")
     with pytest.raises(UsageError, match="no manifest.json"):
         load_predictor(tmp_path)
+
+
+def test_engines_are_accepted_or_refused_by_their_own_gate() -> None:
+    from tlbuild.runtime.load import accepted
+
+    manifest = {
+        "variants": {"int8_cpu": {"file": "model.int8.cpu.onnx", "status": "rejected"}},
+        "engines": {
+            "status": "built",
+            "engines": {
+                "fp16": {"path": "model.fp16.b1-32.sm89.trt10.8.engine", "status": "accepted"},
+                "int8_trt": {
+                    "path": "model.int8-trt.b1-32.sm89.trt10.8.engine",
+                    "status": "rejected",
+                },
+            },
+        },
+    }
+    assert accepted(manifest, "model.fp16.b1-32.sm89.trt10.8.engine")
+    assert not accepted(manifest, "model.int8-trt.b1-32.sm89.trt10.8.engine")
+    assert not accepted(manifest, "model.int8.cpu.onnx") and accepted(manifest, "model.onnx")

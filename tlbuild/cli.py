@@ -35,7 +35,10 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
-def _guard(fn: Callable[[], T]) -> T:
+_RESUME_HINT = "finished files are kept. `--resume` continues training."
+
+
+def _guard(fn: Callable[[], T], interrupted: str = _RESUME_HINT) -> T:
     """Run `fn`, turning user-facing errors into one message and the documented exit code."""
     err = Console(stderr=True, highlight=False)
     try:
@@ -44,7 +47,7 @@ def _guard(fn: Callable[[], T]) -> T:
         err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]; finished files are kept. `--resume` continues training.")
+        err.print(f"[yellow]interrupted[/]; {escape(interrupted)}")
         raise typer.Exit(130) from None
 
 
@@ -188,18 +191,15 @@ def bench(
 
         def go() -> object:
             from tlbuild.bench.run import bench_folder
-            from tlbuild.export.checkpoint import load_trained
+            from tlbuild.export.checkpoint import load_trained, recorded_val
             from tlbuild.recipe import BenchConfig
             from tlbuild.runtime.load import read_manifest
 
             manifest = read_manifest(target)
             cfg = BenchConfig.model_validate(manifest.get("recipe", {}).get("bench", {}))
-            val = None
-            if (target / "model.pt").is_file():
-                from tlbuild.data.scan import Sample
-
-                meta = load_trained(target / "model.pt").meta
-                val = [Sample(Path(p), int(label)) for p, label in meta.get("val", [])]
+            # On a device the validation images are usually absent: latency only, no accuracy.
+            pt = target / "model.pt"
+            val = recorded_val(load_trained(pt)) if pt.is_file() else None
             return bench_folder(target, cfg, console, val)
 
         _guard(go)
@@ -311,12 +311,7 @@ def classify(
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        summary = _guard(go)
-    except KeyboardInterrupt:
-        err.print(
-            f"[yellow]interrupted[/]; rows so far are in {out}. Run the same command to go on."
-        )
-        raise typer.Exit(130) from None
+        summary = _guard(go, f"rows so far are in {out}. Run the same command to go on.")
     finally:
         signal.signal(signal.SIGTERM, previous)
     _print_classify_summary(console, summary)

@@ -47,6 +47,11 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_json_or_empty(path: Path) -> dict[str, Any]:
+    """A JSON file's object, or {} when the file does not exist (yet)."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()

@@ -49,7 +49,7 @@ STAGES: tuple[StageDef, ...] = (
         "train",
         ("data", "model", "train"),
         (),
-        ("train", "models", "data", "export/checkpoint.py"),
+        ("train", "models", "data", "export/checkpoint.py", "pipeline.py"),
         ("model.pt", "metrics.json", "history.csv", "splits.json", "*.png"),
         data=True,
     ),
@@ -57,7 +57,13 @@ STAGES: tuple[StageDef, ...] = (
         "export",
         ("export",),
         ("train",),
-        ("export/onnx_export.py", "export/parity.py", "export/manifest.py", "data/preprocess.py"),
+        (
+            "export/onnx_export.py",
+            "export/parity.py",
+            "export/manifest.py",
+            "data/preprocess.py",
+            "pipeline.py",
+        ),
         ("model.onnx", "labels.json"),
         shared=("manifest.json",),
     ),
@@ -65,14 +71,14 @@ STAGES: tuple[StageDef, ...] = (
         "quantize",
         ("quantize",),
         ("export",),
-        ("export/quantize.py", "export/gate.py"),
+        ("export/quantize.py", "export/gate.py", "pipeline.py"),
         ("model.*.onnx",),
     ),
     StageDef(
         "build",
         ("build",),
         ("quantize",),
-        ("export/tensorrt_build.py", "export/engines.py"),
+        ("export/tensorrt_build.py", "export/engines.py", "export/gate.py", "export/parity.py"),
         ("*.engine",),
         machine=True,
     ),
@@ -96,7 +102,12 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 # Train's outputs glob *.png; the report's own plots are not training's.
 _NOT_TRAIN = ("report_*.png",)
 # Keys that change how fast a stage runs, not what it produces.
-_IGNORED_KEYS = {"data": {"workers"}}
+# (`fingerprint` is how data changes are seen, not what the data is: see data_digest.)
+_IGNORED_KEYS = {"data": {"workers", "fingerprint"}}
+
+
+def _earlier(name: str) -> tuple[str, ...]:
+    return STAGE_NAMES[: STAGE_NAMES.index(name)]
 
 
 def _digest(obj: Any) -> str:
@@ -120,7 +131,8 @@ def _image_files(recipe: Recipe) -> list[Path]:
     roots = [p for p in (d.root, d.train, d.val, d.test) if p is not None]
     files: list[Path] = []
     for root in roots:
-        for folder, dirs, names in os.walk(root):
+        # followlinks: class folders are often symlinks to a mounted share (scan follows them).
+        for folder, dirs, names in os.walk(root, followlinks=True):
             dirs.sort()
             files += [Path(folder) / n for n in sorted(names) if n.lower().endswith(d.extensions)]
     return files
@@ -132,13 +144,17 @@ def data_digest(recipe: Recipe) -> tuple[str, dict[str, Any]]:
     total = 0
     files = _image_files(recipe)
     for f in files:
-        st = f.stat()
-        total += st.st_size
         h.update(str(f).encode())
-        if recipe.data.fingerprint == "content":
-            h.update(bytes.fromhex(sha256_file(f)))
-        else:
-            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        try:
+            st = f.stat()
+            if recipe.data.fingerprint == "content":
+                h.update(bytes.fromhex(sha256_file(f)))
+            else:
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        except OSError:  # a broken link or unreadable file: training skips it, and so do we
+            h.update(b"unreadable")
+            continue
+        total += st.st_size
     return h.hexdigest(), {"files": len(files), "bytes": total, "mode": recipe.data.fingerprint}
 
 
@@ -181,13 +197,15 @@ class BuildState:
         comp: dict[str, Any] = {
             "recipe": _digest({s: _section(recipe, s) for s in stage.sections}),
             "code": code_digest(stage.code),
+            # Every earlier stage, not only the direct one: with a stage disabled in between,
+            # a retrain must still reach the benchmark and the report.
             "upstream": _digest(
                 {
                     u: {
                         "run_id": self.stages.get(u, {}).get("run_id"),
                         "outputs": self.stages.get(u, {}).get("outputs"),
                     }
-                    for u in stage.upstream
+                    for u in _earlier(stage.name)
                 }
             ),
         }
@@ -209,13 +227,18 @@ class BuildState:
         if before.get("code") != inputs["code"]:
             why.append("code changed (" + ", ".join(f"tlbuild/{c}" for c in stage.code) + ")")
         if before.get("upstream") != inputs["upstream"]:
-            why.append(", ".join(stage.upstream) + " re-ran or its files changed")
+            why.append(
+                "an earlier stage (" + ", ".join(_earlier(stage.name)) + ") re-ran or changed"
+            )
         if "data" in inputs and before.get("data") != inputs["data"]:
             was, now = before.get("data_summary") or {}, inputs["data_summary"]
-            why.append(
-                f"dataset changed ({now['files']:,} files, {now['bytes'] / 1e6:.1f} MB; "
-                f"was {was.get('files', 0):,} files, {was.get('bytes', 0) / 1e6:.1f} MB)"
-            )
+            if was.get("mode") not in (None, now["mode"]):
+                why.append(f"data.fingerprint changed to {now['mode']!r} (hashed differently)")
+            else:
+                why.append(
+                    f"dataset changed ({now['files']:,} files, {now['bytes'] / 1e6:.1f} MB; "
+                    f"was {was.get('files', 0):,} files, {was.get('bytes', 0) / 1e6:.1f} MB)"
+                )
         if "machine" in inputs and before.get("machine") != inputs["machine"]:
             why.append("another machine or library versions")
         for name in stage.shared:

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from tlbuild.data.scan import Sample, Splits, scan_dataset
 from tlbuild.errors import BuildError, UsageError
-from tlbuild.export.checkpoint import TrainedModel, load_trained, save_trained
+from tlbuild.export.checkpoint import TrainedModel, load_trained, recorded_val, save_trained
 from tlbuild.export.gate import VariantResult, evaluate_variants
 from tlbuild.export.manifest import update_manifest, write_manifest
 from tlbuild.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_io
@@ -218,7 +218,7 @@ def train_stage(recipe: Recipe, console: Console, resume: bool = False) -> Train
 
 def _val_samples(tm: TrainedModel, out: Path) -> list[Sample]:
     """The validation split recorded in model.pt at training time."""
-    val = [Sample(Path(p), int(label)) for p, label in tm.meta.get("val", [])]
+    val = recorded_val(tm)
     if not val:
         raise UsageError(f"{out / MODEL_PT} records no validation images; retrain it")
     return val
@@ -393,6 +393,7 @@ def quantize_stage(recipe: Recipe, console: Console) -> dict[str, VariantResult]
         )
 
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest.pop("engines", None)  # _remove_variants deleted them; `build` makes new ones
     manifest["variants"] = {k: r.to_dict() for k, r in results.items()}
     manifest["calibration"] = {
         "images": len(calib),
@@ -499,6 +500,25 @@ def _enabled(recipe: Recipe, stage: str) -> bool:
     )
 
 
+def _disable(out: Path, stage: str) -> None:
+    """A stage turned off in the recipe takes its files and manifest sections with it, so
+    nothing downstream (bench, classify, gates) keeps using what it made earlier."""
+    if stage == "quantize":
+        _remove_variants(out)
+        drop: tuple[str, ...] = ("variants", "calibration", "engines")
+    else:
+        for engine in out.glob("*.engine"):
+            engine.unlink()
+        drop = ("engines",)
+    path = out / "manifest.json"
+    if path.is_file():
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if any(k in manifest for k in drop):
+            for k in drop:
+                manifest.pop(k, None)
+            update_manifest(out, manifest, [])
+
+
 def _summary(stage: str, result: Any) -> str:
     """One line for build_state.json and the report."""
     if stage == "train":
@@ -577,7 +597,9 @@ def run(
     outcomes: list[StageOutcome] = []
     for st in STAGES:
         if not _enabled(recipe, st.name):
-            state.start(st.name)  # downstream stages see the change
+            if st.name in state.stages:
+                _disable(out, st.name)
+                state.start(st.name)  # later stages see the change (their inputs hash it)
             outcomes.append(StageOutcome(st.name, "disabled", ["no variants in the recipe"]))
             continue
         inputs = state.inputs(st, recipe, _machine(st))

@@ -6,20 +6,16 @@ build_state.json), so it can be regenerated at any time and reads well on a code
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from tlbuild.fileio import atomic_path, write_text
+from tlbuild.bench.run import short_backend
+from tlbuild.fileio import atomic_path, read_json_or_empty, write_text
 from tlbuild.gates import GateResult
 
 REPORT_MD = "report.md"
 PER_CLASS_PNG = "report_per_class.png"
 LATENCY_PNG = "report_latency_accuracy.png"
-
-
-def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _pct(x: float | None) -> str:
@@ -75,7 +71,7 @@ def plot_latency_accuracy(bench: dict[str, Any], path: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for r in rows:
-        label = f"{r['artifact']} ({r['backend'].split(':')[-1].replace('ExecutionProvider', '')})"
+        label = f"{r['artifact']} ({short_backend(r['backend'])})"
         ax.errorbar(
             r["p50_ms"],
             100 * r["accuracy"],
@@ -105,9 +101,9 @@ def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]
 
     `stages`: one dict per built stage with `stage`, `finished`, `seconds` and `summary`.
     """
-    metrics = _read(out / "metrics.json")
-    manifest = _read(out / "manifest.json")
-    bench = _read(out / "bench.json")
+    metrics = read_json_or_empty(out / "metrics.json")
+    manifest = read_json_or_empty(out / "manifest.json")
+    bench = read_json_or_empty(out / "bench.json")
     val = metrics.get("val", {})
     failed = [g for g in gates if g.failed]
     name = manifest.get("name", out.name)
@@ -115,7 +111,8 @@ def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]
     if not gates:
         verdict = "none configured"
     elif failed:
-        verdict = f"**FAILED** ({len(failed)} of {len(gates)}: {', '.join(g.gate for g in failed)})"
+        names = ", ".join(f"`{g.gate}`" for g in failed)
+        verdict = f"**FAILED** ({len(failed)} of {len(gates)}: {names})"
     else:
         verdict = f"**passed** ({len(gates)} of {len(gates)})"
     lines += [
@@ -129,7 +126,7 @@ def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]
     if gates:
         rows = [
             [
-                g.gate,
+                f"`{g.gate}`",  # globs and brackets would otherwise render as emphasis/links
                 f"{g.threshold:g}",
                 "-" if g.measured is None else f"{g.measured:.4g}",
                 {"passed": "✅ passed", "failed": "❌ FAILED"}.get(g.status, "⚪ " + g.status),
@@ -193,7 +190,7 @@ def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]
     if engines:
         lines += ["## TensorRT engines", ""]
         if engines.get("status") != "built":
-            lines += [f"Skipped: {engines.get('reason', '')}", ""]
+            lines += [f"Skipped: {' '.join(str(engines.get('reason', '')).split())}", ""]
         else:
             rows = [
                 [variant, f"`{e.get('path', '-')}`", e.get("status", "-"), e.get("reason", "")]
@@ -204,7 +201,8 @@ def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]
     if bench.get("results"):
         env = bench["environment"]
         lines += ["## Benchmark", ""]
-        gpu = f", GPU {', '.join(env['gpus'])} (driver {env['gpu_driver']})" if env["gpus"] else ""
+        driver = f" (driver {env['gpu_driver']})" if env.get("gpu_driver") else ""
+        gpu = f", GPU {', '.join(env['gpus'])}{driver}" if env["gpus"] else ""
         lines += [
             f"{env['cpu']}, {env['cores']} cores{gpu}; {bench['settings']['threads']} threads; "
             f"at least {bench['settings']['min_iters']} timed runs and "
@@ -216,7 +214,7 @@ def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]
         rows = [
             [
                 f"`{r['artifact']}`",
-                r["backend"].replace("onnxruntime:", "ort:").replace("ExecutionProvider", ""),
+                short_backend(r["backend"]),
                 str(r["batch"]),
                 f"{r['p50_ms']:.2f}",
                 f"{r['p90_ms']:.2f}",
@@ -247,7 +245,7 @@ def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]
         if plot_latency_accuracy(bench, out / LATENCY_PNG):
             lines += [f"![latency vs accuracy]({LATENCY_PNG})", ""]
         for s in bench.get("skipped", []):
-            lines.append(f"- not benchmarked: `{s['artifact']}`: {s['reason']}")
+            lines.append(f"- not benchmarked: `{s['artifact']}`: {' '.join(s['reason'].split())}")
         if bench.get("skipped"):
             lines.append("")
 

@@ -63,7 +63,9 @@ class InputWalker:
             elif raw.lower().endswith(LIST_SUFFIXES):
                 try:
                     with open(raw, encoding="utf-8") as f:
-                        yield from self._list(f, Path(raw).resolve().parent)
+                        # abspath, not resolve: the same file must get the same path (and
+                        # resume key) whether it comes from a list or a folder.
+                        yield from self._list(f, Path(os.path.abspath(raw)).parent)
                 except (OSError, UnicodeDecodeError) as e:
                     self.warn(f"cannot read path list {raw}: {e}")
             else:

@@ -14,13 +14,17 @@ leaves a file no reader can open, and thousands of tiny row groups make every re
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -50,7 +54,10 @@ COLUMNS: dict[str, str] = {
 }
 META_KEY = "tlbuild.classify"
 # Settings that must match for a resumed run to append to the same file.
-IDENTITY_KEYS = ("model_sha256", "artifact", "ok_class", "threshold", "topk")
+IDENTITY_KEYS = ("model_sha256", "artifact", "ok_class", "threshold", "topk", "decode")
+# A row group holds at least commit_rows rows and grows with the file (each commit copies the
+# file, so a fixed size would copy O(rows^2) bytes), up to this many buffered rows (memory).
+MAX_GROUP_ROWS = 65_536
 
 
 def path_key(path: str) -> int:
@@ -84,6 +91,20 @@ def _encodings() -> dict[str, str]:
     return {n: k for n, k in COLUMNS.items() if k in ("utf8", "json")}
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class ResultsFile:
     """Appends rows to `out`; `done(path)` says whether a previous run already classified it."""
 
@@ -103,6 +124,8 @@ class ResultsFile:
         self.journal_path = self.out.with_name(self.out.name + ".journal")
         self.previous_rows = 0
         self._done = np.zeros(0, np.uint64)
+        self._pending: set[int] = set()  # keys claimed since the last commit
+        self._rows_in_file = 0
         self._buf: dict[str, list[Any]] = {c: [] for c in COLUMNS}
         self._last_commit = time.monotonic()
         self._journal: TextIO | None = None
@@ -162,7 +185,7 @@ class ResultsFile:
                 f"{self.out} was not written by tlbuild classify; "
                 "use --overwrite to replace it, or another --out"
             )
-        self.previous_rows = int(pf.count())
+        self.previous_rows = self._rows_in_file = int(pf.count())
         return json.loads(raw)
 
     def _check_identity(self, found: dict[str, Any], where: str) -> None:
@@ -215,12 +238,20 @@ class ResultsFile:
 
     # -- writing ----------------------------------------------------------------------------
     def done(self, path: str) -> bool:
-        """True if `path` has a row from an earlier run of the same model and settings."""
+        """True if `path` already has a row (from an earlier run, or earlier in this one)."""
+        key = path_key(storable(path))
+        if key in self._pending:
+            return True
         if not self._done.size:
             return False
-        k = np.uint64(path_key(storable(path)))
+        k = np.uint64(key)
         i = int(np.searchsorted(self._done, k))
         return i < self._done.size and self._done[i] == k
+
+    def claim(self, path: str) -> None:
+        """Mark `path` as taken by this run, so a second mention of it (a folder and a list
+        naming the same file) is skipped rather than classified twice."""
+        self._pending.add(path_key(storable(path)))
 
     def add(self, rows: dict[str, list[Any]]) -> None:
         """Append one batch (columnar, every column of COLUMNS): journaled now, committed soon."""
@@ -231,10 +262,11 @@ class ResultsFile:
         self._journal.flush()
         for c in COLUMNS:
             self._buf[c].extend(rows[c])
+        group = min(MAX_GROUP_ROWS, max(self.commit_rows, self._rows_in_file // 8))
         # The first batch is committed at once, so the file (and any write problem) shows early.
         if (
             not self.out.exists()
-            or len(self._buf["path"]) >= self.commit_rows
+            or len(self._buf["path"]) >= group
             or time.monotonic() - self._last_commit >= self.commit_seconds
         ):
             self._commit()
@@ -245,26 +277,34 @@ class ResultsFile:
             self._reset_journal()
             return
         df = _frame(self._buf)
-        # fastparquet trips pandas' deprecation warnings; users should not see them per run.
-        with warnings.catch_warnings(), atomic_path(self.out) as tmp:
-            warnings.simplefilter("ignore")
-            if self.out.exists():
-                shutil.copyfile(self.out, tmp)
-                fastparquet.write(
-                    str(tmp), df, append=True, object_encoding=_encodings(), compression="ZSTD"
-                )
-            else:
-                fastparquet.write(
-                    str(tmp),
-                    df,
-                    object_encoding=_encodings(),
-                    compression="ZSTD",
-                    custom_metadata={META_KEY: json.dumps(self.meta)},
-                )
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        self._buf = {c: [] for c in COLUMNS}
-        self._reset_journal()
+        # Ctrl-C / SIGTERM wait until the file, the buffer and the journal agree again: an
+        # interrupt between the rename and the reset would commit the same rows twice.
+        with _signals_deferred():
+            # fastparquet trips pandas' deprecation warnings; users should not see them per run.
+            with warnings.catch_warnings(), atomic_path(self.out) as tmp:
+                warnings.simplefilter("ignore")
+                if self.out.exists():
+                    shutil.copyfile(self.out, tmp)
+                    fastparquet.write(
+                        str(tmp), df, append=True, object_encoding=_encodings(), compression="ZSTD"
+                    )
+                else:
+                    fastparquet.write(
+                        str(tmp),
+                        df,
+                        object_encoding=_encodings(),
+                        compression="ZSTD",
+                        custom_metadata={META_KEY: json.dumps(self.meta)},
+                    )
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            self._rows_in_file += len(df)
+            self._buf = {c: [] for c in COLUMNS}
+            if self._pending:
+                keys = np.fromiter(self._pending, np.uint64, len(self._pending))
+                self._done = np.union1d(self._done, keys)
+                self._pending.clear()
+            self._reset_journal()
 
     def _reset_journal(self) -> None:
         assert self._journal is not None

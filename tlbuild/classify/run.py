@@ -99,6 +99,7 @@ def _decode_batch(paths: list[str], spec: Preprocessing, exact: bool) -> _Decode
             mi = load_input(p, spec, exact)
         except Exception as e:  # one bad file must never stop a nightly run
             reason = getattr(e, "reason", None) or f"cannot decode: {type(e).__name__}: {e}"
+            reason = storable(reason)  # messages can quote undecodable file names
             d.width.append(None), d.height.append(None), d.error.append(reason)
             continue
         batch[len(d.ok)] = mi.array
@@ -228,6 +229,7 @@ def classify(
             if results.done(p):
                 summary.skipped += 1
             else:
+                results.claim(p)
                 yield p
 
     constant = {"model_sha256": sha, "artifact": name, "precision": predictor.precision}

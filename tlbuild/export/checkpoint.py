@@ -12,6 +12,7 @@ from torch import nn
 
 from tlbuild import __version__
 from tlbuild.data.preprocess import Preprocessing
+from tlbuild.data.scan import Sample
 from tlbuild.errors import UsageError
 from tlbuild.fileio import atomic_path
 from tlbuild.models.factory import unwrap_state
@@ -71,3 +72,8 @@ def load_trained(path: Path) -> TrainedModel:
         dropout=float(d["dropout"]),
         meta=dict(d.get("meta", {})),
     )
+
+
+def recorded_val(tm: TrainedModel) -> list[Sample]:
+    """The validation split recorded in model.pt at training time (empty if none was)."""
+    return [Sample(Path(p), int(label)) for p, label in tm.meta.get("val", [])]

@@ -40,10 +40,14 @@ def verify_artifact(folder: Path, name: str, manifest: dict[str, Any]) -> None:
         raise UsageError(f"{folder / name} does not match the sha256 in its manifest; re-copy it")
 
 
-def _accepted(manifest: dict[str, Any], name: str) -> bool:
+def accepted(manifest: dict[str, Any], name: str) -> bool:
+    """Whether the build's gates accepted this artifact (a variant or a TensorRT engine)."""
     for v in manifest.get("variants", {}).values():
         if v["file"] == name:
             return v["status"] == "accepted"
+    for e in (manifest.get("engines") or {}).get("engines", {}).values():
+        if e.get("path") == name:
+            return e.get("status") == "accepted"
     return name in ("model.onnx", "model.pt")
 
 
@@ -68,7 +72,7 @@ def load_predictor(
             name = artifact
         else:
             order = CPU_ORDER if provider == "cpu" else ("model.onnx",)
-            name = next((n for n in order if (folder / n).is_file() and _accepted(manifest, n)), "")
+            name = next((n for n in order if (folder / n).is_file() and accepted(manifest, n)), "")
             if not name:
                 raise UsageError(f"no usable artifact in {folder}; run `tlbuild run` first")
     else:
@@ -77,7 +81,7 @@ def load_predictor(
     if not (folder / name).is_file():
         raise UsageError(f"no {name} in {folder}")
     verify_artifact(folder, name, manifest)
-    if not _accepted(manifest, name):
+    if not accepted(manifest, name):
         raise UsageError(f"{name} was rejected by the accuracy gate; see manifest.json variants")
     classes = list(manifest["classes"])
     spec = Preprocessing.from_dict(manifest["preprocessing"])
