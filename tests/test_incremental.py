@@ -134,9 +134,10 @@ def test_a_stage_killed_midway_is_rerun(
     rows = {r.stage: r for r in pipeline.stage_status(load_recipe(recipe))}
     assert rows["bench"].why == ["never built (or its last run did not finish)"]
     assert rows["quantize"].action == "fresh"
+    out = tmp_path / "out" / "tiny"
+    (out / ".model.int8.cpu.k3j2h1.tmp.onnx").write_bytes(b"half")  # a real kill leaves these
     ran = _actions(pipeline.run(load_recipe(recipe), QUIET))
     assert ran["bench"] == "ran" and ran["train"] == "reused"
-    out = tmp_path / "out" / "tiny"
     assert not [p for p in out.iterdir() if ".tmp" in p.name]  # no half-written files
 
 

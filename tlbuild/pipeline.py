@@ -120,6 +120,13 @@ def _prepare_out_dir(out: Path) -> None:
         ) from None
 
 
+def _remove_leftovers(out: Path) -> None:
+    """Temporary files of a killed run (fileio.atomic_path names them .<stem>.<random>.tmp*)."""
+    if out.is_dir():
+        for p in out.glob(".*.tmp*"):
+            p.unlink(missing_ok=True)
+
+
 def _history_csv(history: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(history[0]))
@@ -593,6 +600,7 @@ def run(
             "or all"
         )
     out = recipe.out_dir
+    _remove_leftovers(out)
     state = BuildState(out)
     outcomes: list[StageOutcome] = []
     for st in STAGES:
