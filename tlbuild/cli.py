@@ -186,25 +186,29 @@ def bench(
     ],
 ) -> None:
     """Latency p50/p90/p99, throughput, accuracy and size of every artifact this machine runs."""
+    from tlbuild import pipeline
+    from tlbuild.errors import UsageError
+
     console = _console()
-    if target.is_dir():
 
-        def go() -> object:
-            from tlbuild.bench.run import bench_folder
-            from tlbuild.export.checkpoint import load_trained, recorded_val
-            from tlbuild.recipe import BenchConfig
-            from tlbuild.runtime.load import read_manifest
+    def go() -> object:
+        from tlbuild.bench.run import bench_folder
+        from tlbuild.export.checkpoint import load_trained, recorded_val
+        from tlbuild.recipe import BenchConfig
+        from tlbuild.runtime.load import read_manifest
 
-            manifest = read_manifest(target)
-            cfg = BenchConfig.model_validate(manifest.get("recipe", {}).get("bench", {}))
-            # On a device the validation images are usually absent: latency only, no accuracy.
-            pt = target / "model.pt"
-            val = recorded_val(load_trained(pt)) if pt.is_file() else None
-            return bench_folder(target, cfg, console, val)
+        if not target.exists():
+            raise UsageError(f"{target}: no such recipe file or export folder")
+        if not target.is_dir():
+            return pipeline.run_stage(_load(target), console, "bench")
+        manifest = read_manifest(target)
+        cfg = BenchConfig.model_validate(manifest.get("recipe", {}).get("bench", {}))
+        # On a device the validation images are usually absent: latency only, no accuracy.
+        pt = target / "model.pt"
+        val = recorded_val(load_trained(pt)) if pt.is_file() else None
+        return bench_folder(target, cfg, console, val)
 
-        _guard(go)
-    else:
-        _stage_command("bench", target)
+    _guard(go)
 
 
 @app.command()
