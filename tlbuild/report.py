@@ -46,9 +46,10 @@ def plot_per_class(val: dict[str, Any], path: Path) -> None:
         vals = [val["per_class"][c][key] for c in classes]
         ax.bar(x + (i - 1) * 0.27, vals, 0.27, label=key)
     ax.set_xticks(x, [f"{c}\n(n={val['per_class'][c]['support']})" for c in classes])
-    ax.set_ylim(max(0.0, min(0.8, ax.get_ylim()[0])), 1.02)
+    lowest = min(val["per_class"][c][k] for c in classes for k in ("precision", "recall", "f1"))
+    ax.set_ylim(max(0.0, lowest - 0.1), 1.02)  # zoom in: the differences are what matter
     ax.set_ylabel("validation")
-    ax.legend(loc="lower right", ncol=3, fontsize=8)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
