@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tlbuild.errors import UsageError
+from tlbuild.fileio import sha256_file
 from tlbuild.runtime import load_predictor
 
 
@@ -76,3 +77,22 @@ def test_engines_are_accepted_or_refused_by_their_own_gate() -> None:
     assert accepted(manifest, "model.fp16.b1-32.sm89.trt10.8.engine")
     assert not accepted(manifest, "model.int8-trt.b1-32.sm89.trt10.8.engine")
     assert not accepted(manifest, "model.int8.cpu.onnx") and accepted(manifest, "model.onnx")
+
+
+def test_auto_takes_the_fastest_artifact_that_starts_here(tiny_build: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_build, folder)
+    # An accepted engine for some GPU: without TensorRT here it cannot start, so auto moves on.
+    manifest = json.loads((folder / "manifest.json").read_text())
+    engine = "model.int8-trt.b1-32.sm87.trt10.3.engine"
+    (folder / engine).write_bytes(b"not for this machine")
+    manifest["engines"] = {
+        "status": "built",
+        "engines": {"int8_trt": {"path": engine, "status": "accepted"}},
+    }
+    manifest["artifacts"][engine] = {"sha256": sha256_file(folder / engine), "bytes": 20}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    p = load_predictor(folder, provider="auto")
+    assert p.artifact.name == "model.int8.cpu.onnx" and p.backend.endswith("CPUExecutionProvider")
+    with pytest.raises(UsageError, match="no artifact in .* runs here: .*engine on tensorrt"):
+        load_predictor(folder, artifact=engine, provider="auto")

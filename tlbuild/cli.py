@@ -228,7 +228,12 @@ def classify(
     artifact: Annotated[
         str | None, typer.Option(help="Artifact of the folder to use, e.g. model.onnx.")
     ] = None,
-    provider: Annotated[str, typer.Option(help="cpu, cuda or tensorrt.")] = "cpu",
+    provider: Annotated[
+        str,
+        typer.Option(
+            help="auto (fastest that starts here: TensorRT, CUDA, CPU), cpu, cuda, tensorrt."
+        ),
+    ] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 32,
     workers: Annotated[int, typer.Option(help="Decode threads; 0 = one per core.")] = 0,
     topk: Annotated[int, typer.Option(help="Labels kept per image in topk_labels.")] = 3,

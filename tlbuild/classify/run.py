@@ -28,7 +28,7 @@ class ClassifyOptions:
     """Everything `tlbuild classify` can be told besides inputs, model and output."""
 
     artifact: str | None = None
-    provider: str = "cpu"
+    provider: str = "auto"
     batch_size: int = 32
     workers: int = 0  # decode threads; 0 = one per core
     topk: int = 3

@@ -51,6 +51,31 @@ def accepted(manifest: dict[str, Any], name: str) -> bool:
     return name in ("model.onnx", "model.pt")
 
 
+def _auto_candidates(
+    folder: Path, manifest: dict[str, Any], artifact: str | None
+) -> list[tuple[str, str]]:
+    """(artifact, provider) pairs, fastest first for this machine: TensorRT engines, then CUDA,
+    then the CPU. Each is tried in turn, so an engine built for another GPU, or a CUDA provider
+    whose libraries are missing, falls through to the next with its reason kept."""
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if artifact is not None:
+        if artifact.endswith(".engine"):
+            return [(artifact, "tensorrt")]
+        return ([(artifact, "cuda")] if cuda else []) + [(artifact, "cpu")]
+    found: list[tuple[str, str]] = []
+    engines = (manifest.get("engines") or {}).get("engines", {})
+    for variant in ("int8_trt", "fp16", "fp32"):
+        e = engines.get(variant) or {}
+        if e.get("status") == "accepted" and e.get("path"):
+            found.append((e["path"], "tensorrt"))
+    if cuda:
+        found += [("model.fp16.onnx", "cuda"), ("model.onnx", "cuda")]
+    found += [(n, "cpu") for n in CPU_ORDER]
+    return [(n, p) for n, p in found if (folder / n).is_file() and accepted(manifest, n)]
+
+
 def load_predictor(
     path: Path | str,
     artifact: str | None = None,
@@ -60,24 +85,44 @@ def load_predictor(
 ) -> Predictor:
     """Open `path`: an export folder (its best artifact for `provider`, or `artifact`) or a file.
 
-    `threads` and `spinning` tune ONNX Runtime's CPU thread pool (ignored by other backends).
+    `provider` is cpu, cuda, tensorrt, or auto (the fastest artifact and provider that start on
+    this machine). `threads` and `spinning` tune ONNX Runtime's CPU thread pool.
     """
     path = Path(path)
     if path.is_file():
-        folder, name = path.parent, path.name
+        folder, artifact = path.parent, path.name
     elif path.is_dir():
         folder = path
-        manifest = read_manifest(folder)
-        if artifact is not None:
-            name = artifact
-        else:
-            order = CPU_ORDER if provider == "cpu" else ("model.onnx",)
-            name = next((n for n in order if (folder / n).is_file() and accepted(manifest, n)), "")
-            if not name:
-                raise UsageError(f"no usable artifact in {folder}; run `tlbuild run` first")
     else:
         raise UsageError(f"model not found: {path}")
     manifest = read_manifest(folder)
+    if provider == "auto":
+        tried: list[str] = []
+        for name, prov in _auto_candidates(folder, manifest, artifact):
+            try:
+                return _open(folder, manifest, name, prov, threads, spinning)
+            except Exception as e:  # the next candidate may well work
+                tried.append(f"{name} on {prov}: {e}")
+        raise UsageError(
+            f"no artifact in {folder} runs here"
+            + (": " + "; ".join(tried) if tried else "; run `tlbuild run` first")
+        )
+    if artifact is None:
+        order = CPU_ORDER if provider == "cpu" else ("model.onnx",)
+        artifact = next((n for n in order if (folder / n).is_file() and accepted(manifest, n)), "")
+        if not artifact:
+            raise UsageError(f"no usable artifact in {folder}; run `tlbuild run` first")
+    return _open(folder, manifest, artifact, provider, threads, spinning)
+
+
+def _open(
+    folder: Path,
+    manifest: dict[str, Any],
+    name: str,
+    provider: str,
+    threads: int | None,
+    spinning: bool,
+) -> Predictor:
     if not (folder / name).is_file():
         raise UsageError(f"no {name} in {folder}")
     verify_artifact(folder, name, manifest)
