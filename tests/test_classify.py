@@ -337,3 +337,23 @@ def test_user_mistakes_get_one_message(tiny_build: Path, tmp_path: Path) -> None
     )
     assert res.exit_code == 2 and "not a readable Parquet file" in res.output
     assert not (tmp_path / "junk.parquet.journal").exists()
+
+
+def test_retry_errors_classifies_a_fixed_file_again(tiny_build: Path, tmp_path: Path) -> None:
+    src = _photos(tmp_path / "photos")[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    late = folder / "late.jpg"
+    late.write_bytes(src.read_bytes()[:500])  # still being copied when the run came by
+    shutil.copy(src, folder / "early.jpg")
+    out = tmp_path / "r.parquet"
+    base = [str(folder), "--model", str(tiny_build), "--out", str(out)]
+    assert _classify(*base).exit_code == 0
+    late.write_bytes(src.read_bytes())  # the copy has finished
+    assert _classify(*base).exit_code == 0  # plain resume: nothing to do
+    assert len(pd.read_parquet(out)) == 2
+    res = _classify(*base, "--retry-errors")
+    assert res.exit_code == 0 and "1 classified" in res.output
+    df = pd.read_parquet(out).sort_values("classified_at")
+    rows = df[df.path == str(late)]
+    assert len(rows) == 2 and rows.error.iloc[0] and pd.isna(rows.error.iloc[-1])

@@ -253,6 +253,12 @@ def classify(
     overwrite: Annotated[
         bool, typer.Option(help="Start --out over instead of resuming it.")
     ] = False,
+    retry_errors: Annotated[
+        bool,
+        typer.Option(
+            help="Classify again files whose earlier row is an error (a new row is added)."
+        ),
+    ] = False,
     max_error_rate: Annotated[
         float | None,
         typer.Option(help="Exit 1 if more than this fraction of inputs fail (e.g. 0.01)."),
@@ -287,6 +293,7 @@ def classify(
             exact_decode=exact_decode,
             extensions=parse_extensions(ext),
             overwrite=overwrite,
+            retry_errors=retry_errors,
             max_error_rate=max_error_rate,
         )
         shown = 0

@@ -113,6 +113,7 @@ class ResultsFile:
         out: Path,
         identity: dict[str, Any],
         overwrite: bool = False,
+        retry_errors: bool = False,
         commit_rows: int = 4096,
         commit_seconds: float = 15.0,
     ) -> None:
@@ -120,6 +121,7 @@ class ResultsFile:
         self.identity = {k: identity.get(k) for k in IDENTITY_KEYS}
         self.meta = dict(identity)
         self.commit_rows = commit_rows
+        self.retry_errors = retry_errors
         self.commit_seconds = commit_seconds
         self.journal_path = self.out.with_name(self.out.name + ".journal")
         self.previous_rows = 0
@@ -202,8 +204,10 @@ class ResultsFile:
 
     def _file_keys(self) -> np.ndarray:
         parts = [np.zeros(0, np.uint64)]
-        for df in quiet_fastparquet().ParquetFile(str(self.out)).iter_row_groups(columns=["path"]):
-            parts.append(np.fromiter((path_key(p) for p in df["path"]), np.uint64, len(df)))
+        pf = quiet_fastparquet().ParquetFile(str(self.out))
+        for df in pf.iter_row_groups(columns=["path", "error"]):
+            paths = df["path"][df["error"].isna()] if self.retry_errors else df["path"]
+            parts.append(np.fromiter((path_key(p) for p in paths), np.uint64, len(paths)))
         return np.concatenate(parts)
 
     def _fold_journal(self) -> None:
@@ -230,9 +234,11 @@ class ResultsFile:
                     for c in COLUMNS:
                         self._buf[c].append(r[c])
                 self.previous_rows += len(fresh)
-                if fresh:
+                # With retry_errors, failed files stay to do: their rows are kept all the same.
+                done = [r for r in fresh if not (self.retry_errors and r["error"] is not None)]
+                if done:
                     self._done = np.unique(
-                        np.concatenate([self._done, [path_key(r["path"]) for r in fresh]])
+                        np.concatenate([self._done, [path_key(r["path"]) for r in done]])
                     )
         self._commit()
 

@@ -37,6 +37,7 @@ class ClassifyOptions:
     exact_decode: bool = False
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     overwrite: bool = False
+    retry_errors: bool = False
     max_error_rate: float | None = None
 
 
@@ -213,7 +214,9 @@ def classify(
         "decode": "exact" if options.exact_decode else "jpeg-draft",
         "model_name": manifest.get("name"),
     }
-    results = ResultsFile(out, identity, overwrite=options.overwrite)
+    results = ResultsFile(
+        out, identity, overwrite=options.overwrite, retry_errors=options.retry_errors
+    )
     summary = ClassifySummary(out, name, predictor.backend, ok_class=ok_class)
     summary.previous_rows = results.previous_rows
 
