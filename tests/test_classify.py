@@ -357,3 +357,14 @@ def test_retry_errors_classifies_a_fixed_file_again(tiny_build: Path, tmp_path: 
     df = pd.read_parquet(out).sort_values("classified_at")
     rows = df[df.path == str(late)]
     assert len(rows) == 2 and rows.error.iloc[0] and pd.isna(rows.error.iloc[-1])
+
+
+def test_a_signal_during_a_commit_waits_for_the_commit_to_finish() -> None:
+    from tlbuild.classify.results import _signals_deferred
+
+    finished = False
+    with pytest.raises(KeyboardInterrupt), _signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler would run here without the deferral
+        finished = True
+    assert finished

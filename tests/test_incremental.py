@@ -224,3 +224,32 @@ def test_disabling_a_stage_removes_its_files_and_reruns_what_follows(
         "reused",
         "disabled",
     }
+
+
+def test_an_artifact_that_fails_in_the_benchmark_fails_the_gates(tmp_path: Path) -> None:
+    from tlbuild.gates import evaluate_gates
+    from tlbuild.recipe import GatesConfig
+
+    bench = {
+        "results": [],
+        "skipped": [
+            {"artifact": "model.fp16.onnx", "reason": "needs a GPU", "kind": "not here"},
+            {"artifact": "model.onnx", "reason": "cannot load: boom", "kind": "failed"},
+        ],
+    }
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    gates = evaluate_gates(GatesConfig(max_p99_ms={"model.onnx": {1: 5.0}}), tmp_path)
+    by_name = {g.gate: g for g in gates}
+    assert by_name["runs[model.onnx]"].failed and "boom" in by_name["runs[model.onnx]"].note
+    assert "runs[model.fp16.onnx]" not in by_name
+
+
+def test_the_data_fingerprint_survives_a_symlink_loop(tiny_data: Path, tmp_path: Path) -> None:
+    from tlbuild.incremental import data_digest
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    recipe = load_recipe(tiny_recipe(tmp_path, data))
+    before = data_digest(recipe)
+    os.symlink(data, data / "ok" / "loop")  # a loop training does not follow either
+    assert data_digest(recipe) == before

@@ -96,3 +96,22 @@ def test_auto_takes_the_fastest_artifact_that_starts_here(tiny_build: Path, tmp_
     assert p.artifact.name == "model.int8.cpu.onnx" and p.backend.endswith("CPUExecutionProvider")
     with pytest.raises(UsageError, match="no artifact in .* runs here: .*engine on tensorrt"):
         load_predictor(folder, artifact=engine, provider="auto")
+
+
+def test_engine_batches_outside_the_profile_are_split_or_padded() -> None:
+    from tlbuild.runtime.backends import TensorRTPredictor
+
+    class Core:  # stands in for TensorRTPredictorCore: profile 2..4, logits = row sums
+        min_batch, max_batch = 2, 4
+        calls: list[int] = []
+
+        def run(self, x: np.ndarray) -> np.ndarray:
+            assert 2 <= len(x) <= 4
+            self.calls.append(len(x))
+            return x.reshape(len(x), -1).sum(1, keepdims=True)
+
+    p = TensorRTPredictor.__new__(TensorRTPredictor)
+    p._core = Core()
+    x = np.arange(9, dtype=np.float32).reshape(9, 1, 1, 1)
+    assert p.logits(x).ravel().tolist() == list(range(9))
+    assert Core.calls == [4, 4, 2] and p.supports_batch(3) and not p.supports_batch(8)

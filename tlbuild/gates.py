@@ -104,6 +104,13 @@ def evaluate_gates(cfg: GatesConfig, out: Path) -> list[GateResult]:
             )
 
     rows = bench.get("results", [])
+    # An artifact that was tried here and failed must fail its gates, not pass as unmeasured.
+    broken = {
+        x["artifact"]: x["reason"] for x in bench.get("skipped", []) if x.get("kind") == "failed"
+    }
+    for artifact, reason in sorted(broken.items()):
+        if cfg.min_accuracy is not None or cfg.max_p99_ms or cfg.min_throughput:
+            results.append(GateResult(f"runs[{artifact}]", 1.0, 0.0, "failed", reason))
     for key, field, upper in (
         ("max_p99_ms", "p99_ms", True),
         ("min_throughput", "throughput_ips", False),

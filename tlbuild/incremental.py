@@ -16,13 +16,14 @@ import datetime as dt
 import fnmatch
 import hashlib
 import json
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tlbuild
+from tlbuild.data.scan import list_class_folders
+from tlbuild.errors import DataError
 from tlbuild.fileio import sha256_file, write_json
 from tlbuild.recipe import Recipe
 
@@ -127,14 +128,15 @@ def code_digest(parts: tuple[str, ...]) -> str:
 
 
 def _image_files(recipe: Recipe) -> list[Path]:
+    """The files training reads: the same walk as the dataset scan (list_class_folders)."""
     d = recipe.data
-    roots = [p for p in (d.root, d.train, d.val, d.test) if p is not None]
     files: list[Path] = []
-    for root in roots:
-        # followlinks: class folders are often symlinks to a mounted share (scan follows them).
-        for folder, dirs, names in os.walk(root, followlinks=True):
-            dirs.sort()
-            files += [Path(folder) / n for n in sorted(names) if n.lower().endswith(d.extensions)]
+    for root in (p for p in (d.root, d.train, d.val, d.test) if p is not None):
+        try:
+            for paths in list_class_folders(root, d.extensions).values():
+                files += paths
+        except DataError:
+            continue  # no class folders: training reports it; nothing to fingerprint
     return files
 
 

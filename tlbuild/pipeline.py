@@ -583,6 +583,7 @@ def stage_status(recipe: Recipe) -> list[StageOutcome]:
     for st in STAGES:
         if not _enabled(recipe, st.name):
             rows.append(StageOutcome(st.name, "disabled", ["no variants in the recipe"]))
+            state.stages.pop(st.name, None)  # as `run` will: later stages then show stale
             continue
         fresh, why = state.check(st, state.inputs(st, recipe, _machine(st)))
         rows.append(StageOutcome(st.name, "fresh" if fresh else "stale", why))
@@ -605,9 +606,8 @@ def run(
     outcomes: list[StageOutcome] = []
     for st in STAGES:
         if not _enabled(recipe, st.name):
-            if st.name in state.stages:
-                _disable(out, st.name)
-                state.start(st.name)  # later stages see the change (their inputs hash it)
+            _disable(out, st.name)  # idempotent; also cleans up after a killed run
+            state.start(st.name)  # later stages see the change (their inputs hash it)
             outcomes.append(StageOutcome(st.name, "disabled", ["no variants in the recipe"]))
             continue
         inputs = state.inputs(st, recipe, _machine(st))

@@ -24,7 +24,7 @@ from tlbuild.bench.environment import cpu_cores, environment
 from tlbuild.bench.timing import measure, ort_profile_check
 from tlbuild.data.preprocess import Preprocessing
 from tlbuild.data.scan import Sample
-from tlbuild.errors import UsageError
+from tlbuild.errors import BuildError, UsageError
 from tlbuild.export.parity import load_batch
 from tlbuild.fileio import write_json, write_parquet
 from tlbuild.recipe import BenchConfig
@@ -55,7 +55,7 @@ def targets(folder: Path, manifest: dict[str, Any]) -> tuple[list[Target], list[
     skipped: list[dict[str, str]] = []
 
     def skip(name: str, reason: str) -> None:
-        skipped.append({"artifact": name, "reason": reason})
+        skipped.append({"artifact": name, "reason": reason, "kind": "not here"})
 
     if (folder / "model.pt").is_file():
         found.append(Target("model.pt", "cpu"))
@@ -171,7 +171,9 @@ def bench_folder(
             try:
                 predictors[t] = load_predictor(folder, t.artifact, t.provider, threads=threads)
             except Exception as e:
-                skipped.append({"artifact": t.artifact, "reason": f"cannot load: {e}"})
+                skipped.append(
+                    {"artifact": t.artifact, "reason": f"cannot load: {e}", "kind": "failed"}
+                )
         acc = _accuracy(predictors, val, spec) if (cfg.accuracy and val) else {}
         inputs = {b: _inputs(spec, val, b) for b in cfg.batch_sizes}
         with Progress(console=console, transient=True) as progress:
@@ -184,12 +186,24 @@ def bench_folder(
                         p.logits(x)
                         _sync(p)
 
+                    if not p.supports_batch(b):
+                        skipped.append(
+                            {
+                                "artifact": t.artifact,
+                                "reason": f"batch {b} is outside the engine's profile",
+                                "kind": "not here",
+                            }
+                        )
+                        progress.advance(task)
+                        continue
                     try:
                         lat = measure(
                             call, cfg.warmup_iters, cfg.min_iters, cfg.min_seconds, cfg.max_seconds
                         )
                     except Exception as e:
-                        skipped.append({"artifact": t.artifact, "reason": f"batch {b}: {e}"})
+                        skipped.append(
+                            {"artifact": t.artifact, "reason": f"batch {b}: {e}", "kind": "failed"}
+                        )
                         progress.advance(task)
                         continue
                     rows.append(
@@ -206,10 +220,16 @@ def bench_folder(
                     )
                     progress.advance(task)
             if cfg.timer_check:
-                for t in found:
+                for t in predictors:
                     if t.provider == "cpu" and t.artifact.endswith(".onnx"):
                         for x in inputs.values():
-                            checks.append(ort_profile_check(folder / t.artifact, x, threads))
+                            try:
+                                checks.append(ort_profile_check(folder / t.artifact, x, threads))
+                            except Exception as e:  # a cross-check; never fatal
+                                console.print(f"[yellow]timer check {t.artifact}: {e}[/]")
+    if not rows:
+        reasons = "; ".join(f"{x['artifact']}: {x['reason']}" for x in skipped)
+        raise BuildError(f"no artifact in {folder} could be benchmarked here: {reasons}")
     result = {
         "format": "tlbuild.bench/1",
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -93,16 +93,25 @@ def _encodings() -> dict[str, str]:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block ends (main thread only; elsewhere a no-op)."""
+    """Hold Ctrl-C / SIGTERM until the block ends, then deliver them (main thread only).
+
+    Python runs signal handlers in the main thread whichever thread the kernel picked, so
+    swapping the handlers (not the thread's signal mask) is what keeps the block whole.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            if handler is not None:  # None: installed outside Python; leave ours (harmless)
+                signal.signal(s, handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 class ResultsFile:
@@ -270,10 +279,15 @@ class ResultsFile:
             self._buf[c].extend(rows[c])
         group = min(MAX_GROUP_ROWS, max(self.commit_rows, self._rows_in_file // 8))
         # The first batch is committed at once, so the file (and any write problem) shows early.
+        buffered = len(self._buf["path"])
+        # A timed commit also needs 1/64 of the file in new rows, so copies stay bounded.
         if (
             not self.out.exists()
-            or len(self._buf["path"]) >= group
-            or time.monotonic() - self._last_commit >= self.commit_seconds
+            or buffered >= group
+            or (
+                time.monotonic() - self._last_commit >= self.commit_seconds
+                and buffered >= self._rows_in_file // 64
+            )
         ):
             self._commit()
 

@@ -225,6 +225,8 @@ def classify(
         if warn is not None:
             warn(msg)
 
+    for reason in predictor.passed_over:
+        warned(f"passed over {reason}")
     walker = InputWalker(options.extensions, warned)
 
     def todo() -> Iterator[str]:

@@ -111,5 +111,17 @@ class TensorRTPredictor(Predictor):
     def backend(self) -> str:
         return "tensorrt"
 
+    def supports_batch(self, n: int) -> bool:
+        return self._core.min_batch <= n <= self._core.max_batch
+
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self._core.run(batch)
+        # Any batch size works: split above the engine's profile, pad below it (then trim),
+        # so classify's last, partial batch never fails.
+        core, outs = self._core, []
+        for i in range(0, len(batch), core.max_batch):
+            part = batch[i : i + core.max_batch]
+            n = len(part)
+            if n < core.min_batch:
+                part = np.concatenate([part, np.repeat(part[-1:], core.min_batch - n, axis=0)])
+            outs.append(core.run(part)[:n])
+        return np.concatenate(outs)

@@ -30,6 +30,7 @@ class Predictor(ABC):
         self.classes = classes
         self.preprocessing = spec
         self.precision = precision
+        self.passed_over: list[str] = []  # provider="auto": candidates that did not start
 
     @property
     @abstractmethod
@@ -39,6 +40,10 @@ class Predictor(ABC):
     @abstractmethod
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw outputs for an NCHW float32 batch already preprocessed."""
+
+    def supports_batch(self, n: int) -> bool:
+        """Whether one call at batch size `n` runs natively (TensorRT engines have a range)."""
+        return True
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes) for a preprocessed NCHW float32 batch."""

@@ -99,10 +99,14 @@ def load_predictor(
     if provider == "auto":
         tried: list[str] = []
         for name, prov in _auto_candidates(folder, manifest, artifact):
+            verify_artifact(folder, name, manifest)  # a corrupt copy is an error, not a fallback
             try:
-                return _open(folder, manifest, name, prov, threads, spinning)
+                predictor = _open(folder, manifest, name, prov, threads, spinning)
             except Exception as e:  # the next candidate may well work
                 tried.append(f"{name} on {prov}: {e}")
+                continue
+            predictor.passed_over = tried
+            return predictor
         raise UsageError(
             f"no artifact in {folder} runs here"
             + (": " + "; ".join(tried) if tried else "; run `tlbuild run` first")
