@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tlbuild.bench.run import short_backend
+from tlbuild.bench.run import BENCH_COLUMNS, bench_cells, short_backend
 from tlbuild.fileio import atomic_path, read_json_or_empty, write_text
 from tlbuild.gates import GateResult
 
@@ -213,36 +213,10 @@ def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]
             "",
         ]
         rows = [
-            [
-                f"`{r['artifact']}`",
-                short_backend(r["backend"]),
-                str(r["batch"]),
-                f"{r['p50_ms']:.2f}",
-                f"{r['p90_ms']:.2f}",
-                f"{r['p99_ms']:.2f}",
-                f"{r['mean_ms']:.2f} ± {r['std_ms']:.2f}",
-                f"{r['throughput_ips']:.0f}",
-                _pct(r["accuracy"]),
-                f"{r['size_bytes'] / 1e6:.1f}",
-            ]
+            [f"`{c}`" if i == 0 else c for i, c in enumerate(bench_cells(r))]
             for r in bench["results"]
         ]
-        lines += _table(
-            [
-                "artifact",
-                "backend",
-                "batch",
-                "p50 ms",
-                "p90 ms",
-                "p99 ms",
-                "mean ± sd ms",
-                "img/s",
-                "accuracy",
-                "MB",
-            ],
-            rows,
-            "llrrrrrrrr",
-        )
+        lines += _table(list(BENCH_COLUMNS), rows, "llrrrrrrrr")
         if plot_latency_accuracy(bench, out / LATENCY_PNG):
             lines += [f"![latency vs accuracy]({LATENCY_PNG})", ""]
         for s in bench.get("skipped", []):

@@ -263,29 +263,46 @@ def short_backend(backend: str) -> str:
     return backend.replace("onnxruntime:", "ort:").replace("ExecutionProvider", "")
 
 
+BENCH_COLUMNS = (
+    "artifact",
+    "backend",
+    "batch",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "mean ± sd ms",
+    "img/s",
+    "accuracy",
+    "MB",
+)
+
+
+def bench_cells(r: dict[str, Any]) -> list[str]:
+    """One benchmark row as text, in BENCH_COLUMNS order (the CLI table and report.md)."""
+    return [
+        r["artifact"],
+        short_backend(r["backend"]),
+        str(r["batch"]),
+        f"{r['p50_ms']:.2f}",
+        f"{r['p90_ms']:.2f}",
+        f"{r['p99_ms']:.2f}",
+        f"{r['mean_ms']:.2f} ± {r['std_ms']:.2f}",
+        f"{r['throughput_ips']:.0f}",
+        "-" if r["accuracy"] is None else f"{r['accuracy']:.1%}",
+        f"{r['size_bytes'] / 1e6:.1f}",
+    ]
+
+
 def print_bench(console: Console, result: dict[str, Any]) -> None:
     """The benchmark as a rich table."""
     env = result["environment"]
     title = f"Benchmark on {env['cpu']} ({env['cores']} cores"
     title += f", {', '.join(env['gpus'])})" if env["gpus"] else ")"
     table = Table(title=title, title_justify="left")
-    for col in ("artifact", "backend", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ± sd ms"):
-        table.add_column(col, justify="left" if col in ("artifact", "backend") else "right")
-    for col in ("img/s", "accuracy", "MB"):
-        table.add_column(col, justify="right")
+    for i, col in enumerate(BENCH_COLUMNS):
+        table.add_column(col, justify="left" if i < 2 else "right")
     for r in result["results"]:
-        table.add_row(
-            r["artifact"],
-            short_backend(r["backend"]),
-            str(r["batch"]),
-            f"{r['p50_ms']:.2f}",
-            f"{r['p90_ms']:.2f}",
-            f"{r['p99_ms']:.2f}",
-            f"{r['mean_ms']:.2f} ± {r['std_ms']:.2f}",
-            f"{r['throughput_ips']:.0f}",
-            "-" if r["accuracy"] is None else f"{r['accuracy']:.2%}",
-            f"{r['size_bytes'] / 1e6:.1f}",
-        )
+        table.add_row(*bench_cells(r))
     # At least 132 columns even in an 80-column CI log: a wrapped latency table is unreadable.
     wide = Console(
         file=console.file,
