@@ -252,9 +252,7 @@ class ResultsFile:
         self._commit()
 
     # -- writing ----------------------------------------------------------------------------
-    def done(self, path: str) -> bool:
-        """True if `path` already has a row (from an earlier run, or earlier in this one)."""
-        key = path_key(storable(path))
+    def _has(self, key: int) -> bool:
         if key in self._pending:
             return True
         if not self._done.size:
@@ -263,10 +261,18 @@ class ResultsFile:
         i = int(np.searchsorted(self._done, k))
         return i < self._done.size and self._done[i] == k
 
-    def claim(self, path: str) -> None:
-        """Mark `path` as taken by this run, so a second mention of it (a folder and a list
-        naming the same file) is skipped rather than classified twice."""
-        self._pending.add(path_key(storable(path)))
+    def done(self, path: str) -> bool:
+        """True if `path` already has a row (from an earlier run, or earlier in this one)."""
+        return self._has(path_key(storable(path)))
+
+    def claim(self, path: str) -> bool:
+        """Take `path` for this run: False if it already has a row or was taken (a folder and
+        a list naming the same file), so it is classified once. One hash per discovered file."""
+        key = path_key(storable(path))
+        if self._has(key):
+            return False
+        self._pending.add(key)
+        return True
 
     def add(self, rows: dict[str, list[Any]]) -> None:
         """Append one batch (columnar, every column of COLUMNS): journaled now, committed soon."""

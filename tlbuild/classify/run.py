@@ -231,11 +231,10 @@ def classify(
 
     def todo() -> Iterator[str]:
         for p in walker(inputs):
-            if results.done(p):
-                summary.skipped += 1
-            else:
-                results.claim(p)
+            if results.claim(p):
                 yield p
+            else:
+                summary.skipped += 1
 
     constant = {"model_sha256": sha, "artifact": name, "precision": predictor.precision}
     spec = predictor.preprocessing
