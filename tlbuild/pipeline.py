@@ -556,36 +556,59 @@ def _call(stage: str, recipe: Recipe, console: Console, resume: bool) -> Any:
     return funcs[stage](recipe, console)
 
 
-def _machine(stage: StageDef) -> dict[str, Any] | None:
-    if not stage.machine:
-        return None
-    from tlbuild.bench.environment import environment, machine_key
+class _Machine:
+    """The machine key for build/bench stage inputs, computed once per command (it runs
+    nvidia-smi and imports torch) and only if such a stage is looked at."""
 
-    return machine_key(environment())
+    def __init__(self) -> None:
+        self._key: dict[str, Any] | None = None
+
+    def __call__(self, stage: StageDef) -> dict[str, Any] | None:
+        if not stage.machine:
+            return None
+        if self._key is None:
+            from tlbuild.bench.environment import environment, machine_key
+
+            self._key = machine_key(environment())
+        return self._key
+
+
+def _build(
+    state: BuildState,
+    st: StageDef,
+    inputs: dict[str, Any],
+    recipe: Recipe,
+    console: Console,
+    resume: bool,
+) -> tuple[Any, float]:
+    """Run one stage and record it: forgotten first, so a kill leaves it stale."""
+    state.start(st.name)
+    t0 = time.perf_counter()
+    result = _call(st.name, recipe, console, resume)
+    seconds = time.perf_counter() - t0
+    state.finish(st, inputs, seconds, _summary(st.name, result))
+    return result, seconds
 
 
 def run_stage(recipe: Recipe, console: Console, stage: str, resume: bool = False) -> Any:
     """Run one stage unconditionally (the single-stage commands) and record it as built."""
     st = next(s for s in STAGES if s.name == stage)
     state = BuildState(recipe.out_dir)
-    inputs = state.inputs(st, recipe, _machine(st))
-    state.start(stage)
-    t0 = time.perf_counter()
-    result = _call(stage, recipe, console, resume)
-    state.finish(st, inputs, time.perf_counter() - t0, _summary(stage, result))
-    return result
+    inputs = state.inputs(st, recipe, _Machine()(st))
+    return _build(state, st, inputs, recipe, console, resume)[0]
 
 
 def stage_status(recipe: Recipe) -> list[StageOutcome]:
     """Fresh or stale per stage, and why; runs nothing."""
     state = BuildState(recipe.out_dir)
+    machine = _Machine()
     rows = []
     for st in STAGES:
         if not _enabled(recipe, st.name):
             rows.append(StageOutcome(st.name, "disabled", ["no variants in the recipe"]))
             state.stages.pop(st.name, None)  # as `run` will: later stages then show stale
             continue
-        fresh, why = state.check(st, state.inputs(st, recipe, _machine(st)))
+        fresh, why = state.check(st, state.inputs(st, recipe, machine(st)))
         rows.append(StageOutcome(st.name, "fresh" if fresh else "stale", why))
     return rows
 
@@ -603,6 +626,7 @@ def run(
     out = recipe.out_dir
     _remove_leftovers(out)
     state = BuildState(out)
+    machine = _Machine()
     outcomes: list[StageOutcome] = []
     for st in STAGES:
         if not _enabled(recipe, st.name):
@@ -610,7 +634,7 @@ def run(
             state.start(st.name)  # later stages see the change (their inputs hash it)
             outcomes.append(StageOutcome(st.name, "disabled", ["no variants in the recipe"]))
             continue
-        inputs = state.inputs(st, recipe, _machine(st))
+        inputs = state.inputs(st, recipe, machine(st))
         fresh, why = state.check(st, inputs)
         if st.name in force or "all" in force:
             fresh, why = False, ["forced with --force"]
@@ -619,11 +643,7 @@ def run(
             outcomes.append(StageOutcome(st.name, "reused", []))
             continue
         console.rule(f"[bold]{st.name}[/] — {escape('; '.join(why))}", align="left", style="dim")
-        state.start(st.name)
-        t0 = time.perf_counter()
-        result = _call(st.name, recipe, console, resume)
-        seconds = time.perf_counter() - t0
-        state.finish(st, inputs, seconds, _summary(st.name, result))
+        _, seconds = _build(state, st, inputs, recipe, console, resume)
         outcomes.append(StageOutcome(st.name, "ran", why, seconds))
     # Gates are checked on every run, reused stages or not: CI must fail while they fail.
     gates = evaluate_gates(recipe.gates, out)
