@@ -40,15 +40,7 @@ def tiny_recipe(
     folder: Path, data: Path, name: str = "tiny", head: int = 1, ft: int = 1, extra: str = ""
 ) -> Path:
     """A fast recipe: 64 px Lite0 with bundled weights, one epoch per stage."""
-    text = f"""
-name = "{name}"
-output_dir = "out"
-[data]
-root = "{data}"
-split = {{ val = 0.25, seed = 0 }}
-ok_class = "ok"
-[model]
-preprocess = {{ input_size = 64, resize = "resize" }}
+    rest = f"""
 [export]
 parity_images = 8
 [bench]
@@ -59,6 +51,24 @@ min_seconds = 0.0
 max_seconds = 1.0
 {TINY_TRAIN.format(head=head, ft=ft)}
 {extra}
+"""
+    return small_recipe(folder, data, name, rest, size=64, data_extra='ok_class = "ok"')
+
+
+def small_recipe(
+    folder: Path, data: Path, name: str, rest: str = "", size: int = 48, data_extra: str = ""
+) -> Path:
+    """A recipe naming only the data (split 75/25) and the input size, plus `rest`."""
+    text = f"""
+name = "{name}"
+output_dir = "out"
+[data]
+root = "{data}"
+split = {{ val = 0.25, seed = 0 }}
+{data_extra}
+[model]
+preprocess = {{ input_size = {size}, resize = "resize" }}
+{rest}
 """
     return write_recipe(folder / f"{name}.toml", text)
 

@@ -155,7 +155,11 @@ max_p99_ms = { "model.int8.cpu.onnx" = { 1 = 100000.0 }, "model.fp16.*.engine" =
     res = runner.invoke(app, ["run", str(recipe)])
     assert res.exit_code == 0, res.output
     assert "report" in res.output and "All 6 gates passed" not in res.output
+    # The end of the run says what fine-tuning bought over the head-only stage, reused or not.
+    assert "head only (stage 'head', body frozen)" in res.output
+    assert "fine-tuning the body" in res.output
     out = tmp_path / "out" / "tiny"
+    assert "head only (stage 'head', body frozen)" in (out / "report.md").read_text()
     verdict = json.loads((out / "gates.json").read_text())
     assert verdict["passed"]
     statuses = {g["gate"]: g["status"] for g in verdict["gates"]}

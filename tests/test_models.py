@@ -72,7 +72,7 @@ def test_weights_file_by_name(tmp_path) -> None:
 
 def test_frozen_stage_trains_only_the_head_and_freezes_bn_statistics() -> None:
     model = build_model(ModelConfig(weights="none"), num_classes=4).model
-    groups = apply_stage(model, StageConfig(name="head", epochs=1, unfreeze=0))
+    groups = apply_stage(model, StageConfig(name="head", epochs=1, unfreeze=0), 1e-3)
     assert [g["name"] for g in groups] == ["head"]
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in head_parameters(model)}
@@ -85,14 +85,14 @@ def test_frozen_stage_trains_only_the_head_and_freezes_bn_statistics() -> None:
 def test_unfreeze_top_groups_uses_discriminative_rates() -> None:
     model = build_model(ModelConfig(weights="none"), num_classes=4).model
     stage = StageConfig(name="ft", epochs=1, lr=1e-3, unfreeze=2, body_lr_mult=0.1)
-    groups = apply_stage(model, stage)
+    groups = apply_stage(model, stage, 1e-3)
     assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
     top2 = {id(p) for g in body_groups(model)[-2:] for p in g}
     assert {id(p) for p in groups[1]["params"]} == top2
     assert not any(p.requires_grad for p in body_groups(model)[0])
     set_train_mode(model, stage)
     assert model.bn2.training and not model.bn1.training
-    all_groups = apply_stage(model, StageConfig(name="all", epochs=1, unfreeze="all"))
+    all_groups = apply_stage(model, StageConfig(name="all", epochs=1, unfreeze="all"), 1e-3)
     n_body = sum(p.numel() for g in body_groups(model) for p in g)
     assert sum(p.numel() for p in all_groups[1]["params"]) == n_body
     assert np.isclose(all_groups[1]["lr"], 1e-4)

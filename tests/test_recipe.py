@@ -17,8 +17,9 @@ def test_minimal_recipe_fills_defaults_and_resolves_paths(tmp_path: Path) -> Non
     assert r.name == "demo"  # from the file name
     assert r.data.root == (tmp_path / "imgs").resolve()
     assert r.model.backbone == "tf_efficientnet_lite0" and r.model.weights == "imagenet"
-    assert [s.name for s in r.train.stages] == ["head", "finetune"]
-    assert r.train.stages[0].unfreeze == 0 and r.train.stages[1].unfreeze == 3
+    (stage,) = r.train.stages  # one stage, every layer, one rate: README "Why these defaults"
+    assert stage.name == "finetune" and stage.unfreeze == "all" and stage.body_lr_mult == 1.0
+    assert r.train.schedule == "onecycle" and r.train.label_smoothing == 0.0
 
 
 def test_every_mistake_is_reported_with_key_value_and_expectation(tmp_path: Path) -> None:
@@ -78,7 +79,7 @@ def test_check_command_prints_resolved_recipe_and_exit_codes(tmp_path: Path) -> 
     res = runner.invoke(app, ["check", str(good)])
     assert res.exit_code == 0, res.output
     assert (
-        str((tmp_path / "imgs").resolve()) in res.output and '"label_smoothing": 0.1' in res.output
+        str((tmp_path / "imgs").resolve()) in res.output and '"label_smoothing": 0.0' in res.output
     )
     res = runner.invoke(app, ["check", str(bad)])
     assert res.exit_code == 2
@@ -94,7 +95,23 @@ def test_keys_accepting_several_forms_get_one_message_each(tmp_path: Path) -> No
     msg = str(e.value)
     assert "2 problem(s)" in msg
     assert "data.workers: expected int or literal['auto'] (given: \"many\")" in msg
-    assert "model.preprocess.input_size: expected int or tuple[int, int] (given: [224])" in msg
+    assert (
+        "model.preprocess.input_size: expected int or tuple[int, int] or literal['auto'] "
+        "(given: [224])" in msg
+    )
+
+
+def test_stage_lr_is_a_rate_or_auto(tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    stage = '[data]\nroot = "imgs"\n[[train.stages]]\nname = "s"\nepochs = 1\nlr = {}\n'
+    assert (
+        load_recipe(write_recipe(tmp_path / "a.toml", stage.format('"auto"'))).train.stages[0].lr
+        == "auto"
+    )
+    for bad, why in (('"fast"', "literal['auto']"), ("0", "between 0 and 10")):
+        with pytest.raises(RecipeError) as e:
+            load_recipe(write_recipe(tmp_path / "b.toml", stage.format(bad)))
+        assert "train.stages.0.lr" in str(e.value) and why in str(e.value)
 
 
 def test_name_defaults_to_a_safe_form_of_the_file_name(tmp_path: Path) -> None:

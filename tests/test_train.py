@@ -9,7 +9,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from tests.conftest import tiny_recipe, write_recipe
+from tests.conftest import small_recipe, tiny_recipe, write_recipe
 from tlbuild import pipeline
 from tlbuild.recipe import TrainConfig, load_recipe
 from tlbuild.train.metrics import classification_metrics
@@ -139,3 +139,87 @@ epochs = 1
     assert out.splits.counts()["train"]["ok"] == 3
     assert out.metrics["test"]["images"] == 32 and "escape_rate" in out.metrics["test"]
     assert (recipe.out_dir / "confusion_test.png").is_file()
+
+
+def test_default_recipe_fine_tunes_everything_and_reports_what_it_bought(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from tlbuild.cli import app
+
+    path = small_recipe(tmp_path, tiny_data, "defaults")
+    recipe = load_recipe(path)
+    (stage,) = recipe.train.stages
+    assert stage.unfreeze == "all" and stage.body_lr_mult == 1.0
+    res = CliRunner().invoke(app, ["train", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "Head alone on frozen pretrained features (linear probe)" in res.output
+    m = json.loads((recipe.out_dir / "metrics.json").read_text())
+    assert m["head_only"]["source"] == "linear probe on the frozen pretrained body"
+    assert (
+        "fine-tuning the body" in res.output and f"{m['head_only']['accuracy']:.1%}" in res.output
+    )
+    rows = list(csv.DictReader((recipe.out_dir / "history.csv").open()))
+    assert {r["stage"] for r in rows} == {"finetune"} and 1 <= len(rows) <= stage.epochs
+    assert float(rows[0]["lr_body"]) == pytest.approx(float(rows[0]["lr_head"]))
+
+
+def test_head_only_stage_is_reported_as_such(tiny_build: Path) -> None:
+    m = json.loads((tiny_build / "metrics.json").read_text())
+    assert m["head_only"]["source"] == "stage 'head', body frozen"
+    manifest = json.loads((tiny_build / "manifest.json").read_text())
+    assert manifest["training"]["head_only"]["accuracy"] == m["head_only"]["accuracy"]
+
+
+def test_linear_probe_head_init_is_where_fine_tuning_starts(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    path = tiny_recipe(tmp_path, tiny_data, head=1, ft=1)
+    path.write_text(path.read_text().replace("[train]\n", '[train]\nhead_init = "probe"\n'))
+    recipe = load_recipe(path)
+    console = Console(record=True, width=200)
+    out = pipeline.train_stage(recipe, console)
+    assert "fine-tuning starts from it" in console.export_text()
+    assert out.result.probe is not None and 0.0 <= out.result.probe["accuracy"] <= 1.0
+
+
+def test_resume_with_probe_and_auto_lr_matches_uninterrupted(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlbuild.train import loop
+
+    def recipe(name: str):  # noqa: ANN202
+        rest = """
+[train]
+batch_size = 8
+lr_find_steps = 10
+early_stopping = { patience = 5 }
+[[train.stages]]
+name = "all"
+epochs = 2
+lr = "auto"
+unfreeze = "all"
+"""
+        return load_recipe(small_recipe(tmp_path, tiny_data, name, rest))
+
+    quiet = Console(quiet=True)
+    a = pipeline.train_stage(recipe("a"), quiet)
+    real_save = loop.save_checkpoint
+
+    def save_then_die(*args, **kw):  # noqa: ANN002, ANN003
+        real_save(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    c = recipe("c")
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train_stage(c, quiet)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    resumed = pipeline.train_stage(c, quiet, resume=True)
+    assert resumed.result.lr_find[0]["chosen"] == a.result.lr_find[0]["chosen"]
+    assert resumed.result.probe is not None and a.result.probe is not None
+    assert resumed.result.probe["accuracy"] == a.result.probe["accuracy"]
+    wa = _weights(tmp_path / "out" / "a" / "model.pt")
+    wc = _weights(c.out_dir / "model.pt")
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)

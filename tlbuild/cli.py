@@ -85,7 +85,18 @@ def run(
         f"[bold]Build done[/] in {time.perf_counter() - t0:.1f}s: {result.out} "
         f"(ran: {', '.join(ran) or 'nothing'}; reused: {', '.join(reused) or 'nothing'})"
     )
+    _print_fine_tuning_gain(console, result.out)
     _gate_verdict(console, result.gates)
+
+
+def _print_fine_tuning_gain(console: Console, out: Path) -> None:
+    """What fine-tuning bought over the head alone (issue: users should see it at the end)."""
+    from tlbuild.fileio import read_json_or_empty
+    from tlbuild.train.metrics import fine_tuning_gain
+
+    line = fine_tuning_gain(read_json_or_empty(out / "metrics.json"))
+    if line:
+        console.print(f"[bold]{escape(line)}[/]")
 
 
 def _gate_verdict(console: Console, gates: list) -> None:  # noqa: ANN001 - GateResult list
@@ -369,6 +380,33 @@ def check(recipe: RecipeArg) -> None:
     """Validate RECIPE and print it fully resolved (defaults filled, paths absolute)."""
     r = _guard(lambda: _load(recipe))
     print(json.dumps({"output": str(r.out_dir), **r.to_jsonable()}, indent=2))
+    note = _input_size_note(r)
+    if note:
+        Console(stderr=True, highlight=False).print(f"[yellow]note:[/] {escape(note)}")
+
+
+def _input_size_note(r) -> str | None:  # noqa: ANN001 - Recipe, imported lazily
+    """The input size the recipe will use, and advice when it is far above the images' size."""
+    import timm
+
+    from tlbuild.data.scan import list_class_folders
+    from tlbuild.data.sizes import auto_input_size, size_advice, summarize_sizes
+    from tlbuild.errors import DataError
+
+    folder = r.data.root if r.data.root is not None else r.data.train
+    try:
+        paths = [p for ps in list_class_folders(folder, r.data.extensions).values() for p in ps]
+    except DataError:  # `check` validates the recipe; data problems are `run`'s to report
+        return None
+    images = summarize_sizes(paths)
+    cfg = timm.models.get_pretrained_cfg(r.model.backbone)
+    default = max(cfg.input_size[1:]) if cfg is not None else 224
+    size = r.model.preprocess.input_size or default
+    if size == "auto":
+        chosen = auto_input_size(images, default)
+        shown = f"{images.width}x{images.height}" if images else "unknown"
+        return f'input_size = "auto": {chosen} px for images of about {shown} px (median)'
+    return size_advice(images, (size, size) if isinstance(size, int) else tuple(size), default)
 
 
 @app.command()

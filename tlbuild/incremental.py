@@ -104,7 +104,7 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 _NOT_TRAIN = ("report_*.png",)
 # Keys that change how fast a stage runs, not what it produces.
 # (`fingerprint` is how data changes are seen, not what the data is: see data_digest.)
-_IGNORED_KEYS = {"data": {"workers", "fingerprint"}}
+_IGNORED_KEYS = {"data": {"workers", "fingerprint", "cache_ram_mib"}}
 
 
 def _earlier(name: str) -> tuple[str, ...]:

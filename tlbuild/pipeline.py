@@ -23,6 +23,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from tlbuild.data.scan import Sample, Splits, scan_dataset
+from tlbuild.data.sizes import size_advice, summarize_sizes
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.export.checkpoint import TrainedModel, load_trained, recorded_val, save_trained
 from tlbuild.export.gate import VariantResult, evaluate_variants
@@ -36,19 +37,26 @@ from tlbuild.export.quantize import (
     make_int8,
     trt_qdq_problems,
 )
-from tlbuild.fileio import atomic_path, write_json, write_text
+from tlbuild.fileio import atomic_path, read_json_or_empty, write_json, write_text
 from tlbuild.gates import GATES_JSON, GateResult, evaluate_gates, gates_json
 from tlbuild.incremental import STAGE_NAMES, STAGES, BuildState, StageDef
 from tlbuild.models.factory import build_model
 from tlbuild.recipe import Recipe
 from tlbuild.train.loop import TrainResult, fit
-from tlbuild.train.metrics import classification_metrics, plot_confusion, plot_history
+from tlbuild.train.lr_find import LrFindResult, plot_lr_find
+from tlbuild.train.metrics import (
+    classification_metrics,
+    fine_tuning_gain,
+    plot_confusion,
+    plot_history,
+)
 
 # Files each stage owns, relative to the recipe's export folder.
 MODEL_PT = "model.pt"
 MODEL_ONNX = "model.onnx"
 SPLITS_JSON = "splits.json"
 LAST_CKPT = "checkpoints/last.pt"
+LR_FIND_PNG = "lr_find.png"
 TRAIN_FILES = [MODEL_PT, "metrics.json", "history.csv", "training_curves.png", SPLITS_JSON]
 
 
@@ -160,7 +168,12 @@ def train_stage(recipe: Recipe, console: Console, resume: bool = False) -> Train
     # Seed before building: the new head's initial weights are part of reproducibility.
     torch.manual_seed(recipe.train.seed)
     np.random.seed(recipe.train.seed)
-    built = build_model(recipe.model, len(splits.classes))
+    images = summarize_sizes([s.path for s in splits.train])
+    built = build_model(recipe.model, len(splits.classes), images)
+    default_side = max(built.model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+    advice = size_advice(images, built.preprocessing.input_size, default_side)
+    if advice and recipe.model.preprocess.input_size != "auto":
+        console.print(f"[yellow]Note: {advice}[/]")
     console.print(
         f"Backbone {recipe.model.backbone}, weights {built.weights_source}, input "
         f"{built.preprocessing.input_size[0]}x{built.preprocessing.input_size[1]} "
@@ -205,6 +218,14 @@ def train_stage(recipe: Recipe, console: Console, resume: bool = False) -> Train
     plot_history(result.history, out / "training_curves.png")
 
     metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "device": result.device}
+    head_only = _head_only(result, recipe)
+    if head_only is not None:
+        metrics["head_only"] = head_only
+    if result.lr_find:
+        metrics["lr_find"] = result.lr_find
+        plot_lr_find([LrFindResult(**_lr_fields(r)) for r in result.lr_find], out / LR_FIND_PNG)
+    else:
+        (out / LR_FIND_PNG).unlink(missing_ok=True)  # stale, from another run
     for split in ("val", "test"):
         samples: list[Sample] = getattr(splits, split)
         if samples:
@@ -219,8 +240,34 @@ def train_stage(recipe: Recipe, console: Console, resume: bool = False) -> Train
         line += (
             f", escape rate {v['escape_rate']:.1%}, false-reject rate {v['false_reject_rate']:.1%}"
         )
-    console.print(f"[bold]{line}[/] — best epoch {result.best_epoch + 1}")
+    console.print(f"[bold]{line}[/] — best: {best_label(result.best_epoch)}")
+    gain = fine_tuning_gain(metrics)
+    if gain:
+        console.print(gain)
     return TrainOutputs(result, metrics, splits)
+
+
+def best_label(epoch: int) -> str:
+    """The shipped weights in words: an epoch, or the linear probe (epoch -1)."""
+    return f"epoch {epoch + 1}" if epoch >= 0 else "the linear probe (body unchanged)"
+
+
+def _head_only(result: TrainResult, recipe: Recipe) -> dict[str, Any] | None:
+    """What the new head alone reached: the best head-only stage, else the linear probe."""
+    frozen = {s.name for s in recipe.train.stages if s.unfreeze == 0}
+    rows = [r for r in result.history if r["stage"] in frozen]
+    if not rows:
+        return result.probe
+    best = min(rows, key=lambda r: r["val_loss"])
+    return {
+        "accuracy": best["val_acc"],
+        "loss": best["val_loss"],
+        "source": f"stage '{best['stage']}', body frozen",
+    }
+
+
+def _lr_fields(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: r[k] for k in ("stage", "lrs", "losses", "chosen", "steps")}
 
 
 def _val_samples(tm: TrainedModel, out: Path) -> list[Sample]:
@@ -287,10 +334,18 @@ def export_stage(recipe: Recipe, console: Console) -> ExportOutputs:
             "parity": parity.to_dict(),
         },
         "metrics": _metrics_summary(out),
+        "training": _training_summary(out),
         # The recipe the model was trained with; its export section is this export's.
         "recipe": {**tm.meta.get("recipe", {}), "export": recipe.export.model_dump()},
     }
-    artifacts = [MODEL_ONNX, "labels.json", *TRAIN_FILES, "confusion_val.png", "confusion_test.png"]
+    artifacts = [
+        MODEL_ONNX,
+        "labels.json",
+        *TRAIN_FILES,
+        "confusion_val.png",
+        "confusion_test.png",
+        LR_FIND_PNG,
+    ]
     manifest = write_manifest(out, body, artifacts)
     console.print(f"Wrote {onnx_path} and {manifest}")
     return ExportOutputs(onnx_path, parity, manifest)
@@ -303,6 +358,27 @@ def _metrics_summary(out: Path) -> dict[str, Any]:
     m = json.loads(path.read_text(encoding="utf-8"))
     keys = ("accuracy", "macro_f1", "escape_rate", "false_reject_rate", "images")
     return {s: {k: m[s][k] for k in keys if k in m[s]} for s in ("val", "test") if s in m}
+
+
+def _training_summary(out: Path) -> dict[str, Any]:
+    """What training chose and reached, for the manifest: head-only accuracy, found rates."""
+    m = read_json_or_empty(out / "metrics.json")
+    if not m:
+        return {}
+    best = m.get("best_epoch")
+    summary: dict[str, Any] = {
+        "best_epoch": best,  # 0-based; -1 = the linear probe
+        "shipped": "linear probe"
+        if best == -1
+        else f"epoch {best + 1 if best is not None else '?'}",
+    }
+    if "head_only" in m:
+        summary["head_only"] = {k: m["head_only"][k] for k in ("accuracy", "source")}
+    if m.get("lr_find"):
+        summary["lr_find"] = [
+            {k: r[k] for k in ("stage", "chosen", "steps", "rule")} for r in m["lr_find"]
+        ]
+    return summary
 
 
 def _remove_variants(out: Path) -> None:
@@ -530,7 +606,7 @@ def _summary(stage: str, result: Any) -> str:
     """One line for build_state.json and the report."""
     if stage == "train":
         v = result.metrics["val"]
-        return f"val accuracy {v['accuracy']:.1%}, best epoch {result.result.best_epoch + 1}"
+        return f"val accuracy {v['accuracy']:.1%}, best: {best_label(result.result.best_epoch)}"
     if stage == "export":
         return f"parity max |logit diff| {result.parity.max_abs_logit_diff:.1e}"
     if stage == "quantize":

@@ -151,6 +151,14 @@ def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]
                 ["escape rate (defect predicted ok)", _pct(val["escape_rate"])],
                 ["false-reject rate (ok predicted defect)", _pct(val["false_reject_rate"])],
             ]
+        head = metrics.get("head_only")
+        if head:
+            gain = (val.get("accuracy", 0.0) - head["accuracy"]) * 100
+            summary.append(
+                [f"head only ({head['source']})", f"{_pct(head['accuracy'])} ({gain:+.1f} pts)"]
+            )
+        for r in metrics.get("lr_find", []):
+            summary.append([f"lr found for stage '{r['stage']}'", f"{r['chosen']:.3g}"])
         lines += _table(["metric", "value"], summary, "lr")
         per = val.get("per_class", {})
         rows = [
@@ -164,6 +172,7 @@ def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]
         for png, alt in (
             ("confusion_val.png", "confusion matrix"),
             ("training_curves.png", "training curves"),
+            ("lr_find.png", "learning-rate range test"),
         ):
             if (out / png).is_file():
                 lines += [f"![{alt}]({png})", ""]

@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from tlbuild.data.cache import ImageCache
 from tlbuild.data.images import load_rgb
 from tlbuild.data.preprocess import Preprocessing, normalize, preprocess
 from tlbuild.data.scan import Sample
@@ -61,17 +62,35 @@ class EvalTransform:
 
 
 class ImageDataset(Dataset):
-    """Decodes a sample with `load_rgb` and applies a transform returning a CHW array."""
+    """Decodes a sample with `load_rgb` and applies a transform returning a CHW array.
+
+    With `cache` (data/cache.py), sample i comes from the cache instead of the file.
+    """
 
     def __init__(
-        self, samples: Sequence[Sample], transform: Callable[[Image.Image], np.ndarray]
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[[Image.Image], np.ndarray],
+        cache: ImageCache | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         s = self.samples[i]
-        return torch.from_numpy(self.transform(load_rgb(s.path))), s.label
+        img = Image.fromarray(self.cache.get(i)) if self.cache is not None else load_rgb(s.path)
+        return torch.from_numpy(self.transform(img)), s.label
+
+
+class CachedEval:
+    """The inference preprocessing for images the cache already resized: normalising only."""
+
+    def __init__(self, spec: Preprocessing) -> None:
+        self.spec = spec
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        return normalize(img, self.spec)

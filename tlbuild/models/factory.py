@@ -12,6 +12,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from tlbuild.data.preprocess import Preprocessing
+from tlbuild.data.sizes import SizeSummary, auto_input_size
 from tlbuild.errors import UsageError
 from tlbuild.models.weights import (
     bundled_weights_path,
@@ -54,10 +55,18 @@ def _check_name(backbone: str) -> None:
         )
 
 
-def resolve_preprocessing(model: nn.Module, overrides: PreprocessConfig) -> Preprocessing:
-    """The backbone's timm preprocessing with the recipe's overrides applied."""
+def resolve_preprocessing(
+    model: nn.Module, overrides: PreprocessConfig, images: SizeSummary | None = None
+) -> Preprocessing:
+    """The backbone's timm preprocessing with the recipe's overrides applied.
+
+    `images` (the training images' sizes) resolves `input_size = "auto"`.
+    """
     cfg = timm.data.resolve_data_config({}, model=model)
-    size = overrides.input_size or tuple(cfg["input_size"][1:])
+    default = tuple(cfg["input_size"][1:])
+    size = overrides.input_size or default
+    if size == "auto":
+        size = auto_input_size(images, max(default))
     if isinstance(size, int):
         size = (size, size)
     interp = overrides.interpolation or cfg.get("interpolation", "bilinear")
@@ -88,8 +97,13 @@ def _hub_pretrained(cfg: ModelConfig, num_classes: int) -> nn.Module:
         ) from None
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> BuiltModel:
-    """Create `cfg.backbone` with a new head (global pool, dropout, linear) and its weights."""
+def build_model(
+    cfg: ModelConfig, num_classes: int, images: SizeSummary | None = None
+) -> BuiltModel:
+    """Create `cfg.backbone` with a new head (global pool, dropout, linear) and its weights.
+
+    `images` (the training images' sizes) resolves `input_size = "auto"`.
+    """
     _check_name(cfg.backbone)
     bundled = bundled_weights_path(cfg.backbone) if cfg.weights == "imagenet" else None
     if cfg.weights == "imagenet" and bundled is None:
@@ -116,7 +130,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> BuiltModel:
             source = f"file: {path}"
     if num_classes != 1000 or cfg.weights == "none":  # a new head, not ImageNet's own
         _init_head(model)
-    return BuiltModel(model, resolve_preprocessing(model, cfg.preprocess), source)
+    return BuiltModel(model, resolve_preprocessing(model, cfg.preprocess, images), source)
 
 
 def _init_head(model: nn.Module) -> None:

@@ -58,6 +58,24 @@ def classification_metrics(
     return out
 
 
+def fine_tuning_gain(metrics: dict[str, Any]) -> str | None:
+    """'val accuracy next to the head-only one' from metrics.json, or None without the latter."""
+    head, val = metrics.get("head_only"), metrics.get("val")
+    if not head or not val:
+        return None
+    if metrics.get("best_epoch") == -1:
+        return (
+            f"Validation accuracy {val['accuracy']:.1%}: the linear probe (frozen body, fitted "
+            "head) shipped, since no epoch of fine-tuning beat its validation loss"
+        )
+    gain = (val["accuracy"] - head["accuracy"]) * 100
+    return (
+        f"Validation accuracy {val['accuracy']:.1%}; head only ({head['source']}) "
+        f"{head['accuracy']:.1%}: fine-tuning the body {'added' if gain >= 0 else 'changed'} "
+        f"{gain:+.1f} points"
+    )
+
+
 def plot_confusion(metrics: dict[str, Any], path: Path, title: str) -> None:
     """Confusion matrix PNG: counts and row-normalised colour, so rare classes stay visible."""
     import matplotlib

@@ -10,11 +10,11 @@ from tlbuild.models.factory import body_groups, head_parameters
 from tlbuild.recipe import StageConfig
 
 
-def apply_stage(model: nn.Module, stage: StageConfig) -> list[dict[str, Any]]:
+def apply_stage(model: nn.Module, stage: StageConfig, lr: float) -> list[dict[str, Any]]:
     """Freeze all but the head and the top `stage.unfreeze` body groups; return optimizer groups.
 
-    The head trains at `stage.lr`, unfrozen body groups at `stage.lr * stage.body_lr_mult`
-    (discriminative rates, as fastai's fine_tune does).
+    The head trains at `lr` (the stage's, or the one its range test found), unfrozen body groups
+    at `lr * stage.body_lr_mult` (discriminative rates, as fastai's fine_tune does).
     """
     groups = body_groups(model)
     n = len(groups) if stage.unfreeze == "all" else min(int(stage.unfreeze), len(groups))
@@ -24,9 +24,9 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> list[dict[str, Any]]:
     body = [p for g in groups[len(groups) - n :] for p in g] if n else []
     for p in head + body:
         p.requires_grad_(True)
-    param_groups: list[dict[str, Any]] = [{"params": head, "lr": stage.lr, "name": "head"}]
+    param_groups: list[dict[str, Any]] = [{"params": head, "lr": lr, "name": "head"}]
     if body:
-        param_groups.append({"params": body, "lr": stage.lr * stage.body_lr_mult, "name": "body"})
+        param_groups.append({"params": body, "lr": lr * stage.body_lr_mult, "name": "body"})
     return param_groups
 
 
