@@ -390,7 +390,7 @@ def _input_size_note(r) -> str | None:  # noqa: ANN001 - Recipe, imported lazily
     import timm
 
     from tlbuild.data.scan import list_class_folders
-    from tlbuild.data.sizes import auto_input_size, size_advice, summarize_sizes
+    from tlbuild.data.sizes import resolve_input_size, size_advice, summarize_sizes
     from tlbuild.errors import DataError
 
     folder = r.data.root if r.data.root is not None else r.data.train
@@ -400,13 +400,13 @@ def _input_size_note(r) -> str | None:  # noqa: ANN001 - Recipe, imported lazily
         return None
     images = summarize_sizes(paths)
     cfg = timm.models.get_pretrained_cfg(r.model.backbone)
-    default = max(cfg.input_size[1:]) if cfg is not None else 224
-    size = r.model.preprocess.input_size or default
-    if size == "auto":
-        chosen = auto_input_size(images, default)
+    default = tuple(cfg.input_size[1:]) if cfg is not None else (224, 224)
+    requested = r.model.preprocess.input_size
+    size = resolve_input_size(requested, images, default)
+    if requested == "auto":
         shown = f"{images.width}x{images.height}" if images else "unknown"
-        return f'input_size = "auto": {chosen} px for images of about {shown} px (median)'
-    return size_advice(images, (size, size) if isinstance(size, int) else tuple(size), default)
+        return f'input_size = "auto": {size[0]} px for images of about {shown} px (median)'
+    return size_advice(images, size, max(default))
 
 
 @app.command()

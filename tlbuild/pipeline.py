@@ -43,7 +43,7 @@ from tlbuild.incremental import STAGE_NAMES, STAGES, BuildState, StageDef
 from tlbuild.models.factory import build_model
 from tlbuild.recipe import Recipe
 from tlbuild.train.loop import TrainResult, fit
-from tlbuild.train.lr_find import LrFindResult, plot_lr_find
+from tlbuild.train.lr_find import plot_lr_find
 from tlbuild.train.metrics import (
     classification_metrics,
     fine_tuning_gain,
@@ -223,7 +223,7 @@ def train_stage(recipe: Recipe, console: Console, resume: bool = False) -> Train
         metrics["head_only"] = head_only
     if result.lr_find:
         metrics["lr_find"] = result.lr_find
-        plot_lr_find([LrFindResult(**_lr_fields(r)) for r in result.lr_find], out / LR_FIND_PNG)
+        plot_lr_find(result.lr_find, out / LR_FIND_PNG)
     else:
         (out / LR_FIND_PNG).unlink(missing_ok=True)  # stale, from another run
     for split in ("val", "test"):
@@ -264,10 +264,6 @@ def _head_only(result: TrainResult, recipe: Recipe) -> dict[str, Any] | None:
         "loss": best["val_loss"],
         "source": f"stage '{best['stage']}', body frozen",
     }
-
-
-def _lr_fields(r: dict[str, Any]) -> dict[str, Any]:
-    return {k: r[k] for k in ("stage", "lrs", "losses", "chosen", "steps")}
 
 
 def _val_samples(tm: TrainedModel, out: Path) -> list[Sample]:
@@ -365,13 +361,8 @@ def _training_summary(out: Path) -> dict[str, Any]:
     m = read_json_or_empty(out / "metrics.json")
     if not m:
         return {}
-    best = m.get("best_epoch")
-    summary: dict[str, Any] = {
-        "best_epoch": best,  # 0-based; -1 = the linear probe
-        "shipped": "linear probe"
-        if best == -1
-        else f"epoch {best + 1 if best is not None else '?'}",
-    }
+    best = int(m["best_epoch"])
+    summary: dict[str, Any] = {"best_epoch": best, "shipped": best_label(best)}  # -1: the probe
     if "head_only" in m:
         summary["head_only"] = {k: m["head_only"][k] for k in ("accuracy", "source")}
     if m.get("lr_find"):

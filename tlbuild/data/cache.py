@@ -130,7 +130,6 @@ def fill_cache(
     paths: Sequence[Path],
     prepare: Callable[[Image.Image], Image.Image],
     on_done: Callable[[], None] | None = None,
-    offset: int = 0,
 ) -> None:
     """Decode `paths` in threads (Pillow releases the GIL) and store prepare(image) in order."""
     workers = min(8, (os.cpu_count() or 2) * 2)
@@ -141,7 +140,7 @@ def fill_cache(
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         for k, arr in enumerate(pool.map(load, paths)):
-            cache.put(offset + k, arr)
+            cache.put(k, arr)
             if on_done is not None:
                 on_done()
     finally:

@@ -64,6 +64,18 @@ def auto_input_size(summary: SizeSummary | None, default: int) -> int:
     return max(AUTO_MIN, min(default, side))
 
 
+def resolve_input_size(
+    requested: int | tuple[int, int] | str | None,
+    images: SizeSummary | None,
+    default: tuple[int, int],
+) -> tuple[int, int]:
+    """(h, w) for a recipe's `input_size`: as written, the backbone's `default`, or "auto"'s."""
+    size = requested or default
+    if size == "auto":
+        size = auto_input_size(images, max(default))
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def size_advice(
     summary: SizeSummary | None, input_size: tuple[int, int], default: int
 ) -> str | None:

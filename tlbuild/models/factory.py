@@ -12,7 +12,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from tlbuild.data.preprocess import Preprocessing
-from tlbuild.data.sizes import SizeSummary, auto_input_size
+from tlbuild.data.sizes import SizeSummary, resolve_input_size
 from tlbuild.errors import UsageError
 from tlbuild.models.weights import (
     bundled_weights_path,
@@ -63,17 +63,12 @@ def resolve_preprocessing(
     `images` (the training images' sizes) resolves `input_size = "auto"`.
     """
     cfg = timm.data.resolve_data_config({}, model=model)
-    default = tuple(cfg["input_size"][1:])
-    size = overrides.input_size or default
-    if size == "auto":
-        size = auto_input_size(images, max(default))
-    if isinstance(size, int):
-        size = (size, size)
+    size = resolve_input_size(overrides.input_size, images, tuple(cfg["input_size"][1:]))
     interp = overrides.interpolation or cfg.get("interpolation", "bilinear")
     if interp not in ("nearest", "bilinear", "bicubic", "lanczos"):
         interp = "bicubic"
     return Preprocessing(
-        input_size=(int(size[0]), int(size[1])),
+        input_size=size,
         interpolation=interp,
         mean=tuple(float(m) for m in (overrides.mean or cfg["mean"])),  # type: ignore[arg-type]
         std=tuple(float(s) for s in (overrides.std or cfg["std"])),  # type: ignore[arg-type]

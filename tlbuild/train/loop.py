@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from tlbuild.data.cache import ImageCache, eval_preparer, fill_cache, train_preparer
 from tlbuild.data.dataset import CachedEval, EvalTransform, ImageDataset, train_transform
-from tlbuild.data.preprocess import Preprocessing, preprocess
+from tlbuild.data.preprocess import Preprocessing
 from tlbuild.data.scan import Sample, Splits
 from tlbuild.errors import UsageError
 from tlbuild.fileio import atomic_path
@@ -107,20 +107,10 @@ def _loaders(
         **common,
     )
     # The training images as inference sees them (the probe's features), from the same cache.
-    plain = ImageDataset(splits.train, _PlainTrain(spec), train_cache)
+    plain = ImageDataset(splits.train, EvalTransform(spec), train_cache)
     val_tf = CachedEval(spec) if val_cache is not None else EvalTransform(spec)
     val = DataLoader(ImageDataset(splits.val, val_tf, val_cache), shuffle=False, **common)
     return train, DataLoader(plain, shuffle=False, **common), val, gen
-
-
-class _PlainTrain:
-    """Inference preprocessing of a training image (cached or decoded; both are full images)."""
-
-    def __init__(self, spec: Preprocessing) -> None:
-        self.spec = spec
-
-    def __call__(self, img: Any) -> np.ndarray:
-        return preprocess(img, self.spec)
 
 
 def build_caches(

@@ -133,8 +133,8 @@ def lr_range_test(
     return LrFindResult(stage, lrs, losses, float(chosen), len(lrs))
 
 
-def plot_lr_find(results: list[LrFindResult], path: Path) -> None:
-    """Loss against learning rate per stage, the chosen rate marked."""
+def plot_lr_find(results: list[dict[str, Any]], path: Path) -> None:
+    """Loss against learning rate per stage (LrFindResult.to_dict form), the chosen rate marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,15 +144,16 @@ def plot_lr_find(results: list[LrFindResult], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for r in results:
-        (line,) = ax.plot(r.lrs, r.losses, label=f"{r.stage}: chosen {r.chosen:.2g}")
-        ax.axvline(r.chosen, color=line.get_color(), linestyle="--", linewidth=1)
+        (line,) = ax.plot(r["lrs"], r["losses"], label=f"{r['stage']}: chosen {r['chosen']:.2g}")
+        ax.axvline(r["chosen"], color=line.get_color(), linestyle="--", linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("head learning rate")
     ax.set_ylabel("training loss (smoothed)")
     ax.set_title("Learning-rate range test")
-    if results and any(r.losses for r in results):
-        lo = min(min(r.losses) for r in results if r.losses)
-        first = max(r.losses[0] for r in results if r.losses)
+    curves = [r["losses"] for r in results if r["losses"]]
+    if curves:
+        lo = min(min(c) for c in curves)
+        first = max(c[0] for c in curves)
         ax.set_ylim(lo * 0.9, max(first, lo) * 1.5)
     ax.legend(fontsize=8)
     fig.tight_layout()
