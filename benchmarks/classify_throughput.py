@@ -95,7 +95,7 @@ def naive_rate(model_pt: Path, paths: list[Path]) -> float:
     import torch
 
     from tlbuild.data.preprocess import preprocess
-    from tlbuild.export.checkpoint import load_trained
+    from tlbuild.models.checkpoint import load_trained
 
     tm = load_trained(model_pt)
     model = tm.model.eval()

@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).parent / "accuracy"))
 import datasets  # noqa: E402
 from run import DATA_ROOT, SIZES  # noqa: E402
 
-from tlbuild import pipeline  # noqa: E402
 from tlbuild.data.cache import ImageCache, fill_cache, train_preparer  # noqa: E402
 from tlbuild.data.dataset import ImageDataset, train_transform  # noqa: E402
 from tlbuild.data.scan import scan_dataset  # noqa: E402
-from tlbuild.models.factory import build_model  # noqa: E402
+from tlbuild.models.factory import make_model  # noqa: E402
 from tlbuild.recipe import load_recipe  # noqa: E402
+from tlbuild.runner import call_stage  # noqa: E402
 
 
 def _recipe(data: Path, size: int, work: Path, cache: bool) -> Path:
@@ -90,7 +90,7 @@ def main(names: list[str]) -> None:
             work = Path(tmp)
             recipe = load_recipe(_recipe(data, SIZES[name], work, True))
             splits = scan_dataset(recipe.data)
-            spec = build_model(recipe.model, len(splits.classes)).preprocessing
+            spec = make_model(recipe.model, len(splits.classes)).preprocessing
             tf = train_transform(spec, recipe.train.augment)
             cache = ImageCache(1 << 31)
             t0 = time.perf_counter()
@@ -102,7 +102,7 @@ def main(names: list[str]) -> None:
             weights, epoch_s = [], []
             for use_cache in (False, True):
                 r = load_recipe(_recipe(data, SIZES[name], work, use_cache))
-                out = pipeline.train_stage(r, Console(quiet=True))
+                out = call_stage("train", r, Console(quiet=True))
                 epoch_s.append(sum(h["seconds"] for h in out.result.history) / 2)
                 weights.append(out.result.model.state_dict())
             same = all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

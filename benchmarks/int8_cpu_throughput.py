@@ -15,18 +15,20 @@ import sys
 import time
 from pathlib import Path
 
-from tlbuild.export.checkpoint import load_trained
-from tlbuild.export.gate import variant_session
-from tlbuild.export.parity import load_batch
+from tlbuild.data.preprocess import Preprocessing, load_batch
+from tlbuild.data.splits_file import read_split
+from tlbuild.manifest import read_manifest
+from tlbuild.runtime.sessions import ort_session
 
 
 def main(export_dir: str, batch: int = 32, rounds: int = 15) -> None:
     out = Path(export_dir)
-    tm = load_trained(out / "model.pt")
-    paths = [Path(p) for p, _ in tm.meta["val"]]
-    x = load_batch((paths * (batch // len(paths) + 1))[:batch], tm.preprocessing)
+    manifest = read_manifest(out)
+    paths = [s.path for s in read_split(out, "val", manifest.classes)]
+    spec = Preprocessing.from_dict(manifest.preprocessing)
+    x = load_batch((paths * (batch // len(paths) + 1))[:batch], spec)
     models = {"fp32": out / "model.onnx", "int8_cpu": out / "model.int8.cpu.onnx"}
-    sessions = {k: variant_session(p, simulate_qdq=False) for k, p in models.items()}
+    sessions = {k: ort_session(p) for k, p in models.items()}
     name = sessions["fp32"].get_inputs()[0].name
     for s in sessions.values():  # warm-up
         for _ in range(2):

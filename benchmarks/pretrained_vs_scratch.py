@@ -17,8 +17,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tlbuild.pipeline import train_stage
 from tlbuild.recipe import ModelConfig, StageConfig, TrainConfig, load_recipe
+from tlbuild.runner import call_stage
 
 
 def main(recipe_path: str) -> None:
@@ -47,7 +47,7 @@ def main(recipe_path: str) -> None:
             r = recipe.model_copy(update=update)
             console.rule(f"{label}")
             t0 = time.perf_counter()
-            out = train_stage(r, console)
+            out = call_stage("train", r, console)
             results[label] = (
                 out.metrics["val"]["accuracy"],
                 out.metrics["val"]["loss"],

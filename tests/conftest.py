@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -92,10 +93,17 @@ def data_copy(tiny_data: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_build(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One full `run` of the tiny recipe; returns its export folder."""
-    from tlbuild import pipeline
+    from tlbuild import runner
     from tlbuild.recipe import load_recipe
 
     folder = tmp_path_factory.mktemp("build")
     recipe = load_recipe(tiny_recipe(folder, tiny_data))
-    pipeline.run(recipe, Console(quiet=True))
+    runner.run(recipe, Console(quiet=True))
     return recipe.out_dir
+
+
+def run_stage(name: str, recipe: Any, console: Console | None = None, resume: bool = False) -> Any:
+    """Run one stage's body directly (no incremental record), returning its typed result."""
+    from tlbuild.runner import call_stage
+
+    return call_stage(name, recipe, console or Console(quiet=True), resume)

@@ -9,8 +9,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from tests.conftest import tiny_recipe
-from tlbuild import pipeline
+from tests.conftest import run_stage, tiny_recipe
 from tlbuild.data.cache import (
     ImageCache,
     eval_preparer,
@@ -86,7 +85,7 @@ def test_training_with_and_without_the_cache_gives_the_same_weights(
         path.write_text(text)
         recipe = load_recipe(path)
         assert recipe.data.cache is (cache == "true")
-        pipeline.train_stage(recipe, Console(quiet=True))
+        run_stage("train", recipe, Console(quiet=True))
         weights.append(
             torch.load(recipe.out_dir / "model.pt", map_location="cpu", weights_only=True)[
                 "state_dict"

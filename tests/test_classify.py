@@ -162,7 +162,18 @@ def test_classify_writes_one_row_per_input_and_keeps_bad_files(
     out = tmp_path / "res.parquet"
     res = _classify(str(images), "--model", str(tiny_build), "--out", str(out), "--topk", "2")
     assert res.exit_code == 0, res.output
-    assert "13 classified" in res.output and "error" in res.output
+    assert "13 files classified" in res.output and "error" in res.output
+    # One denominator per column: each row's share of all files, and of the readable ones.
+    cells = {
+        row[0]: row[1:]
+        for row in ([c.strip() for c in ln.split("│")[1:-1]] for ln in res.output.splitlines())
+        if row
+    }
+    n_err = len(expected_errors)
+    assert cells["error"] == [str(n_err), f"{n_err / 13:.1%}", "-"]
+    label_rows = [v for k, v in cells.items() if k in CLASSES]
+    assert sum(int(v[0]) for v in label_rows) == 13 - n_err
+    assert sum(float(v[2].rstrip("%")) for v in label_rows) == pytest.approx(100, abs=0.2)
     assert not out.with_name("res.parquet.journal").exists()
 
     df = pd.read_parquet(out)  # pyarrow
@@ -189,6 +200,22 @@ def test_classify_writes_one_row_per_input_and_keeps_bad_files(
     q = f"select count(*), count(error) from '{out}'"
     n, errors = duckdb.connect().execute(q).fetchall()[0]
     assert (n, errors) == (len(df), len(expected_errors))
+
+
+def test_gif_files_in_a_folder_are_classified_as_training_reads_them(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    images = tmp_path / "gifs"
+    images.mkdir()
+    frame = Image.effect_noise((64, 48), 30).convert("RGB")
+    frame.save(images / "a.gif")
+    frame.save(images / "b.png")
+    out = tmp_path / "gif.parquet"
+    res = _classify(str(images), "--model", str(tiny_build), "--out", str(out))
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(out)
+    assert sorted(Path(p).name for p in df.path) == ["a.gif", "b.png"]
+    assert df.error.isna().all()
 
 
 def test_resume_skips_done_inputs_and_refuses_another_model(
@@ -353,7 +380,7 @@ def test_retry_errors_classifies_a_fixed_file_again(tiny_build: Path, tmp_path: 
     assert _classify(*base).exit_code == 0  # plain resume: nothing to do
     assert len(pd.read_parquet(out)) == 2
     res = _classify(*base, "--retry-errors")
-    assert res.exit_code == 0 and "1 classified" in res.output
+    assert res.exit_code == 0 and "1 file classified" in res.output
     df = pd.read_parquet(out).sort_values("classified_at")
     rows = df[df.path == str(late)]
     assert len(rows) == 2 and rows.error.iloc[0] and pd.isna(rows.error.iloc[-1])

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tlbuild.cli import app
-from tlbuild.export.tensorrt_build import tensorrt_status
+from tlbuild.runtime.tensorrt import tensorrt_status
 
 runner = CliRunner()
 no_trt = pytest.mark.skipif(tensorrt_status()[0], reason="TensorRT is present: skip path unused")
@@ -23,7 +23,7 @@ def test_run_records_the_engine_stage_as_skipped_with_the_reason(tiny_build: Pat
 def test_build_on_device_from_the_export_folder_alone(tiny_build: Path) -> None:
     res = runner.invoke(app, ["build", "--on-device", str(tiny_build)])
     assert res.exit_code == 0, res.output
-    assert "TensorRT build skipped" in res.output
+    assert "TensorRT engines skipped" in res.output
 
 
 def test_build_needs_exactly_one_source(tmp_path: Path) -> None:

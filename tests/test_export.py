@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 from rich.console import Console
 
-from tlbuild import pipeline
+from tlbuild import runner
 from tlbuild.errors import BuildError
-from tlbuild.export.checkpoint import load_trained
 from tlbuild.fileio import sha256_file
+from tlbuild.models.checkpoint import load_trained
 from tlbuild.recipe import ExportConfig, load_recipe
 
 
@@ -56,7 +56,7 @@ def test_manifest_records_preprocessing_io_parity_and_hashes(tiny_build: Path) -
 def test_onnx_matches_pytorch_on_real_images(tiny_build: Path) -> None:
     import torch
 
-    from tlbuild.export.parity import load_batch
+    from tlbuild.data.preprocess import load_batch
 
     tm = load_trained(tiny_build / "model.pt")
     split = json.loads((tiny_build / "splits.json").read_text())
@@ -82,5 +82,7 @@ def test_parity_failure_fails_the_build_and_leaves_no_onnx(
         update={"output_dir": tmp_path, "name": "copy", "export": ExportConfig(parity_atol=1e-12)}
     )
     with pytest.raises(BuildError, match=r"disagrees with PyTorch on 8 validation images"):
-        pipeline.export_stage(strict, Console(quiet=True))
+        runner.run_one(strict, Console(quiet=True), "export")
+    # The variants of the previous model.onnx go too: never beside a different model.
     assert sorted(p.name for p in out.glob("*.onnx*")) == []
+    assert not (out / ".aside").exists()

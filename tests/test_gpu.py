@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 
 from tests.conftest import tiny_recipe
-from tlbuild import pipeline
+from tlbuild import runner
 from tlbuild.recipe import load_recipe
 
 pytestmark = [
@@ -24,7 +24,7 @@ def test_cuda_training_with_amp_and_channels_last_exports_a_matching_onnx(
 ) -> None:
     recipe = load_recipe(tiny_recipe(tmp_path, tiny_data, name="gpu"))
     assert recipe.train.device == "auto" and recipe.train.amp and recipe.train.channels_last
-    pipeline.run(recipe, Console(quiet=True))
+    runner.run(recipe, Console(quiet=True))
     metrics = json.loads((recipe.out_dir / "metrics.json").read_text())
     assert metrics["device"].startswith("cuda")
     manifest = json.loads((recipe.out_dir / "manifest.json").read_text())

@@ -12,13 +12,14 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from tests.conftest import tiny_recipe
-from tlbuild import pipeline
+from tlbuild import runner
 from tlbuild.cli import app
 from tlbuild.errors import RecipeError
-from tlbuild.incremental import STAGES, BuildState
+from tlbuild.incremental import StageRecords
 from tlbuild.recipe import load_recipe
+from tlbuild.stages import STAGES
 
-runner = CliRunner()
+cli = CliRunner()
 QUIET = Console(quiet=True)
 
 
@@ -29,7 +30,7 @@ def _copy_of_build(tiny_build: Path, tiny_data: Path, folder: Path, extra: str =
     return recipe
 
 
-def _actions(result: pipeline.RunResult) -> dict[str, str]:
+def _actions(result: runner.RunResult) -> dict[str, str]:
     return {s.stage: s.action for s in result.stages}
 
 
@@ -46,31 +47,31 @@ def test_a_copied_build_is_fresh_and_each_section_reruns_only_its_stages(
     out = tmp_path / "out" / "tiny"
     model_mtime = (out / "model.pt").stat().st_mtime_ns
 
-    first = pipeline.run(load_recipe(recipe), QUIET)
+    first = runner.run(load_recipe(recipe), QUIET)
     assert set(_actions(first).values()) == {"reused"}  # nothing to do, even in a new folder
 
     _rewrite(recipe, "min_iters = 5", "min_iters = 6")
-    changed = _actions(pipeline.run(load_recipe(recipe), QUIET))
+    changed = _actions(runner.run(load_recipe(recipe), QUIET))
     assert changed == {
         "train": "reused",
         "export": "reused",
         "quantize": "reused",
-        "build": "reused",
+        "engines": "reused",
         "bench": "ran",
         "report": "ran",
     }
     assert json.loads((out / "bench.json").read_text())["settings"]["min_iters"] == 6
 
     _rewrite(recipe, "parity_images = 8", "parity_images = 6")
-    rows = {r.stage: r for r in pipeline.stage_status(load_recipe(recipe))}
+    rows = {r.stage: r for r in runner.stage_status(load_recipe(recipe))}
     assert rows["train"].action == "fresh" and rows["export"].action == "stale"
     assert rows["export"].why == ["recipe [export] changed"]
-    ran = _actions(pipeline.run(load_recipe(recipe), QUIET))
+    ran = _actions(runner.run(load_recipe(recipe), QUIET))
     assert ran["train"] == "reused"
-    assert all(ran[s] == "ran" for s in ("export", "quantize", "build", "bench", "report"))
+    assert all(ran[s] == "ran" for s in ("export", "quantize", "engines", "bench", "report"))
     assert (out / "model.pt").stat().st_mtime_ns == model_mtime  # never retrained
 
-    forced = _actions(pipeline.run(load_recipe(recipe), QUIET, force=("bench",)))
+    forced = _actions(runner.run(load_recipe(recipe), QUIET, force=("bench",)))
     assert forced["bench"] == "ran" and forced["quantize"] == "reused"
 
 
@@ -83,14 +84,14 @@ def test_status_says_why_a_stage_is_stale(
     out = tmp_path / "out" / "tiny"
     shutil.copytree(tiny_build, out)
     # Same files elsewhere: the copy has new paths, so training is stale with the reason.
-    res = runner.invoke(app, ["status", str(recipe)])
+    res = cli.invoke(app, ["status", str(recipe)])
     assert res.exit_code == 0 and "dataset changed" in res.output
 
     recipe = tiny_recipe(tmp_path, tiny_data)
-    assert "stale" not in runner.invoke(app, ["status", str(recipe)]).output
+    assert "stale" not in cli.invoke(app, ["status", str(recipe)]).output
     (out / "model.int8.cpu.onnx").write_bytes(b"tampered")
     (out / "model.onnx").unlink()
-    rows = {r.stage: r for r in pipeline.stage_status(load_recipe(recipe))}
+    rows = {r.stage: r for r in runner.stage_status(load_recipe(recipe))}
     assert "model.onnx is missing" in rows["export"].why
     assert "model.int8.cpu.onnx was modified" in rows["quantize"].why
     assert rows["train"].action == "fresh"
@@ -105,17 +106,17 @@ def test_a_new_image_makes_training_stale(
     out = tmp_path / "out" / "tiny"
     shutil.copytree(tiny_build, out)
     # Record training as built from this recipe and data folder as they are now.
-    state = BuildState(out)
-    state.stages["train"]["inputs"] = state.inputs(STAGES[0], load_recipe(recipe), None)
-    state._save()
-    assert pipeline.stage_status(load_recipe(recipe))[0].action == "fresh"
+    records = StageRecords(out)
+    records.stages["train"]["inputs"] = records.inputs(STAGES[0], (), load_recipe(recipe), None)
+    records._save()
+    assert runner.stage_status(load_recipe(recipe))[0].action == "fresh"
 
     extra = data / "ok" / "ok_new.jpg"
     shutil.copy(next((data / "ok").glob("*.jpg")), extra)
-    row = pipeline.stage_status(load_recipe(recipe))[0]
+    row = runner.stage_status(load_recipe(recipe))[0]
     assert row.action == "stale" and "dataset changed (33 files" in row.why[0]
     os.utime(extra, ns=(1, 1))  # a changed time counts too (content hashes on request)
-    assert pipeline.stage_status(load_recipe(recipe))[0].action == "stale"
+    assert runner.stage_status(load_recipe(recipe))[0].action == "stale"
 
 
 def test_a_stage_killed_midway_is_rerun(
@@ -127,16 +128,16 @@ def test_a_stage_killed_midway_is_rerun(
     def killed(*args: object) -> None:
         raise KeyboardInterrupt  # what a kill looks like from inside the stage
 
-    monkeypatch.setattr(pipeline, "bench_stage", killed)
+    monkeypatch.setattr("tlbuild.stages.bench.bench_folder", killed)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run(load_recipe(recipe), QUIET)
+        runner.run(load_recipe(recipe), QUIET)
     monkeypatch.undo()
-    rows = {r.stage: r for r in pipeline.stage_status(load_recipe(recipe))}
-    assert rows["bench"].why == ["never built (or its last run did not finish)"]
+    rows = {r.stage: r for r in runner.stage_status(load_recipe(recipe))}
+    assert len(rows["bench"].why) == 1 and rows["bench"].why[0].endswith("did not finish")
     assert rows["quantize"].action == "fresh"
     out = tmp_path / "out" / "tiny"
     (out / ".model.int8.cpu.k3j2h1.tmp.onnx").write_bytes(b"half")  # a real kill leaves these
-    ran = _actions(pipeline.run(load_recipe(recipe), QUIET))
+    ran = _actions(runner.run(load_recipe(recipe), QUIET))
     assert ran["bench"] == "ran" and ran["train"] == "reused"
     assert not [p for p in out.iterdir() if ".tmp" in p.name]  # no half-written files
 
@@ -152,7 +153,7 @@ max_int8_drop = 100.0
 max_p99_ms = { "model.int8.cpu.onnx" = { 1 = 100000.0 }, "model.fp16.*.engine" = { 4 = 1.0 } }
 """
     recipe = _copy_of_build(tiny_build, tiny_data, tmp_path, extra=gates)
-    res = runner.invoke(app, ["run", str(recipe)])
+    res = cli.invoke(app, ["run", str(recipe)])
     assert res.exit_code == 0, res.output
     assert "report" in res.output and "All 6 gates passed" not in res.output
     # The end of the run says what fine-tuning bought over the head-only stage, reused or not.
@@ -167,7 +168,7 @@ max_p99_ms = { "model.int8.cpu.onnx" = { 1 = 100000.0 }, "model.fp16.*.engine" =
 
     _rewrite(recipe, "{ 1 = 100000.0 }", "{ 1 = 0.0001 }")
     _rewrite(recipe, "min_accuracy = 0.0", "min_accuracy = 1.0")
-    res = runner.invoke(app, ["run", str(recipe)])
+    res = cli.invoke(app, ["run", str(recipe)])
     assert res.exit_code == 1
     assert (
         "max_p99_ms[model.int8.cpu.onnx on onnxruntime:CPUExecutionProvider, batch 1]" in res.output
@@ -207,7 +208,7 @@ def test_gate_typos_are_recipe_errors(tiny_data: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(RecipeError, match="batch size 64, which bench does not measure"):
         load_recipe(bad)
-    res = runner.invoke(app, ["run", str(tiny_recipe(tmp_path, tiny_data)), "--force", "nope"])
+    res = cli.invoke(app, ["run", str(tiny_recipe(tmp_path, tiny_data)), "--force", "nope"])
     assert res.exit_code == 2 and "not a stage" in res.output
 
 
@@ -216,7 +217,7 @@ def test_disabling_a_stage_removes_its_files_and_reruns_what_follows(
 ) -> None:
     recipe = _copy_of_build(tiny_build, tiny_data, tmp_path, extra="[quantize]\nvariants = []")
     out = tmp_path / "out" / "tiny"
-    ran = _actions(pipeline.run(load_recipe(recipe), QUIET))
+    ran = _actions(runner.run(load_recipe(recipe), QUIET))
     assert ran["quantize"] == "disabled" and ran["train"] == "reused"
     assert ran["bench"] == "ran" and ran["report"] == "ran"
     assert not list(out.glob("model.*.onnx"))
@@ -224,7 +225,7 @@ def test_disabling_a_stage_removes_its_files_and_reruns_what_follows(
     assert "variants" not in manifest and "model.int8.cpu.onnx" not in manifest["artifacts"]
     bench = json.loads((out / "bench.json").read_text())
     assert {r["artifact"] for r in bench["results"]} == {"model.pt", "model.onnx"}
-    assert set(_actions(pipeline.run(load_recipe(recipe), QUIET)).values()) <= {
+    assert set(_actions(runner.run(load_recipe(recipe), QUIET)).values()) <= {
         "reused",
         "disabled",
     }
@@ -257,3 +258,100 @@ def test_the_data_fingerprint_survives_a_symlink_loop(tiny_data: Path, tmp_path:
     before = data_digest(recipe)
     os.symlink(data, data / "ok" / "loop")  # a loop training does not follow either
     assert data_digest(recipe) == before
+
+
+def test_each_stage_is_one_module_keyed_on_the_code_it_imports() -> None:
+    from tlbuild.incremental import module_closure
+
+    package = Path(__file__).parent.parent / "tlbuild"
+    assert [s.name for s in STAGES] == ["train", "export", "quantize", "engines", "bench", "report"]
+    code = {
+        s.name: {p.relative_to(package).as_posix() for p in module_closure(s.module)}
+        for s in STAGES
+    }
+    for s in STAGES:
+        assert s.module == f"tlbuild.stages.{s.name}"
+        others = {f"stages/{o.name}.py" for o in STAGES if o is not s}
+        assert f"stages/{s.name}.py" in code[s.name] and not code[s.name] & others
+    assert "data/synth.py" not in code["train"] and "train/loop.py" in code["train"]
+    assert not {"train/loop.py", "export/quantize.py"} & code["export"]
+    assert "export/quantize.py" in code["quantize"] and "train/loop.py" not in code["quantize"]
+
+
+def test_a_stage_whose_code_changed_reruns_alone_when_it_writes_the_same_files(
+    tiny_build: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlbuild import incremental
+
+    recipe = _copy_of_build(tiny_build, tiny_data, tmp_path)
+    real = incremental.code_digest
+    edited = "tlbuild.stages.quantize"  # as if how it prints its table had been edited
+    monkeypatch.setattr(
+        incremental, "code_digest", lambda m: real(m) + ("!" if m == edited else "")
+    )
+    ran = _actions(runner.run(load_recipe(recipe), QUIET))
+    assert ran == {
+        "train": "reused",
+        "export": "reused",
+        "quantize": "ran",
+        "engines": "reused",
+        "bench": "reused",
+        "report": "reused",
+    }
+    out = tmp_path / "out" / "tiny"
+    assert (out / "bench.json").is_file() and not (out / ".aside").exists()
+
+
+def test_each_stage_writes_only_its_own_manifest_section(
+    tiny_build: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    from tlbuild.manifest import read_manifest, section_digest
+
+    recipe = _copy_of_build(tiny_build, tiny_data, tmp_path, extra="[quantize]\nmax_drop = 90.0")
+    out = tmp_path / "out" / "tiny"
+    before = {s: section_digest(out, s) for s in ("export", "quantize", "engines")}
+    runner.run_one(load_recipe(recipe), QUIET, "quantize")
+    after = {s: section_digest(out, s) for s in ("export", "quantize", "engines")}
+    assert after["export"] == before["export"] and after["quantize"] != before["quantize"]
+    manifest = read_manifest(out)
+    # Engines read what quantize rewrote: their section and files are cleared, not kept stale.
+    assert manifest.engines is None
+    why = {r.stage: r.why for r in runner.stage_status(load_recipe(recipe))}["engines"]
+    assert why == ["cleared: quantize ran again"]
+    assert manifest.calibration is not None and manifest.calibration.settings["max_drop"] == 90.0
+    owners = {name: e.stage for name, e in manifest.artifacts.items()}
+    assert owners["model.onnx"] == "export" and owners["model.int8.cpu.onnx"] == "quantize"
+
+
+def test_bench_dir_and_build_on_device_use_current_settings_not_a_stale_copy(
+    tiny_build: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    from tlbuild.stages.engines import settings_for_folder as engine_settings
+
+    recipe = _copy_of_build(tiny_build, tiny_data, tmp_path)
+    out = tmp_path / "out" / "tiny"
+    runner.run(load_recipe(recipe), QUIET, force=("export",))  # the manifest names this recipe
+    _rewrite(recipe, "min_iters = 5", "min_iters = 6")
+    res = cli.invoke(app, ["bench", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"Settings [bench] from {recipe}" in " ".join(res.output.split())
+    assert json.loads((out / "bench.json").read_text())["settings"]["min_iters"] == 6
+    _rewrite(recipe, "[export]", "[build]\nmax_batch = 16\n\n[export]")
+    cfg, _, source = engine_settings(out)
+    assert cfg.max_batch == 16 and source == f"from {recipe}"
+
+    # On a device the recipe is not there: the settings recorded at home are used.
+    device = tmp_path / "device"
+    shutil.copytree(out, device)
+    _rewrite(recipe, "min_iters = 6", "min_iters = 7")
+    res = cli.invoke(app, ["bench", str(device)])
+    assert res.exit_code == 0 and "recorded in manifest.json" in res.output
+    # What the last bench stage at home used (`bench DIR` records nothing).
+    assert json.loads((device / "bench.json").read_text())["settings"]["min_iters"] == 5
+    cfg, max_drop, source = engine_settings(device)
+    assert cfg.max_batch == 32 and source == "as recorded in manifest.json"
+
+
+def test_status_of_a_new_folder_says_first_run(tiny_data: Path, tmp_path: Path) -> None:
+    rows = runner.stage_status(load_recipe(tiny_recipe(tmp_path, tiny_data)))
+    assert {r.stage: r.why for r in rows}["train"] == ["first run here"]

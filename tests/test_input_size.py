@@ -9,11 +9,10 @@ from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
 
-from tests.conftest import write_recipe
-from tlbuild import pipeline
+from tests.conftest import run_stage, write_recipe
 from tlbuild.cli import app
 from tlbuild.data.sizes import SizeSummary, auto_input_size, size_advice, summarize_sizes
-from tlbuild.models.factory import build_model
+from tlbuild.models.factory import make_model
 from tlbuild.recipe import ModelConfig, PreprocessConfig, load_recipe
 
 
@@ -40,7 +39,7 @@ def test_sizes_are_read_from_headers(tmp_path: Path) -> None:
     root = _small_images(tmp_path, 40)
     s = summarize_sizes(sorted(root.rglob("*.png")))
     assert s is not None and (s.width, s.height, s.sampled) == (44, 40, 12)
-    pre = build_model(
+    pre = make_model(
         ModelConfig(weights="none", preprocess=PreprocessConfig(input_size="auto")), 2, s
     ).preprocessing
     assert pre.input_size == (128, 128)
@@ -76,7 +75,7 @@ unfreeze = "all"
     assert res.exit_code == 0 and 'input_size = "auto": 96 px' in res.output
     recipe = load_recipe(auto)
     console = Console(record=True, width=200)
-    out = pipeline.train_stage(recipe, console)
+    out = run_stage("train", recipe, console)
     assert "input 96x96" in console.export_text()
     assert "upsampled" not in console.export_text()
     assert out.metrics["val"]["images"] == 4

@@ -11,8 +11,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from tests.conftest import small_recipe
-from tlbuild import pipeline
+from tests.conftest import run_stage, small_recipe
 from tlbuild.recipe import load_recipe
 from tlbuild.train.lr_find import lr_range_test, valley
 
@@ -85,7 +84,7 @@ unfreeze = "all"
 """
     recipe = load_recipe(small_recipe(tmp_path, tiny_data, "auto", rest))
     console = Console(record=True, width=200)
-    out = pipeline.train_stage(recipe, console)
+    out = run_stage("train", recipe, console)
     found = out.result.lr_find
     assert len(found) == 1 and found[0]["stage"] == "all" and found[0]["steps"] <= 12
     chosen = found[0]["chosen"]
@@ -96,7 +95,7 @@ unfreeze = "all"
     assert (
         json.loads((recipe.out_dir / "metrics.json").read_text())["lr_find"][0]["chosen"] == chosen
     )
-    pipeline.export_stage(recipe, Console(quiet=True))
+    run_stage("export", recipe, Console(quiet=True))
     manifest = json.loads((recipe.out_dir / "manifest.json").read_text())
     assert manifest["training"]["lr_find"][0]["chosen"] == chosen
     assert "lr_find.png" in manifest["artifacts"]

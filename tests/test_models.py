@@ -7,7 +7,7 @@ from PIL import Image
 
 from tlbuild.data.preprocess import preprocess
 from tlbuild.errors import UsageError
-from tlbuild.models.factory import body_groups, build_model, head_parameters
+from tlbuild.models.factory import body_groups, head_parameters, make_model
 from tlbuild.recipe import ModelConfig, StageConfig
 from tlbuild.train.stages import apply_stage, set_train_mode
 
@@ -17,7 +17,7 @@ def test_bundled_imagenet_weights_are_real() -> None:
     data = pytest.importorskip("skimage.data")
     # Whole photo resized to 224 (no centre crop), as the weights' reference check does.
     cfg = ModelConfig.model_validate({"preprocess": {"resize": "resize"}})
-    built = build_model(cfg, num_classes=1000)
+    built = make_model(cfg, num_classes=1000)
     assert built.weights_source.startswith("bundled:")
     model = built.model.eval()
     probs = []
@@ -31,14 +31,14 @@ def test_bundled_imagenet_weights_are_real() -> None:
 
 
 def test_preprocessing_comes_from_the_backbone_and_recipe_overrides_it() -> None:
-    built = build_model(ModelConfig(weights="none"), num_classes=3)
+    built = make_model(ModelConfig(weights="none"), num_classes=3)
     pre = built.preprocessing
     assert pre.input_size == (224, 224) and pre.interpolation == "bicubic"
     assert pre.mean == (0.5, 0.5, 0.5) and pre.resize == "center_crop" and pre.crop_pct == 0.875
     cfg = ModelConfig.model_validate(
         {"weights": "none", "preprocess": {"input_size": [96, 128], "resize": "resize"}}
     )
-    pre = build_model(cfg, num_classes=3).preprocessing
+    pre = make_model(cfg, num_classes=3).preprocessing
     assert pre.input_size == (96, 128) and pre.resize == "resize"
     img = Image.new("RGB", (300, 200), (128, 128, 128))
     assert preprocess(img, pre).shape == (3, 96, 128)
@@ -46,7 +46,7 @@ def test_preprocessing_comes_from_the_backbone_and_recipe_overrides_it() -> None
 
 @pytest.mark.parametrize("name", ["mobilenetv2_100", "resnet18", "efficientnet_b0"])
 def test_other_timm_backbones_get_a_new_head(name: str) -> None:
-    built = build_model(ModelConfig(backbone=name, weights="none", dropout=0.3), num_classes=5)
+    built = make_model(ModelConfig(backbone=name, weights="none", dropout=0.3), num_classes=5)
     x = torch.randn(2, 3, 64, 64)
     assert built.model.eval()(x).shape == (2, 5)
     assert len(body_groups(built.model)) >= 4
@@ -54,24 +54,24 @@ def test_other_timm_backbones_get_a_new_head(name: str) -> None:
 
 def test_unknown_backbone_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="not a timm model.*tlbuild backbones"):
-        build_model(ModelConfig(backbone="efficientnet_lite9000", weights="none"), 2)
+        make_model(ModelConfig(backbone="efficientnet_lite9000", weights="none"), 2)
 
 
 def test_weights_file_by_name(tmp_path) -> None:
-    src = build_model(ModelConfig(backbone="resnet18", weights="none"), num_classes=10).model
+    src = make_model(ModelConfig(backbone="resnet18", weights="none"), num_classes=10).model
     path = tmp_path / "w.pth"
     torch.save(src.state_dict(), path)
     cfg = ModelConfig.model_validate({"backbone": "resnet18", "weights": str(path)})
-    dst = build_model(cfg, num_classes=3).model
+    dst = make_model(cfg, num_classes=3).model
     assert torch.equal(dst.conv1.weight, src.conv1.weight)
     assert dst.fc.weight.shape == (3, 512)  # classifier of another class count: fresh head
     bad = ModelConfig.model_validate({"backbone": "mobilenetv2_100", "weights": str(path)})
     with pytest.raises(UsageError, match="w.pth"):
-        build_model(bad, num_classes=3)
+        make_model(bad, num_classes=3)
 
 
 def test_frozen_stage_trains_only_the_head_and_freezes_bn_statistics() -> None:
-    model = build_model(ModelConfig(weights="none"), num_classes=4).model
+    model = make_model(ModelConfig(weights="none"), num_classes=4).model
     groups = apply_stage(model, StageConfig(name="head", epochs=1, unfreeze=0), 1e-3)
     assert [g["name"] for g in groups] == ["head"]
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -83,7 +83,7 @@ def test_frozen_stage_trains_only_the_head_and_freezes_bn_statistics() -> None:
 
 
 def test_unfreeze_top_groups_uses_discriminative_rates() -> None:
-    model = build_model(ModelConfig(weights="none"), num_classes=4).model
+    model = make_model(ModelConfig(weights="none"), num_classes=4).model
     stage = StageConfig(name="ft", epochs=1, lr=1e-3, unfreeze=2, body_lr_mult=0.1)
     groups = apply_stage(model, stage, 1e-3)
     assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]

@@ -10,12 +10,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
-from tlbuild import pipeline
+from tests.conftest import run_stage
 from tlbuild.errors import BuildError
-from tlbuild.export.gate import variant_session
 from tlbuild.export.quantize import trt_qdq_problems
 from tlbuild.fileio import sha256_file
 from tlbuild.recipe import QuantizeConfig, load_recipe
+from tlbuild.runtime.sessions import ort_session
 
 
 def test_variants_are_written_gated_and_in_the_manifest(tiny_build: Path) -> None:
@@ -115,7 +115,7 @@ def test_qdq_simulation_follows_the_onnx_definition_exactly(tmp_path: Path) -> N
     )
     path = tmp_path / "qdq.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
-    got = variant_session(path, simulate_qdq=True).run(None, {"x": x})[0]
+    got = ort_session(path, simulate_qdq=True).run(None, {"x": x})[0]
     xq = np.clip(np.rint(x / sx), -128, 127)  # np.rint rounds half to even, like ONNX
     ref = np.einsum("nchw,oc->nohw", xq * sx, (wq * sw[:, None, None, None])[:, :, 0, 0])
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
@@ -130,15 +130,17 @@ def _gate_recipe(tiny_build: Path, tmp_path: Path, on_fail: str):  # noqa: ANN20
 
 
 def _worse_int8(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = pipeline.evaluate_variants
+    from tlbuild.stages import quantize
+
+    real = quantize.evaluate_variants
 
     def evaluate(*args, **kw):  # noqa: ANN002, ANN003
-        fp32, results = real(*args, **kw)
+        results = real(*args, **kw)
         r = results["int8_trt"]
         r.accuracy, r.drop_points = r.fp32_accuracy - 0.05, 5.0
-        return fp32, results
+        return results
 
-    monkeypatch.setattr(pipeline, "evaluate_variants", evaluate)
+    monkeypatch.setattr(quantize, "evaluate_variants", evaluate)
 
 
 def test_gate_fails_the_build_naming_the_variant(
@@ -147,7 +149,7 @@ def test_gate_fails_the_build_naming_the_variant(
     recipe, out = _gate_recipe(tiny_build, tmp_path, "error")
     _worse_int8(monkeypatch)
     with pytest.raises(BuildError, match=r"int8_trt loses 5.00 accuracy points.*max_drop"):
-        pipeline.quantize_stage(recipe, Console(quiet=True))
+        run_stage("quantize", recipe, Console(quiet=True))
     assert not (out / "model.int8.trt.onnx").exists()  # nothing failed looks shippable
     assert (out / "model.int8.trt.rejected.onnx").is_file()
 
@@ -157,7 +159,7 @@ def test_gate_can_reject_and_continue(
 ) -> None:
     recipe, out = _gate_recipe(tiny_build, tmp_path, "reject")
     _worse_int8(monkeypatch)
-    pipeline.quantize_stage(recipe, Console(quiet=True))
+    run_stage("quantize", recipe, Console(quiet=True))
     assert not (out / "model.int8.trt.onnx").exists()
     assert (out / "model.int8.trt.rejected.onnx").is_file()
     man = json.loads((out / "manifest.json").read_text())

@@ -59,24 +59,36 @@ def test_a_tampered_artifact_or_missing_provider_is_refused(
 
 
 def test_engines_are_accepted_or_refused_by_their_own_gate() -> None:
-    from tlbuild.runtime.load import accepted
+    from tlbuild.manifest import Manifest
 
-    manifest = {
-        "variants": {"int8_cpu": {"file": "model.int8.cpu.onnx", "status": "rejected"}},
-        "engines": {
-            "status": "built",
+    scores = dict(accuracy=0.5, fp32_accuracy=0.9, drop_points=40.0, top1_agreement=0.5)
+    rejected = {
+        "variant": "int8_cpu",
+        "file": "model.int8.cpu.onnx",
+        "precision": "int8",
+        **scores,
+        "max_abs_logit_diff": 3.0,
+        "evaluated_with": "onnxruntime CPU",
+        "status": "rejected",
+    }
+    manifest = Manifest.model_validate(
+        {
+            "variants": {"int8_cpu": rejected},
             "engines": {
-                "fp16": {"path": "model.fp16.b1-32.sm89.trt10.8.engine", "status": "accepted"},
-                "int8_trt": {
-                    "path": "model.int8-trt.b1-32.sm89.trt10.8.engine",
-                    "status": "rejected",
+                "status": "built",
+                "engines": {
+                    "fp16": {"path": "model.fp16.b1-32.sm89.trt10.8.engine", "status": "accepted"},
+                    "int8_trt": {
+                        "path": "model.int8-trt.b1-32.sm89.trt10.8.engine",
+                        "status": "rejected",
+                    },
                 },
             },
-        },
-    }
-    assert accepted(manifest, "model.fp16.b1-32.sm89.trt10.8.engine")
-    assert not accepted(manifest, "model.int8-trt.b1-32.sm89.trt10.8.engine")
-    assert not accepted(manifest, "model.int8.cpu.onnx") and accepted(manifest, "model.onnx")
+        }
+    )
+    assert manifest.accepted("model.fp16.b1-32.sm89.trt10.8.engine")
+    assert not manifest.accepted("model.int8-trt.b1-32.sm89.trt10.8.engine")
+    assert not manifest.accepted("model.int8.cpu.onnx") and manifest.accepted("model.onnx")
 
 
 def test_auto_takes_the_fastest_artifact_that_starts_here(tiny_build: Path, tmp_path: Path) -> None:
@@ -101,7 +113,7 @@ def test_auto_takes_the_fastest_artifact_that_starts_here(tiny_build: Path, tmp_
 def test_engine_batches_outside_the_profile_are_split_or_padded() -> None:
     from tlbuild.runtime.backends import TensorRTPredictor
 
-    class Core:  # stands in for TensorRTPredictorCore: profile 2..4, logits = row sums
+    class Core:  # stands in for TensorRTEngine: profile 2..4, logits = row sums
         min_batch, max_batch = 2, 4
         calls: list[int] = []
 

@@ -21,15 +21,10 @@ import torch
 from torch import nn
 
 from tlbuild.errors import BuildError, UsageError
-from tlbuild.export import tensorrt_build as tb
-from tlbuild.export.tensorrt_build import (
-    TensorRTPredictorCore,
-    build_engine,
-    engine_file_name,
-    network_flags,
-    tensorrt_status,
-    trt_version_xy,
-)
+from tlbuild.export import tensorrt_compile as tb
+from tlbuild.export.tensorrt_compile import compile_engine, engine_file_name, network_flags
+from tlbuild.runtime import tensorrt as rt
+from tlbuild.runtime.tensorrt import TensorRTEngine, tensorrt_status, trt_version_xy
 
 TRT_OK, TRT_REASON = tensorrt_status()
 needs_tensorrt = [
@@ -126,32 +121,32 @@ def test_tensorrt_status_too_old(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_tensorrt_status_names_version_gpu_and_arch(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_trt(monkeypatch, "11.0.0.5")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(tb, "_gpu_identity", lambda: ("NVIDIA Jetson AGX Orin", "8.7"))
+    monkeypatch.setattr(rt, "gpu_identity", lambda: ("NVIDIA Jetson AGX Orin", "8.7"))
     assert tensorrt_status() == (True, "TensorRT 11.0 on NVIDIA Jetson AGX Orin (sm_87)")
 
 
 def test_build_and_load_refuse_clearly_without_tensorrt(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(tb, "tensorrt_status", lambda: (False, "no TensorRT here"))
+    monkeypatch.setattr(rt, "tensorrt_status", lambda: (False, "no TensorRT here"))
     onnx_path = tmp_path / "model.onnx"
     onnx_path.write_bytes(b"not used")
     with pytest.raises(UsageError, match="no TensorRT here"):
-        build_engine(onnx_path, tmp_path, "fp32", 1, 4, 8, 256, tmp_path / "timing.cache")
+        compile_engine(onnx_path, tmp_path, "fp32", 1, 4, 8, 256, tmp_path / "timing.cache")
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not used")
     with pytest.raises(UsageError, match="no TensorRT here"):
-        TensorRTPredictorCore(engine)
+        TensorRTEngine(engine)
 
 
-def test_build_engine_checks_its_arguments_first(tmp_path: Path) -> None:
+def test_compile_engine_checks_its_arguments_first(tmp_path: Path) -> None:
     cache = tmp_path / "timing.cache"
     with pytest.raises(UsageError, match="min <= opt <= max"):
-        build_engine(tmp_path / "m.onnx", tmp_path, "fp32", 1, 16, 8, 256, cache)
+        compile_engine(tmp_path / "m.onnx", tmp_path, "fp32", 1, 16, 8, 256, cache)
     with pytest.raises(UsageError, match="workspace"):
-        build_engine(tmp_path / "m.onnx", tmp_path, "fp32", 1, 4, 8, 0, cache)
+        compile_engine(tmp_path / "m.onnx", tmp_path, "fp32", 1, 4, 8, 0, cache)
     with pytest.raises(UsageError, match="not found"):
-        build_engine(tmp_path / "m.onnx", tmp_path, "fp32", 1, 4, 8, 256, cache)
+        compile_engine(tmp_path / "m.onnx", tmp_path, "fp32", 1, 4, 8, 256, cache)
 
 
 def _fake_network(*layers: SimpleNamespace) -> SimpleNamespace:
@@ -228,7 +223,7 @@ def test_tiny_onnx_has_a_dynamic_batch(tmp_path: Path) -> None:
     # Checks the engine tests' model here too, where those tests are skipped.
     import onnx
 
-    from tlbuild.export.parity import ort_session
+    from tlbuild.runtime.sessions import ort_session
 
     path = export_tiny_onnx(tmp_path / "model.onnx")
     dim0 = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
@@ -244,7 +239,7 @@ def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tb.Engi
     folder = tmp_path_factory.mktemp("trt")
     onnx_path = export_tiny_onnx(folder / "model.onnx")
     cache = folder / "cache" / "timing.cache"
-    info = build_engine(onnx_path, folder / "engines", "fp32", 1, 4, 8, 256, cache)
+    info = compile_engine(onnx_path, folder / "engines", "fp32", 1, 4, 8, 256, cache)
     return onnx_path, info, cache
 
 
@@ -262,15 +257,15 @@ class TestEngine:
     def test_timing_cache_is_written_and_reused(self, tiny_engine: tuple) -> None:
         onnx_path, info, cache = tiny_engine
         assert cache.is_file() and cache.stat().st_size > 0
-        again = build_engine(onnx_path, info.path.parent, "fp32", 1, 4, 8, 256, cache)
+        again = compile_engine(onnx_path, info.path.parent, "fp32", 1, 4, 8, 256, cache)
         assert again.path == info.path and cache.stat().st_size > 0
 
     def test_fp32_engine_matches_onnxruntime(self, tiny_engine: tuple) -> None:
-        from tlbuild.export.parity import ort_session
+        from tlbuild.runtime.sessions import ort_session
 
         onnx_path, info, _ = tiny_engine
         sess = ort_session(onnx_path)
-        core = TensorRTPredictorCore(info.path)
+        core = TensorRTEngine(info.path)
         assert (core.min_batch, core.opt_batch, core.max_batch) == (1, 4, 8)
         assert core.input_chw == (3, 32, 32)
         rng = np.random.default_rng(0)
@@ -283,7 +278,7 @@ class TestEngine:
 
     def test_batch_outside_the_profile_is_refused(self, tiny_engine: tuple) -> None:
         _, info, _ = tiny_engine
-        core = TensorRTPredictorCore(info.path)
+        core = TensorRTEngine(info.path)
         with pytest.raises(UsageError, match="outside .* profile 1..8"):
             core.run(np.zeros((9, 3, 32, 32), np.float32))
         with pytest.raises(UsageError, match="batches"):
@@ -292,7 +287,7 @@ class TestEngine:
     def test_precision_label_must_match_the_graph(self, tiny_engine: tuple) -> None:
         onnx_path, info, cache = tiny_engine
         with pytest.raises(BuildError, match="FP32 graph"):
-            build_engine(onnx_path, info.path.parent, "fp16", 1, 4, 8, 256, cache)
+            compile_engine(onnx_path, info.path.parent, "fp16", 1, 4, 8, 256, cache)
 
     def test_fixed_batch_onnx_is_refused(self, tiny_engine: tuple, tmp_path: Path) -> None:
         import onnx
@@ -304,10 +299,10 @@ class TestEngine:
         fixed = tmp_path / "fixed.onnx"
         onnx.save(m, str(fixed))
         with pytest.raises(BuildError, match="fixed batch of 2"):
-            build_engine(fixed, tmp_path, "fp32", 1, 4, 8, 256, cache)
+            compile_engine(fixed, tmp_path, "fp32", 1, 4, 8, 256, cache)
 
     def test_unparsable_onnx_reports_parser_errors(self, tmp_path: Path) -> None:
         bad = tmp_path / "bad.onnx"
         bad.write_bytes(b"\x08\x07garbage")
         with pytest.raises(BuildError, match="could not parse bad.onnx"):
-            build_engine(bad, tmp_path, "fp32", 1, 4, 8, 256, tmp_path / "timing.cache")
+            compile_engine(bad, tmp_path, "fp32", 1, 4, 8, 256, tmp_path / "timing.cache")

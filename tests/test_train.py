@@ -9,8 +9,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from tests.conftest import small_recipe, tiny_recipe, write_recipe
-from tlbuild import pipeline
+from tests.conftest import run_stage, small_recipe, tiny_recipe, write_recipe
 from tlbuild.recipe import TrainConfig, load_recipe
 from tlbuild.train.metrics import classification_metrics
 from tlbuild.train.optim import lr_factor
@@ -69,8 +68,8 @@ def test_training_is_reproducible_and_resume_matches_uninterrupted(
     quiet = Console(quiet=True)
     a = load_recipe(tiny_recipe(tmp_path / "a", tiny_data, head=1, ft=2))
     b = load_recipe(tiny_recipe(tmp_path / "b", tiny_data, head=1, ft=2))
-    pipeline.train_stage(a, quiet)
-    pipeline.train_stage(b, quiet)
+    run_stage("train", a, quiet)
+    run_stage("train", b, quiet)
     wa, wb = _weights(a.out_dir / "model.pt"), _weights(b.out_dir / "model.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -89,10 +88,10 @@ def test_training_is_reproducible_and_resume_matches_uninterrupted(
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.train_stage(c, quiet)
+        run_stage("train", c, quiet)
     assert not (c.out_dir / "model.pt").exists()
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
-    pipeline.train_stage(c, quiet, resume=True)
+    run_stage("train", c, quiet, resume=True)
     wc = _weights(c.out_dir / "model.pt")
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
     hist = (c.out_dir / "history.csv").read_text().splitlines()
@@ -105,7 +104,32 @@ def test_resume_refuses_a_changed_recipe(tiny_build: Path) -> None:
     recipe = load_recipe(tiny_build.parent.parent / "tiny.toml")
     changed = recipe.model_copy(update={"train": TrainConfig(batch_size=4)})
     with pytest.raises(UsageError, match="another recipe"):
-        pipeline.train_stage(changed, Console(quiet=True), resume=True)
+        run_stage("train", changed, Console(quiet=True), resume=True)
+
+
+def test_checkpoint_loads_with_weights_only(tiny_build: Path) -> None:
+    ckpt = tiny_build / "checkpoints" / "last.pt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert saved["fingerprint"] and len(saved["history"]) == 2
+    assert saved["best"]["state"] is not None and saved["optimizer"] is not None
+    assert all(isinstance(v, torch.Tensor) for v in saved["model"].values())
+
+
+def test_resume_from_a_damaged_checkpoint_is_a_usage_error(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    from tlbuild.errors import UsageError
+    from tlbuild.train import loop
+
+    good = tiny_build / "checkpoints" / "last.pt"
+    fingerprint = torch.load(good, map_location="cpu", weights_only=True)["fingerprint"]
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(UsageError, match="cannot be read as a training checkpoint"):
+        loop._read_checkpoint(bad, fingerprint)
+    torch.save({"fingerprint": fingerprint, "model": {}}, bad)  # right recipe, no state
+    with pytest.raises(UsageError, match="cannot be read as a training checkpoint"):
+        loop._read_checkpoint(bad, fingerprint)
 
 
 @pytest.mark.parametrize("balance", ["sampler", "loss"])
@@ -135,7 +159,7 @@ name = "head"
 epochs = 1
 """
     recipe = load_recipe(write_recipe(tmp_path / "explicit.toml", text))
-    out = pipeline.train_stage(recipe, Console(quiet=True))
+    out = run_stage("train", recipe, Console(quiet=True))
     assert out.splits.counts()["train"]["ok"] == 3
     assert out.metrics["test"]["images"] == 32 and "escape_rate" in out.metrics["test"]
     assert (recipe.out_dir / "confusion_test.png").is_file()
@@ -179,7 +203,7 @@ def test_linear_probe_head_init_is_where_fine_tuning_starts(
     path.write_text(path.read_text().replace("[train]\n", '[train]\nhead_init = "probe"\n'))
     recipe = load_recipe(path)
     console = Console(record=True, width=200)
-    out = pipeline.train_stage(recipe, console)
+    out = run_stage("train", recipe, console)
     assert "fine-tuning starts from it" in console.export_text()
     assert out.result.probe is not None and 0.0 <= out.result.probe["accuracy"] <= 1.0
 
@@ -204,7 +228,7 @@ unfreeze = "all"
         return load_recipe(small_recipe(tmp_path, tiny_data, name, rest))
 
     quiet = Console(quiet=True)
-    a = pipeline.train_stage(recipe("a"), quiet)
+    a = run_stage("train", recipe("a"), quiet)
     real_save = loop.save_checkpoint
 
     def save_then_die(*args, **kw):  # noqa: ANN002, ANN003
@@ -214,9 +238,9 @@ unfreeze = "all"
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     c = recipe("c")
     with pytest.raises(KeyboardInterrupt):
-        pipeline.train_stage(c, quiet)
+        run_stage("train", c, quiet)
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
-    resumed = pipeline.train_stage(c, quiet, resume=True)
+    resumed = run_stage("train", c, quiet, resume=True)
     assert resumed.result.lr_find[0]["chosen"] == a.result.lr_find[0]["chosen"]
     assert resumed.result.probe is not None and a.result.probe is not None
     assert resumed.result.probe["accuracy"] == a.result.probe["accuracy"]

@@ -1,4 +1,4 @@
-"""The `tlbuild` command line: parse, call the pipeline, render. No build logic lives here."""
+"""The `tlbuild` command line: parse, call the runner or a stage, render. No build logic here."""
 
 from __future__ import annotations
 
@@ -66,18 +66,18 @@ def run(
     force: Annotated[
         list[str] | None,
         typer.Option(
-            help="Rerun a stage even if fresh (repeatable): train, export, quantize, build, "
+            help="Rerun a stage even if fresh (repeatable): train, export, quantize, engines, "
             "bench, report, or all."
         ),
     ] = None,
 ) -> None:
     """The whole build for RECIPE, redoing only what changed; exit 1 if a gate fails."""
-    from tlbuild import pipeline
+    from tlbuild import runner
 
     console = _console()
     t0 = time.perf_counter()
     result = _guard(
-        lambda: pipeline.run(_load(recipe), console, resume=resume, force=tuple(force or ()))
+        lambda: runner.run(_load(recipe), console, resume=resume, force=tuple(force or ()))
     )
     reused = [s.stage for s in result.stages if s.action == "reused"]
     ran = [s.stage for s in result.stages if s.action == "ran"]
@@ -120,9 +120,9 @@ def _gate_verdict(console: Console, gates: list) -> None:  # noqa: ANN001 - Gate
 @app.command()
 def status(recipe: RecipeArg) -> None:
     """Fresh or stale, per stage, and why; builds nothing."""
-    from tlbuild import pipeline
+    from tlbuild import runner
 
-    rows = _guard(lambda: pipeline.stage_status(_load(recipe)))
+    rows = _guard(lambda: runner.stage_status(_load(recipe)))
     table = Table("stage", "state", "why")
     for r in rows:
         colour = {"fresh": "green", "stale": "yellow"}.get(r.action, "dim")
@@ -131,10 +131,10 @@ def status(recipe: RecipeArg) -> None:
 
 
 def _stage_command(stage: str, recipe: Path, resume: bool = False) -> None:
-    from tlbuild import pipeline
+    from tlbuild import runner
 
     console = _console()
-    _guard(lambda: pipeline.run_stage(_load(recipe), console, stage, resume=resume))
+    _guard(lambda: runner.run_one(_load(recipe), console, stage, resume=resume))
 
 
 @app.command()
@@ -167,25 +167,22 @@ def build(
     ] = None,
 ) -> None:
     """Compile TensorRT engines from the accepted ONNX variants (skipped without TensorRT)."""
-    from tlbuild import pipeline
     from tlbuild.errors import UsageError
 
     console = _console()
 
-    def go() -> object:
-        from tlbuild.export.engines import build_stage
-        from tlbuild.recipe import BuildConfig
+    def go() -> None:
+        from tlbuild.stages.engines import make_engines, settings_for_folder
 
         if (recipe is None) == (on_device is None):
             raise UsageError("give either RECIPE or --on-device DIR")
         if recipe is not None:
-            return pipeline.run_stage(_load(recipe), console, "build")
+            return _stage_command("engines", recipe)
         if not (on_device / "manifest.json").is_file():
             raise UsageError(f"{on_device} has no manifest.json; copy the whole export folder")
-        manifest = json.loads((on_device / "manifest.json").read_text(encoding="utf-8"))
-        cfg = BuildConfig.model_validate(manifest.get("recipe", {}).get("build", {}))
-        max_drop = manifest.get("recipe", {}).get("quantize", {}).get("max_drop", 1.0)
-        return build_stage(on_device, cfg, console, None, max_drop)
+        cfg, max_drop, source = settings_for_folder(on_device)
+        console.print("[dim]" + escape(f"Settings [build] {source}") + "[/]")
+        make_engines(on_device, cfg, max_drop, console, None)
 
     _guard(go)
 
@@ -197,27 +194,24 @@ def bench(
     ],
 ) -> None:
     """Latency p50/p90/p99, throughput, accuracy and size of every artifact this machine runs."""
-    from tlbuild import pipeline
     from tlbuild.errors import UsageError
 
     console = _console()
 
-    def go() -> object:
+    def go() -> None:
         from tlbuild.bench.run import bench_folder
-        from tlbuild.export.checkpoint import load_trained, recorded_val
-        from tlbuild.recipe import BenchConfig
-        from tlbuild.runtime.load import read_manifest
+        from tlbuild.manifest import read_manifest
+        from tlbuild.stages.bench import settings_for_folder, validation_if_here
 
         if not target.exists():
             raise UsageError(f"{target}: no such recipe file or export folder")
         if not target.is_dir():
-            return pipeline.run_stage(_load(target), console, "bench")
-        manifest = read_manifest(target)
-        cfg = BenchConfig.model_validate(manifest.get("recipe", {}).get("bench", {}))
+            return _stage_command("bench", target)
+        read_manifest(target)  # a clear message for a folder that is not an export
+        cfg, source = settings_for_folder(target)
+        console.print("[dim]" + escape(f"Settings [bench] {source}") + "[/]")
         # On a device the validation images are usually absent: latency only, no accuracy.
-        pt = target / "model.pt"
-        val = recorded_val(load_trained(pt)) if pt.is_file() else None
-        return bench_folder(target, cfg, console, val)
+        bench_folder(target, cfg, console, validation_if_here(target))
 
     _guard(go)
 
@@ -256,8 +250,12 @@ def classify(
         typer.Option(help="Defective when p(ok class) is below this (default: argmax rule)."),
     ] = None,
     ext: Annotated[
-        str, typer.Option(help="Extensions taken from folders, comma-separated.")
-    ] = "jpg,jpeg,png,bmp,tif,tiff,webp",
+        str,
+        typer.Option(
+            help="Extensions taken from folders, comma-separated (default: every image type "
+            "training reads, GIF included)."
+        ),
+    ] = "",
     exact_decode: Annotated[
         bool, typer.Option(help="Full-resolution JPEG decode (slower, bit-identical).")
     ] = False,
@@ -346,12 +344,20 @@ def classify(
 
 
 def _print_classify_summary(console: Console, s) -> None:  # noqa: ANN001 - ClassifySummary
-    table = Table("label", "images", "share", title=f"{s.rows:,} classified with {s.artifact}")
+    # One denominator per column: every file this run, and the readable ones (what the
+    # class mix is about); an error has no share of the readable files.
     ok_rows = s.rows - s.errors
+    table = Table(
+        "label",
+        "files",
+        "of all files",
+        "of readable",
+        title=f"{s.rows:,} file{'s' * (s.rows != 1)} classified with {s.artifact}",
+    )
     for label, n in sorted(s.labels.items(), key=lambda kv: -kv[1]):
-        table.add_row(label, f"{n:,}", f"{n / max(ok_rows, 1):.1%}")
+        table.add_row(label, f"{n:,}", f"{n / max(s.rows, 1):.1%}", f"{n / max(ok_rows, 1):.1%}")
     if s.errors:
-        table.add_row("[red]error[/]", f"{s.errors:,}", f"{s.errors / max(s.rows, 1):.1%}")
+        table.add_row("[red]error[/]", f"{s.errors:,}", f"{s.errors / max(s.rows, 1):.1%}", "-")
     console.print(table)
     if s.error_reasons:
         reasons = ", ".join(f"{k}: {v:,}" for k, v in s.error_reasons.most_common(5))

@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tlbuild.artifacts import METRICS_JSON
 from tlbuild.fileio import read_json_or_empty
+from tlbuild.manifest import manifest_json
 from tlbuild.recipe import GatesConfig
 
 GATES_JSON = "gates.json"
@@ -50,13 +52,8 @@ def _check(
     return GateResult(gate, threshold, measured, "passed" if ok else "failed", note)
 
 
-def evaluate_gates(cfg: GatesConfig, out: Path) -> list[GateResult]:
-    """Every configured gate against metrics.json, manifest.json and bench.json in `out`."""
-    metrics = read_json_or_empty(out / "metrics.json").get("val", {})
-    manifest = read_json_or_empty(out / "manifest.json")
-    bench = read_json_or_empty(out / "bench.json")
-    results: list[GateResult] = []
-
+def _validation_gates(cfg: GatesConfig, val: dict[str, Any]) -> list[GateResult]:
+    results = []
     for key, upper in (
         ("min_macro_f1", False),
         ("max_escape_rate", True),
@@ -65,52 +62,61 @@ def evaluate_gates(cfg: GatesConfig, out: Path) -> list[GateResult]:
         threshold = getattr(cfg, key)
         if threshold is not None:
             metric = key.removeprefix("min_").removeprefix("max_")
-            results.append(_check(key, threshold, metrics.get(metric), upper, "validation split"))
+            results.append(_check(key, threshold, val.get(metric), upper, "validation split"))
+    return results
 
-    if cfg.min_accuracy is not None:
-        accuracy = {
-            f"{r['artifact']} on {r['backend']}": r["accuracy"]
-            for r in bench.get("results", [])
-            if r["accuracy"] is not None
-        }
-        if not accuracy:  # no benchmark accuracy (bench.accuracy = false): training's own
-            accuracy["model.pt (training evaluation)"] = metrics.get("accuracy")
-        for artifact, value in sorted(accuracy.items()):
-            results.append(_check(f"min_accuracy[{artifact}]", cfg.min_accuracy, value, False))
 
-    if cfg.max_int8_drop is not None:
-        for v in manifest.get("variants", {}).values():
-            if v["precision"] != "int8":
-                continue
-            if v["status"] != "accepted":  # quantize.on_fail = "reject": it does not ship
-                results.append(
-                    GateResult(
-                        f"max_int8_drop[{v['file']}]",
-                        cfg.max_int8_drop,
-                        v["drop_points"],
-                        "not measured",
-                        "rejected by the quantize gate; not shipped",
-                    )
-                )
-                continue
-            results.append(
-                _check(
-                    f"max_int8_drop[{v['file']}]",
-                    cfg.max_int8_drop,
-                    v["drop_points"],
-                    True,
-                    "accuracy points below FP32",
-                )
-            )
+def _accuracy_gates(
+    cfg: GatesConfig, val: dict[str, Any], bench: dict[str, Any]
+) -> list[GateResult]:
+    if cfg.min_accuracy is None:
+        return []
+    accuracy = {
+        f"{r['artifact']} on {r['backend']}": r["accuracy"]
+        for r in bench.get("results", [])
+        if r["accuracy"] is not None
+    }
+    if not accuracy:  # no benchmark accuracy (bench.accuracy = false): training's own
+        accuracy["model.pt (training evaluation)"] = val.get("accuracy")
+    return [
+        _check(f"min_accuracy[{artifact}]", cfg.min_accuracy, value, False)
+        for artifact, value in sorted(accuracy.items())
+    ]
 
-    rows = bench.get("results", [])
+
+def _int8_drop_gates(cfg: GatesConfig, manifest: dict[str, Any]) -> list[GateResult]:
+    if cfg.max_int8_drop is None:
+        return []
+    results = []
+    for v in manifest.get("variants", {}).values():
+        if v["precision"] != "int8":
+            continue
+        gate, limit, drop = f"max_int8_drop[{v['file']}]", cfg.max_int8_drop, v["drop_points"]
+        if v["status"] != "accepted":  # quantize.on_fail = "reject": it does not ship
+            note = "rejected by the quantize gate; not shipped"
+            results.append(GateResult(gate, limit, drop, "not measured", note))
+        else:
+            results.append(_check(gate, limit, drop, True, "accuracy points below FP32"))
+    return results
+
+
+def _failed_run_gates(cfg: GatesConfig, bench: dict[str, Any]) -> list[GateResult]:
+    if cfg.min_accuracy is None and not cfg.max_p99_ms and not cfg.min_throughput:
+        return []
     # An artifact that was tried here and failed must fail its gates, not pass as unmeasured.
     broken = {
         x["artifact"]: x["reason"] for x in bench.get("skipped", []) if x.get("kind") == "failed"
     }
-    for artifact, reason in sorted(broken.items()):
-        if cfg.min_accuracy is not None or cfg.max_p99_ms or cfg.min_throughput:
-            results.append(GateResult(f"runs[{artifact}]", 1.0, 0.0, "failed", reason))
+    return [
+        GateResult(f"runs[{artifact}]", 1.0, 0.0, "failed", reason)
+        for artifact, reason in sorted(broken.items())
+    ]
+
+
+def _speed_gates(cfg: GatesConfig, bench: dict[str, Any]) -> list[GateResult]:
+    rows = bench.get("results", [])
+    missing = "not benchmarked on this machine" if bench else "no bench.json"
+    results = []
     for key, field, upper in (
         ("max_p99_ms", "p99_ms", True),
         ("min_throughput", "throughput_ips", False),
@@ -123,20 +129,26 @@ def evaluate_gates(cfg: GatesConfig, out: Path) -> list[GateResult]:
                     if r["batch"] == batch and fnmatch.fnmatch(r["artifact"], pattern)
                 ]
                 if not hits:
-                    why = "not benchmarked on this machine" if bench else "no bench.json"
-                    results.append(
-                        _check(f"{key}[{pattern}, batch {batch}]", threshold, None, upper, why)
-                    )
+                    gate = f"{key}[{pattern}, batch {batch}]"
+                    results.append(_check(gate, threshold, None, upper, missing))
                 for r in hits:
-                    results.append(
-                        _check(
-                            f"{key}[{r['artifact']} on {r['backend']}, batch {batch}]",
-                            threshold,
-                            r[field],
-                            upper,
-                        )
-                    )
+                    gate = f"{key}[{r['artifact']} on {r['backend']}, batch {batch}]"
+                    results.append(_check(gate, threshold, r[field], upper))
     return results
+
+
+def evaluate_gates(cfg: GatesConfig, out: Path) -> list[GateResult]:
+    """Every configured gate against metrics.json, manifest.json and bench.json in `out`."""
+    val = read_json_or_empty(out / METRICS_JSON).get("val", {})
+    manifest = manifest_json(out)
+    bench = read_json_or_empty(out / "bench.json")
+    return [
+        *_validation_gates(cfg, val),
+        *_accuracy_gates(cfg, val, bench),
+        *_int8_drop_gates(cfg, manifest),
+        *_failed_run_gates(cfg, bench),
+        *_speed_gates(cfg, bench),
+    ]
 
 
 def gates_json(results: list[GateResult]) -> dict[str, Any]:

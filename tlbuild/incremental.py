@@ -1,129 +1,110 @@
 """Incremental builds: each stage is keyed by a hash of its inputs and rerun only when they change.
 
-A stage's inputs are its recipe sections, the code that implements it, the run of each upstream
-stage (run id and the sha256 of the files it wrote) and, for training, the dataset's file list
+A stage's key covers its recipe sections, the source of every tlbuild module it imports
+(followed through imports, so editing how one stage prints reruns that stage only), what the
+earlier stages produced (the sha256 of their files and manifest sections: a stage that reruns
+and writes the same bytes leaves later stages fresh) and, for training, the dataset's file list
 (sizes and modification times, or content hashes on request). `build_state.json` in the export
 folder records, per stage, those input hashes, the sha256 of the files it wrote and when it ran.
 A stage is fresh when its inputs hash the same and its files are still there, unchanged.
 
-The state of a stage is removed before the stage starts and written after it has finished, and
-every file is written under a temporary name then renamed: a killed run leaves the stage stale.
+A stage is marked started before it writes anything and finished after, and every file is
+written under a temporary name then renamed: a killed run leaves the stage stale.
 """
 
 from __future__ import annotations
 
+import ast
 import datetime as dt
-import fnmatch
+import functools
 import hashlib
 import json
-import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import tlbuild
 from tlbuild.data.scan import list_class_folders
 from tlbuild.errors import DataError
 from tlbuild.fileio import sha256_file, write_json
+from tlbuild.manifest import section_digest
 from tlbuild.recipe import Recipe
 
 STATE_JSON = "build_state.json"
+FORMAT = "tlbuild.state/2"
 _PACKAGE = Path(tlbuild.__file__).parent
+# Imported by every stage, yet they cannot change what a stage produces: the recipe's values
+# are keyed on their own (its sections), errors only word messages, and the stage interface
+# only describes stages. Following them would rerun every stage for any edit there.
+_NOT_CODE_INPUTS = frozenset({"tlbuild.recipe", "tlbuild.errors", "tlbuild.stages.base"})
 
 
-@dataclass(frozen=True)
-class StageDef:
-    """What a stage depends on and which files it owns."""
+class StageInfo(Protocol):
+    """What keying needs to know about a stage (tlbuild.stages.base.Stage)."""
 
     name: str
-    sections: tuple[str, ...]  # recipe sections (dotted keys excluded below)
-    upstream: tuple[str, ...]
-    code: tuple[str, ...]  # files or folders under tlbuild/
-    outputs: tuple[str, ...]  # globs in the export folder, hashed after the stage
-    data: bool = False
-    machine: bool = False
-    shared: tuple[str, ...] = ()  # files it writes that later stages update: must exist only
+    sections: tuple[str, ...]
+    module: str
+    data: bool
+    machine: bool
+    ignored_keys: dict[str, frozenset[str]]
 
-
-STAGES: tuple[StageDef, ...] = (
-    StageDef(
-        "train",
-        ("data", "model", "train"),
-        (),
-        ("train", "models", "data", "export/checkpoint.py", "pipeline.py"),
-        ("model.pt", "metrics.json", "history.csv", "splits.json", "*.png"),
-        data=True,
-    ),
-    StageDef(
-        "export",
-        ("export",),
-        ("train",),
-        (
-            "export/onnx_export.py",
-            "export/parity.py",
-            "export/manifest.py",
-            "data/preprocess.py",
-            "pipeline.py",
-        ),
-        ("model.onnx", "labels.json"),
-        shared=("manifest.json",),
-    ),
-    StageDef(
-        "quantize",
-        ("quantize",),
-        ("export",),
-        ("export/quantize.py", "export/gate.py", "pipeline.py"),
-        ("model.*.onnx",),
-    ),
-    StageDef(
-        "build",
-        ("build",),
-        ("quantize",),
-        ("export/tensorrt_build.py", "export/engines.py", "export/gate.py", "export/parity.py"),
-        ("*.engine",),
-        machine=True,
-    ),
-    StageDef(
-        "bench",
-        ("bench",),
-        ("build",),
-        ("bench", "runtime"),
-        ("bench.json", "bench.parquet"),
-        machine=True,
-    ),
-    StageDef(
-        "report",
-        ("gates",),
-        ("bench",),
-        ("report.py", "gates.py"),
-        ("report.md", "report_*.png"),
-    ),
-)
-STAGE_NAMES = tuple(s.name for s in STAGES)
-# Train's outputs glob *.png; the report's own plots are not training's.
-_NOT_TRAIN = ("report_*.png",)
-# Keys that change how fast a stage runs, not what it produces.
-# (`fingerprint` is how data changes are seen, not what the data is: see data_digest.)
-_IGNORED_KEYS = {"data": {"workers", "fingerprint", "cache_ram_mib"}}
-
-
-def _earlier(name: str) -> tuple[str, ...]:
-    return STAGE_NAMES[: STAGE_NAMES.index(name)]
+    def files(self, out: Path) -> list[Path]: ...
 
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def code_digest(parts: tuple[str, ...]) -> str:
-    """sha256 over the source of the named modules/packages (and the tlbuild version)."""
+def _module_path(name: str) -> Path | None:
+    rel = Path(*name.split(".")[1:])
+    for p in (_PACKAGE / rel.with_suffix(".py"), _PACKAGE / rel / "__init__.py"):
+        if p.is_file():
+            return p
+    return None
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """tlbuild modules `path` imports, at top level or inside functions."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            found.add(base)
+            # `from tlbuild.data import scan` imports the module tlbuild.data.scan.
+            found |= {f"{base}.{a.name}" for a in node.names}
+    return {m for m in found if m == "tlbuild" or m.startswith("tlbuild.")}
+
+
+@functools.cache
+def module_closure(name: str) -> tuple[Path, ...]:
+    """Source files of `name` and of every tlbuild module it imports, transitively."""
+    seen: dict[str, Path] = {}
+    todo = [name]
+    while todo:
+        mod = todo.pop()
+        if mod in seen or mod in _NOT_CODE_INPUTS or mod == "tlbuild":
+            continue
+        path = _module_path(mod)
+        if path is None:  # a name imported from a module, not a module
+            continue
+        seen[mod] = path
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        todo += sorted(_imports(path, package))
+    return tuple(sorted(seen.values()))
+
+
+def code_digest(module: str) -> str:
+    """sha256 over the source a stage module runs (its import closure) and the tlbuild version."""
     h = hashlib.sha256(tlbuild.__version__.encode())
-    for part in parts:
-        p = _PACKAGE / part
-        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
-        for f in files:
-            h.update(str(f.relative_to(_PACKAGE)).encode())
-            h.update(f.read_bytes())
+    for f in module_closure(module):
+        h.update(str(f.relative_to(_PACKAGE)).encode())
+        h.update(f.read_bytes())
     return h.hexdigest()
 
 
@@ -160,55 +141,50 @@ def data_digest(recipe: Recipe) -> tuple[str, dict[str, Any]]:
     return h.hexdigest(), {"files": len(files), "bytes": total, "mode": recipe.data.fingerprint}
 
 
-def _section(recipe: Recipe, name: str) -> Any:
+def _section(recipe: Recipe, stage: StageInfo, name: str) -> Any:
     value = json.loads(getattr(recipe, name).model_dump_json())
-    for key in _IGNORED_KEYS.get(name, ()):
+    for key in stage.ignored_keys.get(name, ()):
         value.pop(key, None)
     return value
 
 
-def _outputs(stage: StageDef, out: Path) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for pattern in stage.outputs:
-        for p in sorted(out.glob(pattern)):
-            if p.is_file() and not (stage.name == "train" and _matches(p.name, _NOT_TRAIN)):
-                found[p.name] = sha256_file(p)
-    return found
-
-
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatch(name, p) for p in patterns)
-
-
-class BuildState:
-    """build_state.json of one export folder."""
+class StageRecords:
+    """build_state.json of one export folder: per stage, what it ran from and what it wrote."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
         self.path = out / STATE_JSON
+        self.stages: dict[str, Any] = {}
+        self.older = False  # written by a tlbuild before stages were keyed as they are now
         try:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
-            self.stages: dict[str, Any] = raw.get("stages", {})
         except (OSError, ValueError):
-            self.stages = {}
+            return
+        if raw.get("format") == FORMAT:
+            self.stages = raw.get("stages", {})
+        else:
+            self.older = True
+
+    def finished(self, name: str) -> dict[str, Any] | None:
+        """The record of `name`'s last finished run, or None."""
+        rec = self.stages.get(name)
+        return rec if rec is not None and "finished" in rec else None
 
     def inputs(
-        self, stage: StageDef, recipe: Recipe, machine: dict[str, Any] | None
+        self,
+        stage: StageInfo,
+        earlier: Sequence[StageInfo],
+        recipe: Recipe,
+        machine: dict[str, Any] | None,
     ) -> dict[str, Any]:
         """The hashes of everything `stage` depends on, by component."""
         comp: dict[str, Any] = {
-            "recipe": _digest({s: _section(recipe, s) for s in stage.sections}),
-            "code": code_digest(stage.code),
-            # Every earlier stage, not only the direct one: with a stage disabled in between,
+            "recipe": _digest({s: _section(recipe, stage, s) for s in stage.sections}),
+            "code": code_digest(stage.module),
+            # Every earlier stage, not only the previous one: with a stage disabled in between,
             # a retrain must still reach the benchmark and the report.
             "upstream": _digest(
-                {
-                    u: {
-                        "run_id": self.stages.get(u, {}).get("run_id"),
-                        "outputs": self.stages.get(u, {}).get("outputs"),
-                    }
-                    for u in _earlier(stage.name)
-                }
+                {e.name: (self.finished(e.name) or {}).get("outputs") for e in earlier}
             ),
         }
         if stage.data:
@@ -217,21 +193,24 @@ class BuildState:
             comp["machine"] = _digest(machine)
         return comp
 
-    def check(self, stage: StageDef, inputs: dict[str, Any]) -> tuple[bool, list[str]]:
+    def check(
+        self, stage: StageInfo, earlier: Sequence[StageInfo], inputs: dict[str, Any]
+    ) -> tuple[bool, list[str]]:
         """(fresh, reasons it is not)."""
-        old = self.stages.get(stage.name)
-        if old is None:
-            return False, ["never built (or its last run did not finish)"]
+        rec = self.stages.get(stage.name)
+        if rec is None:
+            return False, ["recorded by an older tlbuild" if self.older else "first run here"]
+        if "finished" not in rec:
+            return False, [rec.get("why_stale") or f"its run of {rec['started']} did not finish"]
         why: list[str] = []
-        before = old.get("inputs", {})
+        before = rec.get("inputs", {})
         if before.get("recipe") != inputs["recipe"]:
             why.append("recipe " + ", ".join(f"[{s}]" for s in stage.sections) + " changed")
         if before.get("code") != inputs["code"]:
-            why.append("code changed (" + ", ".join(f"tlbuild/{c}" for c in stage.code) + ")")
+            why.append(f"code changed ({stage.module} or a module it imports)")
         if before.get("upstream") != inputs["upstream"]:
-            why.append(
-                "an earlier stage (" + ", ".join(_earlier(stage.name)) + ") re-ran or changed"
-            )
+            changed = [e.name for e in earlier if e.name in self._changed_upstream(rec)]
+            why.append(f"{', '.join(changed) or 'an earlier stage'} produced something new")
         if "data" in inputs and before.get("data") != inputs["data"]:
             was, now = before.get("data_summary") or {}, inputs["data_summary"]
             if was.get("mode") not in (None, now["mode"]):
@@ -243,34 +222,75 @@ class BuildState:
                 )
         if "machine" in inputs and before.get("machine") != inputs["machine"]:
             why.append("another machine or library versions")
-        for name in stage.shared:
-            if not (self.out / name).is_file():
-                why.append(f"{name} is missing")
-        for name, sha in old.get("outputs", {}).items():
+        for name, sha in rec.get("outputs", {}).get("files", {}).items():
             p = self.out / name
             if not p.is_file():
                 why.append(f"{name} is missing")
             elif sha256_file(p) != sha:
                 why.append(f"{name} was modified")
+        section = rec.get("outputs", {}).get("manifest")
+        if section is not None and section != section_digest(self.out, stage.name):
+            why.append("its manifest.json section is missing or was modified")
         return not why, why
 
-    def start(self, stage: str) -> None:
-        """Forget `stage` before it writes anything: killed midway, it stays stale."""
-        if self.stages.pop(stage, None) is not None:
+    def _changed_upstream(self, rec: dict[str, Any]) -> set[str]:
+        seen = rec.get("upstream_outputs", {})
+        return {
+            name
+            for name, outputs in seen.items()
+            if (self.finished(name) or {}).get("outputs") != outputs
+        }
+
+    def outputs(self, stage: StageInfo) -> dict[str, Any]:
+        """sha256 of the files `stage` wrote and of its manifest section."""
+        files = {p.name: sha256_file(p) for p in stage.files(self.out)}
+        return {"files": files, "manifest": section_digest(self.out, stage.name)}
+
+    def start(self, name: str) -> None:
+        """Mark `name` started before it writes anything: killed midway, it stays stale."""
+        self.stages[name] = {"started": _now()}
+        self._save()
+
+    def forget(self, name: str, why: str) -> None:
+        """Make `name` stale with a reason (its files were removed)."""
+        if name in self.stages:
+            self.stages[name] = {"started": _now(), "why_stale": why}
             self._save()
 
-    def finish(self, stage: StageDef, inputs: dict[str, Any], seconds: float, summary: str) -> None:
-        """Record a finished stage: its input hashes, output hashes and a fresh run id."""
+    def drop(self, name: str) -> None:
+        """No record at all (a stage turned off in the recipe)."""
+        if self.stages.pop(name, None) is not None:
+            self._save()
+
+    def finish(
+        self,
+        stage: StageInfo,
+        earlier: Sequence[StageInfo],
+        inputs: dict[str, Any],
+        seconds: float,
+        summary: str,
+    ) -> dict[str, Any]:
+        """Record a finished stage: its input hashes and output hashes; returns the outputs."""
+        outputs = self.outputs(stage)
         self.stages[stage.name] = {
-            "run_id": uuid.uuid4().hex,
-            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "started": self.stages.get(stage.name, {}).get("started", _now()),
+            "finished": _now(),
             "seconds": round(seconds, 2),
             "summary": summary,
             "inputs": inputs,
-            "outputs": _outputs(stage, self.out),
+            "outputs": outputs,
+            # Which earlier stage changed is then nameable in the next run's reasons.
+            "upstream_outputs": {
+                e.name: (self.finished(e.name) or {}).get("outputs") for e in earlier
+            },
         }
         self._save()
+        return outputs
 
     def _save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.path, {"format": "tlbuild.state/1", "stages": self.stages})
+        write_json(self.path, {"format": FORMAT, "stages": self.stages})
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

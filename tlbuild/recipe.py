@@ -12,15 +12,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from tlbuild.data.images import IMAGE_EXTENSIONS
 from tlbuild.errors import RecipeError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 class _Section(BaseModel):
@@ -304,7 +304,7 @@ class QuantizeConfig(_Section):
     seed: int = 0
 
 
-class BuildConfig(_Section):
+class EnginesConfig(_Section):
     """TensorRT engines compiled from the accepted ONNX variants (where TensorRT exists)."""
 
     variants: tuple[Literal["fp32", "fp16", "int8_trt"], ...] = ("fp16", "int8_trt")
@@ -316,7 +316,7 @@ class BuildConfig(_Section):
     on_fail: Literal["error", "reject"] = "error"
 
     @model_validator(mode="after")
-    def _batch_order(self) -> BuildConfig:
+    def _batch_order(self) -> EnginesConfig:
         if not self.min_batch <= self.opt_batch <= self.max_batch:
             raise ValueError("need min_batch <= opt_batch <= max_batch")
         return self
@@ -395,11 +395,20 @@ class Recipe(_Section):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     quantize: QuantizeConfig = QuantizeConfig()
-    build: BuildConfig = BuildConfig()
+    # The TOML section keeps the name users know from `tlbuild build`.
+    build: EnginesConfig = EnginesConfig()
     bench: BenchConfig = BenchConfig()
     gates: GatesConfig = GatesConfig()
 
     _resolve_out = field_validator("output_dir")(_resolve)
+    # The file it was read from: recorded in the manifest so that `tlbuild bench DIR` and
+    # `tlbuild build --on-device DIR` use the recipe as it is now when it is at hand.
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> Path | None:
+        """The TOML file this recipe was loaded from (None when built in code)."""
+        return self._source
 
     @model_validator(mode="after")
     def _ok_class_known(self) -> Recipe:
@@ -502,6 +511,8 @@ def load_recipe(path: Path | str) -> Recipe:
     # The file name may hold spaces or accents; the export folder name gets a safe form of it.
     raw.setdefault("name", re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._") or "recipe")
     try:
-        return Recipe.model_validate(raw, context={"base_dir": path.resolve().parent})
+        recipe = Recipe.model_validate(raw, context={"base_dir": path.resolve().parent})
+        recipe._source = path.resolve()
+        return recipe
     except ValidationError as e:
         raise RecipeError(_format_errors(path, e)) from None

@@ -9,9 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tlbuild.artifacts import CURVES_PNG, LR_FIND_PNG, METRICS_JSON
 from tlbuild.bench.run import BENCH_COLUMNS, bench_cells, short_backend
 from tlbuild.fileio import atomic_path, read_json_or_empty, write_text
 from tlbuild.gates import GateResult
+from tlbuild.manifest import manifest_json
 
 REPORT_MD = "report.md"
 PER_CLASS_PNG = "report_per_class.png"
@@ -97,18 +99,8 @@ def plot_latency_accuracy(bench: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]]) -> Path:
-    """Write report.md (and its plots) for the export folder `out`.
-
-    `stages`: one dict per built stage with `stage`, `finished`, `seconds` and `summary`.
-    """
-    metrics = read_json_or_empty(out / "metrics.json")
-    manifest = read_json_or_empty(out / "manifest.json")
-    bench = read_json_or_empty(out / "bench.json")
-    val = metrics.get("val", {})
+def _verdict_lines(manifest: dict[str, Any], gates: list[GateResult]) -> list[str]:
     failed = [g for g in gates if g.failed]
-    name = manifest.get("name", out.name)
-    lines = [f"# Build report: {name}", ""]
     if not gates:
         verdict = "none configured"
     elif failed:
@@ -116,136 +108,183 @@ def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]
         verdict = f"**FAILED** ({len(failed)} of {len(gates)}: {names})"
     else:
         verdict = f"**passed** ({len(gates)} of {len(gates)})"
-    lines += [
+    return [
         f"Gates: {verdict}. Backbone `{manifest.get('model', {}).get('backbone', '?')}`, "
         f"{len(manifest.get('classes', []))} classes, input "
         f"{'x'.join(str(s) for s in manifest.get('preprocessing', {}).get('input_size', []))}.",
         "",
     ]
 
-    lines += ["## Gates", ""]
-    if gates:
-        rows = [
-            [
-                f"`{g.gate}`",  # globs and brackets would otherwise render as emphasis/links
-                f"{g.threshold:g}",
-                "-" if g.measured is None else f"{g.measured:.4g}",
-                {"passed": "✅ passed", "failed": "❌ FAILED"}.get(g.status, "⚪ " + g.status),
-                g.note,
-            ]
-            for g in gates
-        ]
-        lines += _table(["gate", "threshold", "measured", "result", "note"], rows, "lrrll")
-    else:
-        lines += ["No gates configured (recipe section `[gates]`).", ""]
 
-    if val:
-        lines += ["## Validation", ""]
-        summary = [
-            ["images", str(val.get("images", "-"))],
-            ["accuracy", _pct(val.get("accuracy"))],
-            ["macro F1", f"{val.get('macro_f1', 0):.3f}"],
+def _gates_section(gates: list[GateResult]) -> list[str]:
+    lines = ["## Gates", ""]
+    if not gates:
+        return lines + ["No gates configured (recipe section `[gates]`).", ""]
+    rows = [
+        [
+            f"`{g.gate}`",  # globs and brackets would otherwise render as emphasis/links
+            f"{g.threshold:g}",
+            "-" if g.measured is None else f"{g.measured:.4g}",
+            {"passed": "✅ passed", "failed": "❌ FAILED"}.get(g.status, "⚪ " + g.status),
+            g.note,
         ]
-        if "escape_rate" in val:
-            summary += [
-                ["escape rate (defect predicted ok)", _pct(val["escape_rate"])],
-                ["false-reject rate (ok predicted defect)", _pct(val["false_reject_rate"])],
-            ]
-        head = metrics.get("head_only")
-        if head:
-            gain = (val.get("accuracy", 0.0) - head["accuracy"]) * 100
-            summary.append(
-                [f"head only ({head['source']})", f"{_pct(head['accuracy'])} ({gain:+.1f} pts)"]
-            )
-        for r in metrics.get("lr_find", []):
-            summary.append([f"lr found for stage '{r['stage']}'", f"{r['chosen']:.3g}"])
-        lines += _table(["metric", "value"], summary, "lr")
-        per = val.get("per_class", {})
-        rows = [
-            [c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])]
-            for c, m in per.items()
-        ]
-        lines += _table(["class", "precision", "recall", "F1", "images"], rows, "lrrrr")
-        if per:
-            plot_per_class(val, out / PER_CLASS_PNG)
-            lines += [f"![per-class metrics]({PER_CLASS_PNG})", ""]
-        for png, alt in (
-            ("confusion_val.png", "confusion matrix"),
-            ("training_curves.png", "training curves"),
-            ("lr_find.png", "learning-rate range test"),
-        ):
-            if (out / png).is_file():
-                lines += [f"![{alt}]({png})", ""]
+        for g in gates
+    ]
+    return lines + _table(["gate", "threshold", "measured", "result", "note"], rows, "lrrll")
 
-    variants = manifest.get("variants", {})
-    if variants:
-        lines += ["## Precision variants", ""]
-        rows = [
-            [
-                f"`{v['file']}`",
-                v["precision"],
-                _pct(v["accuracy"]),
-                f"{v['drop_points']:+.2f}",
-                _pct(v["top1_agreement"]),
-                v["status"],
-            ]
-            for v in variants.values()
+
+def _validation_summary(metrics: dict[str, Any]) -> list[list[str]]:
+    val = metrics["val"]
+    summary = [
+        ["images", str(val.get("images", "-"))],
+        ["accuracy", _pct(val.get("accuracy"))],
+        ["macro F1", f"{val.get('macro_f1', 0):.3f}"],
+    ]
+    if "escape_rate" in val:
+        summary += [
+            ["escape rate (defect predicted ok)", _pct(val["escape_rate"])],
+            ["false-reject rate (ok predicted defect)", _pct(val["false_reject_rate"])],
         ]
-        lines += _table(
-            ["file", "precision", "accuracy", "drop (points)", "agrees with FP32", "status"],
-            rows,
-            "llrrrl",
+    head = metrics.get("head_only")
+    if head:
+        gain = (val.get("accuracy", 0.0) - head["accuracy"]) * 100
+        summary.append(
+            [f"head only ({head['source']})", f"{_pct(head['accuracy'])} ({gain:+.1f} pts)"]
         )
+    for r in metrics.get("lr_find", []):
+        summary.append([f"lr found for stage '{r['stage']}'", f"{r['chosen']:.3g}"])
+    return summary
+
+
+def _per_class_lines(out: Path, val: dict[str, Any]) -> list[str]:
+    per = val.get("per_class", {})
+    rows = [
+        [c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])]
+        for c, m in per.items()
+    ]
+    lines = _table(["class", "precision", "recall", "F1", "images"], rows, "lrrrr")
+    if per:
+        plot_per_class(val, out / PER_CLASS_PNG)
+        lines += [f"![per-class metrics]({PER_CLASS_PNG})", ""]
+    return lines
+
+
+_TRAINING_PLOTS = (
+    ("confusion_val.png", "confusion matrix"),
+    (CURVES_PNG, "training curves"),
+    (LR_FIND_PNG, "learning-rate range test"),
+)
+
+
+def _validation_section(out: Path, metrics: dict[str, Any]) -> list[str]:
+    val = metrics.get("val", {})
+    if not val:
+        return []
+    lines = ["## Validation", ""]
+    lines += _table(["metric", "value"], _validation_summary(metrics), "lr")
+    lines += _per_class_lines(out, val)
+    # lr_find.png exists only when the range test ran: link only what is there.
+    for png, alt in _TRAINING_PLOTS:
+        if (out / png).is_file():
+            lines += [f"![{alt}]({png})", ""]
+    return lines
+
+
+def _variants_section(manifest: dict[str, Any]) -> list[str]:
+    variants = manifest.get("variants", {})
+    if not variants:
+        return []
+    rows = [
+        [
+            f"`{v['file']}`",
+            v["precision"],
+            _pct(v["accuracy"]),
+            f"{v['drop_points']:+.2f}",
+            _pct(v["top1_agreement"]),
+            v["status"],
+        ]
+        for v in variants.values()
+    ]
+    header = ["file", "precision", "accuracy", "drop (points)", "agrees with FP32", "status"]
+    return ["## Precision variants", ""] + _table(header, rows, "llrrrl")
+
+
+def _engines_section(manifest: dict[str, Any]) -> list[str]:
     engines = manifest.get("engines")
-    if engines:
-        lines += ["## TensorRT engines", ""]
-        if engines.get("status") != "built":
-            lines += [f"Skipped: {' '.join(str(engines.get('reason', '')).split())}", ""]
-        else:
-            rows = [
-                [variant, f"`{e.get('path', '-')}`", e.get("status", "-"), e.get("reason", "")]
-                for variant, e in engines.get("engines", {}).items()
-            ]
-            lines += _table(["variant", "engine", "status", "note"], rows)
+    if not engines:
+        return []
+    lines = ["## TensorRT engines", ""]
+    if engines.get("status") != "built":
+        return lines + [f"Skipped: {' '.join(str(engines.get('reason', '')).split())}", ""]
+    rows = [
+        [variant, f"`{e.get('path', '-')}`", e.get("status", "-"), e.get("reason", "")]
+        for variant, e in engines.get("engines", {}).items()
+    ]
+    return lines + _table(["variant", "engine", "status", "note"], rows)
 
-    if bench.get("results"):
-        env = bench["environment"]
-        lines += ["## Benchmark", ""]
-        driver = f" (driver {env['gpu_driver']})" if env.get("gpu_driver") else ""
-        gpu = f", GPU {', '.join(env['gpus'])}{driver}" if env["gpus"] else ""
-        lines += [
-            f"{env['cpu']}, {env['cores']} cores{gpu}; {bench['settings']['threads']} threads; "
-            f"at least {bench['settings']['min_iters']} timed runs and "
-            f"{bench['settings']['min_seconds']:g} s per row after "
-            f"{bench['settings']['warmup_iters']} warm-up runs (at most "
-            f"{bench['settings']['max_seconds']:g} s). Latency is host to host.",
-            "",
-        ]
-        rows = [
-            [f"`{c}`" if i == 0 else c for i, c in enumerate(bench_cells(r))]
-            for r in bench["results"]
-        ]
-        lines += _table(list(BENCH_COLUMNS), rows, "llrrrrrrrr")
-        if plot_latency_accuracy(bench, out / LATENCY_PNG):
-            lines += [f"![latency vs accuracy]({LATENCY_PNG})", ""]
-        for s in bench.get("skipped", []):
-            lines.append(f"- not benchmarked: `{s['artifact']}`: {' '.join(s['reason'].split())}")
-        if bench.get("skipped"):
-            lines.append("")
 
-    if stages:
-        lines += ["## Build stages", ""]
-        rows = [[s["stage"], s["finished"], f"{s['seconds']:.1f}", s["summary"]] for s in stages]
-        lines += _table(["stage", "built (UTC)", "seconds", "result"], rows, "llrl")
+def _bench_setup_line(bench: dict[str, Any]) -> str:
+    env, settings = bench["environment"], bench["settings"]
+    driver = f" (driver {env['gpu_driver']})" if env.get("gpu_driver") else ""
+    gpu = f", GPU {', '.join(env['gpus'])}{driver}" if env["gpus"] else ""
+    return (
+        f"{env['cpu']}, {env['cores']} cores{gpu}; {settings['threads']} threads; "
+        f"at least {settings['min_iters']} timed runs and "
+        f"{settings['min_seconds']:g} s per row after "
+        f"{settings['warmup_iters']} warm-up runs (at most "
+        f"{settings['max_seconds']:g} s). Latency is host to host."
+    )
 
+
+def _bench_section(out: Path, bench: dict[str, Any]) -> list[str]:
+    if not bench.get("results"):
+        return []
+    lines = ["## Benchmark", "", _bench_setup_line(bench), ""]
+    rows = [
+        [f"`{c}`" if i == 0 else c for i, c in enumerate(bench_cells(r))] for r in bench["results"]
+    ]
+    lines += _table(list(BENCH_COLUMNS), rows, "llrrrrrrrr")
+    if plot_latency_accuracy(bench, out / LATENCY_PNG):
+        lines += [f"![latency vs accuracy]({LATENCY_PNG})", ""]
+    for s in bench.get("skipped", []):
+        lines.append(f"- not benchmarked: `{s['artifact']}`: {' '.join(s['reason'].split())}")
+    if bench.get("skipped"):
+        lines.append("")
+    return lines
+
+
+def _stages_section(stages: list[dict[str, Any]]) -> list[str]:
+    if not stages:
+        return []
+    rows = [[s["stage"], s["finished"], f"{s['seconds']:.1f}", s["summary"]] for s in stages]
+    header = ["stage", "built (UTC)", "seconds", "result"]
+    return ["## Build stages", ""] + _table(header, rows, "llrl")
+
+
+def _versions_section(manifest: dict[str, Any]) -> list[str]:
     versions = manifest.get("versions", {})
-    if versions:
-        lines += [
-            "## Versions",
-            "",
-            ", ".join(f"{k} {v}" for k, v in versions.items()),
-            "",
-        ]
+    if not versions:
+        return []
+    return ["## Versions", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+
+
+def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]]) -> Path:
+    """Write report.md (and its plots) for the export folder `out`.
+
+    `stages`: one dict per built stage with `stage`, `finished`, `seconds` and `summary`.
+    """
+    metrics = read_json_or_empty(out / METRICS_JSON)
+    manifest = manifest_json(out)
+    bench = read_json_or_empty(out / "bench.json")
+    lines = [f"# Build report: {manifest.get('name', out.name)}", ""]
+    lines += _verdict_lines(manifest, gates)
+    lines += _gates_section(gates)
+    lines += _validation_section(out, metrics)
+    lines += _variants_section(manifest)
+    lines += _engines_section(manifest)
+    lines += _bench_section(out, bench)
+    lines += _stages_section(stages)
+    lines += _versions_section(manifest)
     path = out / REPORT_MD
     write_text(path, "\n".join(lines))
     return path

@@ -26,9 +26,9 @@ import baseline  # noqa: E402
 import datasets  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from tlbuild import pipeline  # noqa: E402
-from tlbuild.export.checkpoint import load_trained  # noqa: E402
+from tlbuild.models.checkpoint import load_trained  # noqa: E402
 from tlbuild.recipe import load_recipe  # noqa: E402
+from tlbuild.runner import call_stage  # noqa: E402
 
 SIZES = {"textures": 128, "scenes": 128, "faces": 128, "demo": 160}
 DATA_ROOT = Path(__file__).resolve().parents[2] / "data" / "bench-accuracy"
@@ -56,7 +56,7 @@ preprocess = {{ input_size = {json.dumps(size) if size == "auto" else size}, res
     recipe = load_recipe(path)
     console = Console(quiet=True)
     t0 = time.perf_counter()
-    out = pipeline.train_stage(recipe, console)
+    out = call_stage("train", recipe, console)
     seconds = time.perf_counter() - t0
     used = load_trained(recipe.out_dir / "model.pt").preprocessing.input_size
     row = {
@@ -69,8 +69,8 @@ preprocess = {{ input_size = {json.dumps(size) if size == "auto" else size}, res
         "lr_found": [r["chosen"] for r in out.result.lr_find],
     }
     if int8:
-        pipeline.export_stage(recipe, console)
-        variants = pipeline.quantize_stage(recipe, console)
+        call_stage("export", recipe, console)
+        variants = call_stage("quantize", recipe, console)
         row["int8"] = {k: (v.accuracy, v.status) for k, v in variants.items()}
     return row
 

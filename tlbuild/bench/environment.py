@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tlbuild.export.manifest import library_versions
+from tlbuild.manifest import library_versions
 
 
 def _cpu_model() -> str:

@@ -20,16 +20,19 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from tlbuild.artifacts import MODEL_ONNX, MODEL_PT, VARIANTS
 from tlbuild.bench.environment import cpu_cores, environment
 from tlbuild.bench.timing import measure, ort_profile_check
-from tlbuild.data.preprocess import Preprocessing
+from tlbuild.data.preprocess import Preprocessing, load_batch
 from tlbuild.data.scan import Sample
 from tlbuild.errors import BuildError, UsageError
-from tlbuild.export.parity import load_batch
 from tlbuild.fileio import write_json, write_parquet
+from tlbuild.manifest import Manifest, read_manifest
 from tlbuild.recipe import BenchConfig
 from tlbuild.runtime.base import Predictor
-from tlbuild.runtime.load import accepted, load_predictor, read_manifest
+from tlbuild.runtime.load import load_predictor
+from tlbuild.runtime.sessions import ORT_PROVIDERS
+from tlbuild.runtime.tensorrt import tensorrt_status
 
 BENCH_JSON = "bench.json"
 BENCH_PARQUET = "bench.parquet"
@@ -43,54 +46,43 @@ class Target:
     provider: str  # cpu / cuda / tensorrt (load_predictor's names)
 
 
-def targets(folder: Path, manifest: dict[str, Any]) -> tuple[list[Target], list[dict[str, str]]]:
+def targets(folder: Path, manifest: Manifest) -> tuple[list[Target], list[dict[str, str]]]:
     """What this machine can benchmark, and what it skips with the reason."""
     import onnxruntime as ort
     import torch
 
     gpu = torch.cuda.is_available()
     providers = set(ort.get_available_providers())
-    status = {v["file"]: v["status"] for v in manifest.get("variants", {}).values()}
     found: list[Target] = []
     skipped: list[dict[str, str]] = []
 
     def skip(name: str, reason: str) -> None:
         skipped.append({"artifact": name, "reason": reason, "kind": "not here"})
 
-    if (folder / "model.pt").is_file():
-        found.append(Target("model.pt", "cpu"))
+    if (folder / MODEL_PT).is_file():
+        found.append(Target(MODEL_PT, "cpu"))
         if gpu:
-            found.append(Target("model.pt", "cuda"))
-    if (folder / "model.onnx").is_file():
-        found.append(Target("model.onnx", "cpu"))
-        if "CUDAExecutionProvider" in providers:
-            found.append(Target("model.onnx", "cuda"))
-    for name, needs in (
-        ("model.fp16.onnx", "CUDAExecutionProvider"),
-        ("model.int8.trt.onnx", "TensorrtExecutionProvider"),
-        ("model.int8.cpu.onnx", "CPUExecutionProvider"),
-    ):
-        rejected = folder / name.replace(".onnx", ".rejected.onnx")
-        if rejected.is_file():
-            skip(rejected.name, "rejected by the accuracy gate")
-        if not (folder / name).is_file():
+            found.append(Target(MODEL_PT, "cuda"))
+    if (folder / MODEL_ONNX).is_file():
+        found.append(Target(MODEL_ONNX, "cpu"))
+        if ORT_PROVIDERS["cuda"] in providers:
+            found.append(Target(MODEL_ONNX, "cuda"))
+    for a in VARIANTS.values():
+        if (folder / a.rejected_file).is_file():
+            skip(a.rejected_file, "rejected by the accuracy gate")
+        if not (folder / a.file).is_file():
             continue
-        if status.get(name, "accepted") != "accepted":
-            skip(name, "rejected by the accuracy gate")
-        elif needs in providers:
-            provider = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
-            found.append(Target(name, provider.get(needs, "cpu")))
-        elif name == "model.fp16.onnx":
-            skip(name, "needs a GPU execution provider (ONNX Runtime's CPU emulates FP16)")
+        if not manifest.accepted(a.file):
+            skip(a.file, "rejected by the accuracy gate (or not in the manifest)")
+        elif ORT_PROVIDERS[a.provider] in providers:
+            found.append(Target(a.file, a.provider))
         else:
-            skip(name, "runs on TensorRT; its engine is benchmarked where TensorRT exists")
+            skip(a.file, a.not_here)
     engines = sorted(folder.glob("*.engine"))
     if engines:
-        from tlbuild.export.tensorrt_build import tensorrt_status
-
         ok, why = tensorrt_status()
         for e in engines:
-            if not accepted(manifest, e.name):
+            if not manifest.accepted(e.name):
                 skip(e.name, "rejected by the accuracy gate (or not in the manifest)")
             elif ok:
                 found.append(Target(e.name, "tensorrt"))
@@ -148,12 +140,73 @@ def _sync(p: Predictor) -> None:
         torch.cuda.synchronize()
 
 
+def _load_predictors(
+    folder: Path, found: list[Target], threads: int, skipped: list[dict[str, str]]
+) -> dict[Target, Predictor]:
+    """Open every target; one that cannot run here (a GPU provider whose libraries are missing)
+    is skipped with the reason, not fatal."""
+    predictors: dict[Target, Predictor] = {}
+    for t in found:
+        try:
+            predictors[t] = load_predictor(folder, t.artifact, t.provider, threads=threads)
+        except Exception as e:
+            skipped.append(
+                {"artifact": t.artifact, "reason": f"cannot load: {e}", "kind": "failed"}
+            )
+    return predictors
+
+
+def _measure_one(
+    t: Target, p: Predictor, batch: int, x: np.ndarray, cfg: BenchConfig
+) -> dict[str, Any] | dict[str, str]:
+    """Latency row of one artifact at one batch size, or a skipped entry saying why not."""
+    if not p.supports_batch(batch):
+        reason = f"batch {batch} is outside the engine's profile"
+        return {"artifact": t.artifact, "reason": reason, "kind": "not here"}
+
+    def call() -> None:
+        p.logits(x)
+        _sync(p)
+
+    try:
+        lat = measure(call, cfg.warmup_iters, cfg.min_iters, cfg.min_seconds, cfg.max_seconds)
+    except Exception as e:
+        return {"artifact": t.artifact, "reason": f"batch {batch}: {e}", "kind": "failed"}
+    return {
+        "artifact": t.artifact,
+        "backend": p.backend,
+        "precision": p.precision,
+        "batch": batch,
+        **lat.summary(batch),
+    }
+
+
+def _timer_checks(
+    folder: Path,
+    predictors: dict[Target, Predictor],
+    inputs: dict[int, np.ndarray],
+    threads: int,
+    console: Console,
+) -> list[dict[str, Any]]:
+    """Our timer against ONNX Runtime's profiler on each CPU ONNX artifact (a cross-check)."""
+    checks: list[dict[str, Any]] = []
+    for t in predictors:
+        if t.provider != "cpu" or not t.artifact.endswith(".onnx"):
+            continue
+        for x in inputs.values():
+            try:
+                checks.append(ort_profile_check(folder / t.artifact, x, threads))
+            except Exception as e:  # a cross-check; never fatal
+                console.print(f"[yellow]timer check {t.artifact}: {e}[/]")
+    return checks
+
+
 def bench_folder(
     folder: Path, cfg: BenchConfig, console: Console, val: Sequence[Sample] | None
 ) -> dict[str, Any]:
     """Benchmark every runnable artifact of an export folder; write bench.json and .parquet."""
     manifest = read_manifest(folder)
-    spec = Preprocessing.from_dict(manifest["preprocessing"])
+    spec = Preprocessing.from_dict(manifest.preprocessing)
     threads = cfg.threads or cpu_cores()
     found, skipped = targets(folder, manifest)
     if not found:
@@ -162,18 +215,8 @@ def bench_folder(
         console.print(f"[dim]bench: skipping {s['artifact']}: {s['reason']}[/]")
     val = [s for s in (val or []) if s.path.is_file()] or None
     rows: list[dict[str, Any]] = []
-    checks: list[dict[str, Any]] = []
     with _torch_threads(threads):
-        # One artifact that cannot run here (a GPU provider whose libraries are missing, an
-        # engine whose profile excludes a batch size) is skipped with the reason, not fatal.
-        predictors: dict[Target, Predictor] = {}
-        for t in found:
-            try:
-                predictors[t] = load_predictor(folder, t.artifact, t.provider, threads=threads)
-            except Exception as e:
-                skipped.append(
-                    {"artifact": t.artifact, "reason": f"cannot load: {e}", "kind": "failed"}
-                )
+        predictors = _load_predictors(folder, found, threads, skipped)
         acc = _accuracy(predictors, val, spec) if (cfg.accuracy and val) else {}
         inputs = {b: _inputs(spec, val, b) for b in cfg.batch_sizes}
         with Progress(console=console, transient=True) as progress:
@@ -181,52 +224,20 @@ def bench_folder(
             for t, p in predictors.items():
                 for b, x in inputs.items():
                     progress.update(task, description=f"Benchmarking {t.artifact} batch {b}")
-
-                    def call(p: Predictor = p, x: np.ndarray = x) -> None:
-                        p.logits(x)
-                        _sync(p)
-
-                    if not p.supports_batch(b):
-                        skipped.append(
-                            {
-                                "artifact": t.artifact,
-                                "reason": f"batch {b} is outside the engine's profile",
-                                "kind": "not here",
-                            }
+                    row = _measure_one(t, p, b, x, cfg)
+                    if "reason" in row:
+                        skipped.append(row)
+                    else:
+                        size = (folder / t.artifact).stat().st_size
+                        rows.append(
+                            {**row, "accuracy": acc.get(t), "size_bytes": size, "threads": threads}
                         )
-                        progress.advance(task)
-                        continue
-                    try:
-                        lat = measure(
-                            call, cfg.warmup_iters, cfg.min_iters, cfg.min_seconds, cfg.max_seconds
-                        )
-                    except Exception as e:
-                        skipped.append(
-                            {"artifact": t.artifact, "reason": f"batch {b}: {e}", "kind": "failed"}
-                        )
-                        progress.advance(task)
-                        continue
-                    rows.append(
-                        {
-                            "artifact": t.artifact,
-                            "backend": p.backend,
-                            "precision": p.precision,
-                            "batch": b,
-                            **lat.summary(b),
-                            "accuracy": acc.get(t),
-                            "size_bytes": (folder / t.artifact).stat().st_size,
-                            "threads": threads,
-                        }
-                    )
                     progress.advance(task)
-            if cfg.timer_check:
-                for t in predictors:
-                    if t.provider == "cpu" and t.artifact.endswith(".onnx"):
-                        for x in inputs.values():
-                            try:
-                                checks.append(ort_profile_check(folder / t.artifact, x, threads))
-                            except Exception as e:  # a cross-check; never fatal
-                                console.print(f"[yellow]timer check {t.artifact}: {e}[/]")
+            checks = (
+                _timer_checks(folder, predictors, inputs, threads, console)
+                if cfg.timer_check
+                else []
+            )
     if not rows:
         reasons = "; ".join(f"{x['artifact']}: {x['reason']}" for x in skipped)
         raise BuildError(f"no artifact in {folder} could be benchmarked here: {reasons}")

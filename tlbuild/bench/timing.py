@@ -70,15 +70,10 @@ def ort_profile_check(path: Path, x: np.ndarray, threads: int, iters: int = 30) 
     the timer wraps the Python `run` call. Their medians should agree within a few percent
     (the difference is the Python binding's cost).
     """
-    import onnxruntime as ort
+    from tlbuild.runtime.sessions import ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.intra_op_num_threads = threads
-        so.enable_profiling = True
-        so.profile_file_prefix = str(Path(tmp) / "ort")
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sess = ort_session(path, threads=threads, profile_prefix=str(Path(tmp) / "ort"))
         name = sess.get_inputs()[0].name
         lat = measure(lambda: sess.run(None, {name: x}), 3, iters, 0.0, 30.0)
         profile = json.loads(Path(sess.end_profiling()).read_text())

@@ -7,15 +7,17 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from tlbuild.data.images import IMAGE_EXTENSIONS
 from tlbuild.errors import UsageError
 
-DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # An input file with one of these suffixes (or "-" for stdin) is a list of image paths.
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 
 
 def parse_extensions(text: str) -> tuple[str, ...]:
-    """'jpg,PNG' -> ('.jpg', '.png'); a UsageError for an empty list."""
+    """'jpg,PNG' -> ('.jpg', '.png'); '' -> every type tlbuild reads; a UsageError for ','."""
+    if not text:
+        return IMAGE_EXTENSIONS
     exts = tuple(
         "." + e.strip().lower().lstrip(".") for e in text.split(",") if e.strip().strip(".")
     )
@@ -46,7 +48,7 @@ class InputWalker:
 
     def __init__(
         self,
-        extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
+        extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
         warn: Callable[[str], None] | None = None,
     ) -> None:
         self.extensions = extensions

@@ -15,12 +15,14 @@ from typing import Any
 import numpy as np
 
 from tlbuild.bench.environment import cpu_cores
-from tlbuild.classify.inputs import DEFAULT_EXTENSIONS, InputWalker, check_inputs
+from tlbuild.classify.inputs import InputWalker, check_inputs
 from tlbuild.classify.results import COLUMNS, ResultsFile, storable
+from tlbuild.data.images import IMAGE_EXTENSIONS
 from tlbuild.data.preprocess import Preprocessing, load_input
 from tlbuild.errors import BuildError, UsageError
+from tlbuild.manifest import Manifest, read_manifest
 from tlbuild.runtime.base import Predictor
-from tlbuild.runtime.load import load_predictor, read_manifest
+from tlbuild.runtime.load import load_predictor
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class ClassifyOptions:
     ok_class: str | None = None  # None: the model's ok_class from its manifest, if any
     threshold: float | None = None
     exact_decode: bool = False
-    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     overwrite: bool = False
     retry_errors: bool = False
     max_error_rate: float | None = None
@@ -158,8 +160,8 @@ class _Decider:
         return out
 
 
-def _resolve_ok_class(options: ClassifyOptions, manifest: dict[str, Any], classes: list[str]):  # noqa: ANN202
-    ok = options.ok_class or manifest.get("ok_class")
+def _resolve_ok_class(options: ClassifyOptions, manifest: Manifest, classes: list[str]):  # noqa: ANN202
+    ok = options.ok_class or manifest.ok_class
     if ok is not None and ok not in classes:
         raise UsageError(f"--ok-class '{ok}' is not a class of this model ({', '.join(classes)})")
     if options.threshold is not None:
@@ -201,7 +203,7 @@ def classify(
     classes = predictor.classes
     ok_class = _resolve_ok_class(options, manifest, classes)
     name = predictor.artifact.name
-    sha = manifest["artifacts"][name]["sha256"]
+    sha = manifest.artifacts[name].sha256
     decider = _Decider(classes, options.topk, ok_class, options.threshold)
     identity = {
         "model_sha256": sha,
@@ -212,7 +214,7 @@ def classify(
         "precision": predictor.precision,
         "classes": classes,
         "decode": "exact" if options.exact_decode else "jpeg-draft",
-        "model_name": manifest.get("name"),
+        "model_name": manifest.name,
     }
     results = ResultsFile(
         out, identity, overwrite=options.overwrite, retry_errors=options.retry_errors

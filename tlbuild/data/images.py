@@ -12,6 +12,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tlbuild.errors import DataError
 
+# Every extension tlbuild reads, for training folders and `classify` alike (Pillow decodes
+# all of them; a GIF gives its first frame).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
 # Pillow's own default (about 89 Mpx) raises for larger images, which is what we want:
 # a production folder must not be able to exhaust memory with one crafted file.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -10,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from tlbuild.data.images import decode
+from tlbuild.data.images import decode, load_rgb
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -143,3 +144,8 @@ def load_input(path: Path | str, spec: Preprocessing, exact: bool = False) -> Mo
     d = decode(path, None if exact else min_size)
     x = normalize(resize_for_model(d.image, spec, (d.width, d.height)), spec)
     return ModelInput(x, d.width, d.height)
+
+
+def load_batch(paths: Sequence[Path], spec: Preprocessing) -> np.ndarray:
+    """Decode and preprocess image files into one NCHW float32 batch."""
+    return np.stack([preprocess(load_rgb(p), spec) for p in paths])

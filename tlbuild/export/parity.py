@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
-from tlbuild.data.images import load_rgb
-from tlbuild.data.preprocess import Preprocessing, preprocess
+from tlbuild.export.compare import compare_logits
+from tlbuild.runtime.sessions import ort_session, run_logits
 
 
 @dataclass
@@ -40,20 +38,6 @@ class ParityResult:
         return {**asdict(self), "passed": self.passed}
 
 
-def load_batch(paths: Sequence[Path], spec: Preprocessing) -> np.ndarray:
-    """Decode and preprocess images into one NCHW float32 batch."""
-    return np.stack([preprocess(load_rgb(p), spec) for p in paths])
-
-
-def ort_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session."""
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def check_parity(
     model: nn.Module,
     onnx_path: Path,
@@ -65,20 +49,18 @@ def check_parity(
     """Run both on `images` (NCHW float32) and compare logits and top-1 classes."""
     model = model.eval().to("cpu")
     sess = ort_session(onnx_path)
-    name = sess.get_inputs()[0].name
     ref, got = [], []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size]
             ref.append(model(torch.from_numpy(x)).numpy())
-            got.append(sess.run(None, {name: x})[0])
-    r, g = np.concatenate(ref), np.concatenate(got)
-    diff = np.abs(r - g)
+            got.append(run_logits(sess, x))
+    c = compare_logits(np.concatenate(ref), np.concatenate(got))
     return ParityResult(
-        images=len(images),
-        max_abs_logit_diff=float(diff.max()),
-        mean_abs_logit_diff=float(diff.mean()),
-        top1_agreement=float((r.argmax(1) == g.argmax(1)).mean()),
+        images=c["images"],
+        max_abs_logit_diff=c["max_abs_logit_diff"],
+        mean_abs_logit_diff=c["mean_abs_logit_diff"],
+        top1_agreement=c["top1_agreement"],
         atol=atol,
         min_top1_agreement=min_top1_agreement,
         provider=sess.get_providers()[0],

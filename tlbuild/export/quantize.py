@@ -20,13 +20,6 @@ from onnx import numpy_helper
 from tlbuild.errors import BuildError
 from tlbuild.fileio import atomic_path
 
-# File names of the variants, next to model.onnx.
-VARIANT_FILES = {
-    "fp16": "model.fp16.onnx",
-    "int8_trt": "model.int8.trt.onnx",
-    "int8_cpu": "model.int8.cpu.onnx",
-}
-
 
 def cpu_has_vnni() -> bool:
     """True when this x86 CPU has an 8-bit dot-product instruction (AVX512-VNNI or AVX-VNNI)."""

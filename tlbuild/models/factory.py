@@ -37,7 +37,7 @@ RECOMMENDED = (
 
 
 @dataclass
-class BuiltModel:
+class NewClassifier:
     """A classifier ready to fine-tune, with everything needed to feed it."""
 
     model: nn.Module
@@ -92,9 +92,9 @@ def _hub_pretrained(cfg: ModelConfig, num_classes: int) -> nn.Module:
         ) from None
 
 
-def build_model(
+def make_model(
     cfg: ModelConfig, num_classes: int, images: SizeSummary | None = None
-) -> BuiltModel:
+) -> NewClassifier:
     """Create `cfg.backbone` with a new head (global pool, dropout, linear) and its weights.
 
     `images` (the training images' sizes) resolves `input_size = "auto"`.
@@ -125,7 +125,7 @@ def build_model(
             source = f"file: {path}"
     if num_classes != 1000 or cfg.weights == "none":  # a new head, not ImageNet's own
         _init_head(model)
-    return BuiltModel(model, resolve_preprocessing(model, cfg.preprocess, images), source)
+    return NewClassifier(model, resolve_preprocessing(model, cfg.preprocess, images), source)
 
 
 def _init_head(model: nn.Module) -> None:
@@ -175,11 +175,6 @@ def offline_weights(backbone: str) -> str | None:
     return None
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def unwrap_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of the model's state dict (safe to keep while training continues)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

@@ -9,13 +9,7 @@ import numpy as np
 from tlbuild.data.preprocess import Preprocessing
 from tlbuild.errors import UsageError
 from tlbuild.runtime.base import Predictor
-
-# Short names a user passes, and the ONNX Runtime provider each one means.
-ORT_PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
+from tlbuild.runtime.sessions import ort_session
 
 
 class TorchPredictor(Predictor):
@@ -24,7 +18,7 @@ class TorchPredictor(Predictor):
     def __init__(self, path: Path, device: str = "cpu") -> None:
         import torch
 
-        from tlbuild.export.checkpoint import load_trained
+        from tlbuild.models.checkpoint import load_trained
 
         tm = load_trained(path)
         super().__init__(path, tm.classes, tm.preprocessing, "fp32")
@@ -55,36 +49,8 @@ class OnnxPredictor(Predictor):
         threads: int | None = None,
         spinning: bool = True,
     ) -> None:
-        import onnxruntime as ort
-
         super().__init__(path, classes, spec, precision)
-        if provider not in ORT_PROVIDERS:
-            raise UsageError(
-                f"unknown provider '{provider}'; use one of {', '.join(ORT_PROVIDERS)}"
-            )
-        wanted = ORT_PROVIDERS[provider]
-        if wanted not in ort.get_available_providers():
-            raise UsageError(
-                f"{wanted} is not available in this onnxruntime build "
-                f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu for "
-                "CUDA/TensorRT, or use provider 'cpu'"
-            )
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-        if not spinning:
-            # Idle ORT threads otherwise busy-wait, taking cores from work that overlaps
-            # inference (decoding in `tlbuild classify`).
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = (
-            [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
-        )
-        self._session = ort.InferenceSession(str(path), so, providers=providers)
-        # ORT silently falls back to CPU when a GPU provider fails to initialise; say so instead.
-        active = self._session.get_providers()[0]
-        if active != wanted:
-            raise UsageError(f"{wanted} did not initialise for {path.name} (active: {active})")
+        self._session = ort_session(path, provider, threads, spinning)
         self._input = self._session.get_inputs()[0].name
 
     @property
@@ -99,13 +65,13 @@ class TensorRTPredictor(Predictor):
     """A serialized TensorRT engine (built for this GPU and TensorRT version)."""
 
     def __init__(self, path: Path, classes: list[str], spec: Preprocessing, precision: str) -> None:
-        from tlbuild.export.tensorrt_build import TensorRTPredictorCore, tensorrt_status
+        from tlbuild.runtime.tensorrt import TensorRTEngine, tensorrt_status
 
         ok, why = tensorrt_status()
         if not ok:
             raise UsageError(f"cannot run {path.name}: {why}")
         super().__init__(path, classes, spec, precision)
-        self._core = TensorRTPredictorCore(path)
+        self._core = TensorRTEngine(path)
 
     @property
     def backend(self) -> str:

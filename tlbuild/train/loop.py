@@ -8,7 +8,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,8 @@ from tlbuild.data.preprocess import Preprocessing
 from tlbuild.data.scan import Sample, Splits
 from tlbuild.errors import UsageError
 from tlbuild.fileio import atomic_path
-from tlbuild.models.factory import unwrap_state
-from tlbuild.recipe import DataConfig, StageConfig, TrainConfig
+from tlbuild.models.factory import cpu_state_dict
+from tlbuild.recipe import DataConfig, EarlyStoppingConfig, StageConfig, TrainConfig
 from tlbuild.train.lr_find import lr_range_test
 from tlbuild.train.optim import make_optimizer, make_scheduler
 from tlbuild.train.probe import fit_probe, probe_supported
@@ -234,8 +234,80 @@ def _fingerprint(
 
 
 @dataclass
+class Best:
+    """The best candidate so far: its val loss, its epoch (-1: the linear probe), its weights."""
+
+    val_loss: float = math.inf
+    epoch: int = -1
+    state: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class TrainState:
+    """Where training stands: everything `--resume` needs besides the model's own weights.
+
+    Every field is plain data or tensors, so `to_checkpoint` gives a dict that
+    `torch.load(..., weights_only=True)` reads back; `from_checkpoint` rebuilds the state.
+    """
+
+    stage: int = 0
+    epoch_in_stage: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: Best = field(default_factory=Best)
+    stage_best: float = math.inf
+    bad_epochs: int = 0
+    stage_done: bool = False
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    probe: dict[str, Any] | None = None  # linear-probe result (ProbeResult.to_dict)
+    stage_lr: dict[str, float] = field(default_factory=dict)  # stage name -> its head lr
+    lr_find: list[dict[str, Any]] = field(default_factory=list)  # curves of lr = "auto" stages
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The state as a dict of plain data and tensors (the checkpoint's keys)."""
+        payload = {f.name: getattr(self, f.name) for f in fields(self)}
+        payload["best"] = {
+            "val_loss": self.best.val_loss,
+            "epoch": self.best.epoch,
+            "state": self.best.state,
+        }
+        return payload
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
+        """Rebuild from `to_checkpoint`'s dict; KeyError or TypeError when it is not one."""
+        best = saved["best"]
+        state = cls(**{f.name: saved[f.name] for f in fields(cls) if f.name != "best"})
+        state.best = Best(float(best["val_loss"]), int(best["epoch"]), best["state"])
+        return state
+
+    def enter_stage(self, si: int) -> None:
+        """Start stage `si` afresh: its epochs, early stopping and optimizer, not the history."""
+        self.stage, self.epoch_in_stage = si, 0
+        self.stage_best, self.bad_epochs, self.stage_done = math.inf, 0, False
+        self.optimizer = self.scheduler = None
+
+    def record_epoch(
+        self, row: dict[str, Any], model: nn.Module, stopping: EarlyStoppingConfig
+    ) -> bool:
+        """Add an epoch's history row and update best and early stopping; True when best."""
+        self.history.append(row)
+        val_loss = row["val_loss"]
+        is_best = val_loss < self.best.val_loss
+        if is_best:
+            self.best = Best(val_loss, row["epoch"], cpu_state_dict(model))
+        if val_loss < self.stage_best - stopping.min_delta:
+            self.stage_best, self.bad_epochs = val_loss, 0
+        else:
+            self.bad_epochs += 1
+        self.stage_done = self.bad_epochs >= stopping.patience
+        return is_best
+
+
+@dataclass
 class _Run:
-    """What every step of one `fit` call shares (device, precision, loaders, loss)."""
+    """What every step of one `fit` call shares: device, precision, loaders, loss, output."""
 
     model: nn.Module
     cfg: TrainConfig
@@ -248,6 +320,9 @@ class _Run:
     plain_loader: DataLoader
     val_loader: DataLoader
     gen: torch.Generator
+    console: Console
+    ckpt_path: Path
+    fingerprint: str
 
     def step(self, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Any:
         """One optimizer step; returns (loss, logits). A non-finite loss updates nothing."""
@@ -267,22 +342,10 @@ class _Run:
         return loss, out
 
 
-def _new_state() -> dict[str, Any]:
-    return {
-        "stage": 0,
-        "epoch_in_stage": 0,
-        "history": [],
-        "best": {"val_loss": math.inf, "epoch": -1, "state": None},
-        "stage_best": math.inf,
-        "bad_epochs": 0,
-        "stage_done": False,
-        "optimizer": None,
-        "scheduler": None,
-        "scaler": None,
-        "probe": None,  # linear-probe result (head_init = "probe")
-        "stage_lr": {},  # stage name -> the head lr it ran with (given or found)
-        "lr_find": [],  # range-test curves of lr = "auto" stages
-    }
+def _memory_format(cfg: TrainConfig) -> torch.memory_format:
+    # Channels-last pays on CPUs too: oneDNN's depthwise and 1x1 convolutions ran 1.2x faster
+    # for a Lite0 training step at 128 px on the 2-core dev machine (DESIGN.md section 4).
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
 def fit(
@@ -302,279 +365,341 @@ def fit(
     refuses a checkpoint written for other ones.
     """
     device = select_device(cfg.device)
-    use_amp = cfg.amp and device.type == "cuda"
-    amp_dtype = (
-        (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
-    )
-    # Channels-last pays on CPUs too: oneDNN's depthwise and 1x1 convolutions ran 1.2x faster
-    # for a Lite0 training step at 128 px on the 2-core dev machine (DESIGN.md section 4).
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
+    model.to(device, memory_format=_memory_format(cfg))
     # torch.use_deterministic_algorithms is not set: on CPU it made training 1.25x slower and
     # was not needed for same seed, same machine, same weights (tests/test_train.py checks it).
-
     fingerprint = _fingerprint(splits, cfg, data, spec, model_key)
-    state = _new_state()
-    if resume:
-        if not ckpt_path.is_file():
-            raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume")
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if saved.get("fingerprint") != fingerprint:
-            raise UsageError(
-                f"--resume: {ckpt_path} was written for another recipe, dataset or backbone; "
-                "run without --resume to start over"
-            )
-        model.load_state_dict(saved["model"])
-        state.update({k: saved[k] for k in state if k in saved})
-        console.print(
-            f"Resuming after epoch {len(state['history'])} "
-            f"(stage '{cfg.stages[state['stage']].name}', epoch {state['epoch_in_stage']})"
-        )
-
+    state = _resume(model, cfg, ckpt_path, fingerprint, console) if resume else TrainState()
     caches: tuple[ImageCache, ImageCache] | None = None
     try:
         caches = build_caches(splits, spec, cfg, data, console, ckpt_path.parent)
-        train_loader, plain_loader, val_loader, gen = _loaders(
-            splits, spec, cfg, data, device, caches
-        )
-        weight = (
-            _class_weights(splits.train, len(splits.classes)) if data.balance == "loss" else None
-        )
-        criterion = nn.CrossEntropyLoss(
-            weight=weight.to(device) if weight is not None else None,
-            label_smoothing=cfg.label_smoothing,
-        )
-        run = _Run(
+        run = _make_run(
             model,
+            splits,
+            spec,
             cfg,
+            data,
             device,
-            amp_dtype,
-            torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
-            memory_format,
-            criterion,
-            train_loader,
-            plain_loader,
-            val_loader,
-            gen,
+            caches,
+            console=console,
+            ckpt_path=ckpt_path,
+            fingerprint=fingerprint,
         )
-        # The probe also measures what a head alone reaches, for recipes without a head-only
-        # stage (a few seconds: one forward pass, no backward).
-        has_frozen_stage = any(s.unfreeze == 0 for s in cfg.stages)
-        wanted = cfg.head_init == "probe" or not has_frozen_stage
-        if wanted and not probe_supported(model):
-            console.print(
-                f"[yellow]No linear probe: {type(model.get_classifier()).__name__} is not a "
-                "single linear head; the head starts from random weights.[/]"
-            )
-            wanted = False
-        if wanted and not state["history"]:
-            head = model.get_classifier()  # type: ignore[operator]
-            random_head = copy.deepcopy(head.state_dict())
-            probe = fit_probe(model, plain_loader, val_loader, device, memory_format)
-            state["probe"] = probe.to_dict()
-            # The probed model is a candidate like any epoch: if fine-tuning never beats its
-            # validation loss, the frozen body with the fitted head is what ships.
-            state["best"] = {"val_loss": probe.val_loss, "epoch": -1, "state": unwrap_state(model)}
-            if cfg.head_init != "probe":
-                head.load_state_dict(random_head)
-            console.print(
-                f"Head alone on frozen pretrained features (linear probe): val accuracy "
-                f"{probe.val_accuracy:.1%} ({probe.seconds:.1f}s)"
-                + ("; fine-tuning starts from it" if cfg.head_init == "probe" else "")
-            )
+        _probe(run, state)
         with _progress(console) as progress:
-            for si in range(state["stage"], len(cfg.stages)):
-                _run_stage(run, si, state, progress, console, ckpt_path, fingerprint)
+            for si in range(state.stage, len(cfg.stages)):
+                _run_stage(run, si, state, progress)
     finally:
         if caches is not None:
             for c in caches:
                 c.close()
+    return _finish(model, state, device)
 
-    best = state["best"]
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    model.to("cpu", memory_format=torch.contiguous_format).eval()
-    return TrainResult(
-        model,
-        state["history"],
-        best["epoch"],
-        best["val_loss"],
-        str(device),
-        probe=state["probe"],
-        lr_find=state["lr_find"],
+
+def _unresumable(path: Path) -> UsageError:
+    return UsageError(
+        f"--resume: {path} cannot be read as a training checkpoint (damaged, or written by "
+        "another tlbuild version); run without --resume to start over"
     )
 
 
-def _stage_lr(
-    run: _Run, stage: StageConfig, state: dict[str, Any], progress: Progress, console: Console
-) -> float:
-    """The stage's head lr: as given, or found by the range test (once; kept for resume)."""
-    if stage.name in state["stage_lr"]:
-        return float(state["stage_lr"][stage.name])
-    if stage.lr != "auto":
-        lr = float(stage.lr)
-    else:
-        probe_groups = apply_stage(run.model, stage, 1.0)
-        set_train_mode(run.model, stage)
-        steps = run.cfg.lr_find_steps
-        task = progress.add_task(f"{stage.name}: lr range test", total=steps, info="")
-
-        def step(optimizer: torch.optim.Optimizer, batch: Any) -> float:
-            return float(run.step(optimizer, *batch)[0].detach())
-
-        # The test's overflowing steps must not leave the training's loss scale shrunk.
-        scaler_state = run.scaler.state_dict() if run.scaler.is_enabled() else None
-        try:
-            found = lr_range_test(
-                run.model,
-                probe_groups,
-                lambda groups: make_optimizer(groups, run.cfg),
-                run.train_loader,
-                step,
-                steps,
-                run.cfg.seed,
-                stage.name,
-                on_step=lambda: progress.advance(task),
-            )
-        finally:
-            if scaler_state is not None:
-                run.scaler.load_state_dict(scaler_state)
-        progress.remove_task(task)
-        if found.steps < 3:
-            raise UsageError(
-                f"stage '{stage.name}': the learning-rate range test diverged within "
-                f"{found.steps} step(s) even at lr 1e-6; check the data and labels, or give "
-                "the stage a number for lr"
-            )
-        lr = found.chosen
-        state["lr_find"].append(found.to_dict())
-        console.print(
-            f"  lr range test ({found.steps} steps, valley rule): stage '{stage.name}' "
-            f"lr = {lr:.3g}"
+def _read_checkpoint(path: Path, fingerprint: str) -> tuple[TrainState, dict[str, Any]]:
+    """The saved training state and model weights; a UsageError when they cannot be resumed."""
+    # A damaged file fails in many ways (EOFError, RuntimeError, UnpicklingError, KeyError...).
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _unresumable(path) from e
+    if not isinstance(saved, dict):
+        raise _unresumable(path)
+    if saved.get("fingerprint") != fingerprint:
+        raise UsageError(
+            f"--resume: {path} was written for another recipe, dataset or backbone; "
+            "run without --resume to start over"
         )
-    state["stage_lr"][stage.name] = lr
-    return lr
+    try:
+        return TrainState.from_checkpoint(saved), saved["model"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise _unresumable(path) from e
 
 
-def _run_stage(
-    run: _Run,
-    si: int,
-    state: dict[str, Any],
-    progress: Progress,
+def _resume(
+    model: nn.Module, cfg: TrainConfig, ckpt_path: Path, fingerprint: str, console: Console
+) -> TrainState:
+    """Load the checkpoint's weights into `model` and return its training state."""
+    if not ckpt_path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume")
+    state, weights = _read_checkpoint(ckpt_path, fingerprint)
+    model.load_state_dict(weights)
+    console.print(
+        f"Resuming after epoch {len(state.history)} "
+        f"(stage '{cfg.stages[state.stage].name}', epoch {state.epoch_in_stage})"
+    )
+    return state
+
+
+def _make_run(
+    model: nn.Module,
+    splits: Splits,
+    spec: Preprocessing,
+    cfg: TrainConfig,
+    data: DataConfig,
+    device: torch.device,
+    caches: tuple[ImageCache, ImageCache] | None,
+    *,
     console: Console,
     ckpt_path: Path,
     fingerprint: str,
-) -> None:
-    """Train stage `si` from wherever `state` says it is, checkpointing every epoch."""
-    cfg, model = run.cfg, run.model
-    stage = cfg.stages[si]
-    if si > state["stage"]:
-        state.update(
-            stage=si,
-            epoch_in_stage=0,
-            stage_best=math.inf,
-            bad_epochs=0,
-            stage_done=False,
-            optimizer=None,
-            scheduler=None,
+) -> _Run:
+    """Loaders, loss and mixed precision for training `model` on `device`."""
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = (
+        (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
+    )
+    train_loader, plain_loader, val_loader, gen = _loaders(splits, spec, cfg, data, device, caches)
+    weight = _class_weights(splits.train, len(splits.classes)) if data.balance == "loss" else None
+    criterion = nn.CrossEntropyLoss(
+        weight=weight.to(device) if weight is not None else None,
+        label_smoothing=cfg.label_smoothing,
+    )
+    return _Run(
+        model,
+        cfg,
+        device,
+        amp_dtype,
+        torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+        _memory_format(cfg),
+        criterion,
+        train_loader,
+        plain_loader,
+        val_loader,
+        gen,
+        console,
+        ckpt_path,
+        fingerprint,
+    )
+
+
+def _probe(run: _Run, state: TrainState) -> None:
+    """Fit the linear probe on a fresh run when wanted; it becomes the first best candidate."""
+    model, cfg = run.model, run.cfg
+    # The probe also measures what a head alone reaches, for recipes without a head-only
+    # stage (a few seconds: one forward pass, no backward).
+    has_frozen_stage = any(s.unfreeze == 0 for s in cfg.stages)
+    wanted = cfg.head_init == "probe" or not has_frozen_stage
+    if wanted and not probe_supported(model):
+        run.console.print(
+            f"[yellow]No linear probe: {type(model.get_classifier()).__name__} is not a "
+            "single linear head; the head starts from random weights.[/]"
         )
-    lr = _stage_lr(run, stage, state, progress, console)
-    param_groups = apply_stage(model, stage, lr)
-    optimizer = make_optimizer(param_groups, cfg)
-    scheduler = make_scheduler(optimizer, cfg, stage.epochs, len(run.train_loader))
-    if state["optimizer"] is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"] is not None:
-            run.scaler.load_state_dict(state["scaler"])
+        wanted = False
+    if not wanted or state.history:
+        return
+    head = model.get_classifier()  # type: ignore[operator]
+    random_head = copy.deepcopy(head.state_dict())
+    probe = fit_probe(model, run.plain_loader, run.val_loader, run.device, run.memory_format)
+    state.probe = probe.to_dict()
+    # The probed model is a candidate like any epoch: if fine-tuning never beats its
+    # validation loss, the frozen body with the fitted head is what ships.
+    state.best = Best(probe.val_loss, -1, cpu_state_dict(model))
+    if cfg.head_init != "probe":
+        head.load_state_dict(random_head)
+    run.console.print(
+        f"Head alone on frozen pretrained features (linear probe): val accuracy "
+        f"{probe.val_accuracy:.1%} ({probe.seconds:.1f}s)"
+        + ("; fine-tuning starts from it" if cfg.head_init == "probe" else "")
+    )
+
+
+def _finish(model: nn.Module, state: TrainState, device: torch.device) -> TrainResult:
+    """Load the best weights into `model`, move it to the CPU for export, and report."""
+    if state.best.state is not None:
+        model.load_state_dict(state.best.state)
+    model.to("cpu", memory_format=torch.contiguous_format).eval()
+    return TrainResult(
+        model,
+        state.history,
+        state.best.epoch,
+        state.best.val_loss,
+        str(device),
+        probe=state.probe,
+        lr_find=state.lr_find,
+    )
+
+
+def _stage_lr(run: _Run, stage: StageConfig, state: TrainState, progress: Progress) -> float:
+    """The stage's head lr: as given, or found by the range test (once; kept for resume)."""
+    if stage.name in state.stage_lr:
+        return float(state.stage_lr[stage.name])
+    lr = float(stage.lr) if stage.lr != "auto" else _range_test(run, stage, state, progress)
+    state.stage_lr[stage.name] = lr
+    return lr
+
+
+def _range_test(run: _Run, stage: StageConfig, state: TrainState, progress: Progress) -> float:
+    """Run the lr range test for `stage`; record its curve in `state` and return its choice."""
+    probe_groups = apply_stage(run.model, stage, 1.0)
+    set_train_mode(run.model, stage)
+    steps = run.cfg.lr_find_steps
+    task = progress.add_task(f"{stage.name}: lr range test", total=steps, info="")
+
+    def step(optimizer: torch.optim.Optimizer, batch: Any) -> float:
+        return float(run.step(optimizer, *batch)[0].detach())
+
+    # The test's overflowing steps must not leave the training's loss scale shrunk.
+    scaler_state = run.scaler.state_dict() if run.scaler.is_enabled() else None
+    try:
+        found = lr_range_test(
+            run.model,
+            probe_groups,
+            lambda groups: make_optimizer(groups, run.cfg),
+            run.train_loader,
+            step,
+            steps,
+            run.cfg.seed,
+            stage.name,
+            on_step=lambda: progress.advance(task),
+        )
+    finally:
+        if scaler_state is not None:
+            run.scaler.load_state_dict(scaler_state)
+    progress.remove_task(task)
+    if found.steps < 3:
+        raise UsageError(
+            f"stage '{stage.name}': the learning-rate range test diverged within "
+            f"{found.steps} step(s) even at lr 1e-6; check the data and labels, or give "
+            "the stage a number for lr"
+        )
+    state.lr_find.append(found.to_dict())
+    run.console.print(
+        f"  lr range test ({found.steps} steps, valley rule): stage '{stage.name}' "
+        f"lr = {found.chosen:.3g}"
+    )
+    return found.chosen
+
+
+def _stage_optimizer(
+    run: _Run, stage: StageConfig, lr: float, state: TrainState
+) -> tuple[list[dict[str, Any]], torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The stage's parameter groups, optimizer and schedule, restored from `state` if saved."""
+    param_groups = apply_stage(run.model, stage, lr)
+    optimizer = make_optimizer(param_groups, run.cfg)
+    scheduler = make_scheduler(optimizer, run.cfg, stage.epochs, len(run.train_loader))
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        if state.scaler is not None:
+            run.scaler.load_state_dict(state.scaler)
+    return param_groups, optimizer, scheduler
+
+
+def _run_stage(run: _Run, si: int, state: TrainState, progress: Progress) -> None:
+    """Train stage `si` from wherever `state` says it is, checkpointing every epoch."""
+    cfg, model, console = run.cfg, run.model, run.console
+    stage = cfg.stages[si]
+    if si > state.stage:
+        state.enter_stage(si)
+    lr = _stage_lr(run, stage, state, progress)
+    param_groups, optimizer, scheduler = _stage_optimizer(run, stage, lr, state)
     trainable = sum(p.numel() for g in param_groups for p in g["params"])
     console.print(
         f"[bold]Stage {si + 1}/{len(cfg.stages)} '{stage.name}'[/]: "
         f"{trainable:,} trainable parameters, head lr {lr:g}"
         + (f", body lr {lr * stage.body_lr_mult:g}" if len(param_groups) > 1 else "")
     )
-    for e in range(state["epoch_in_stage"], stage.epochs):
-        if state["stage_done"]:
+    for e in range(state.epoch_in_stage, stage.epochs):
+        if state.stage_done:
             break
-        epoch = len(state["history"])
-        # Seeding per epoch (not once) makes a resumed run draw the same augmentations
-        # and batches as an uninterrupted one.
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
-        run.gen.manual_seed(cfg.seed * 100_003 + epoch)
-        set_train_mode(model, stage)
         t0 = time.perf_counter()
-        task = progress.add_task(
-            f"{stage.name} {e + 1}/{stage.epochs}", total=len(run.train_loader), info=""
-        )
-        tot_loss, tot_correct, seen = 0.0, 0, 0
-        for x, y in run.train_loader:
-            loss, out = run.step(optimizer, x, y)
-            if not torch.isfinite(loss):
-                raise UsageError(
-                    f"training diverged (loss {loss.item()}) in stage '{stage.name}'; "
-                    "lower the stage's lr"
-                )
-            scheduler.step()
-            n = y.shape[0]
-            tot_loss += loss.item() * n
-            tot_correct += int((out.argmax(1).cpu() == y).sum())
-            seen += n
-            rate = seen / (time.perf_counter() - t0)
-            progress.update(task, advance=1, info=f"loss {tot_loss / seen:.3f} {rate:.1f} img/s")
-        progress.remove_task(task)
-        val_loss, val_logits, val_labels = evaluate(
-            model, run.val_loader, run.device, run.amp_dtype, run.memory_format
-        )
-        val_acc = float((val_logits.argmax(1) == val_labels).mean())
-        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
-        row = {
-            "epoch": epoch,
-            "stage": stage.name,
-            "train_loss": tot_loss / max(1, seen),
-            "train_acc": tot_correct / max(1, seen),
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "stage_lr": lr,
-            "lr_head": lrs.get("head", 0.0),
-            "lr_body": lrs.get("body", 0.0),
-            "seconds": time.perf_counter() - t0,
-        }
-        state["history"].append(row)
-        mark = ""
-        if val_loss < state["best"]["val_loss"]:
-            state["best"] = {"val_loss": val_loss, "epoch": epoch, "state": unwrap_state(model)}
-            mark = " [green]best[/]"
-        if val_loss < state["stage_best"] - cfg.early_stopping.min_delta:
-            state["stage_best"], state["bad_epochs"] = val_loss, 0
-        else:
-            state["bad_epochs"] += 1
-        stop = state["bad_epochs"] >= cfg.early_stopping.patience
-        state["stage_done"] = stop
-        state["epoch_in_stage"] = e + 1
+        row = _train_epoch(run, stage, e, len(state.history), optimizer, scheduler, progress)
+        _validate(run, row, lr, optimizer, t0)
+        mark = " [green]best[/]" if state.record_epoch(row, model, cfg.early_stopping) else ""
+        state.epoch_in_stage = e + 1
         console.print(
-            f"  epoch {epoch + 1:>2} [{stage.name}] train loss {row['train_loss']:.4f} "
-            f"acc {row['train_acc']:.3f} | val loss {val_loss:.4f} acc {val_acc:.3f} | "
-            f"{row['seconds']:.1f}s{mark}"
+            f"  epoch {row['epoch'] + 1:>2} [{stage.name}] train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.3f} | val loss {row['val_loss']:.4f} "
+            f"acc {row['val_acc']:.3f} | {row['seconds']:.1f}s{mark}"
         )
-        state.update(
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        )
-        save_checkpoint(ckpt_path, model, state, fingerprint)
-        if stop:
+        state.optimizer, state.scheduler = optimizer.state_dict(), scheduler.state_dict()
+        state.scaler = run.scaler.state_dict() if run.scaler.is_enabled() else None
+        save_checkpoint(run.ckpt_path, model, state, run.fingerprint)
+        if state.stage_done:
             console.print(
                 f"  early stop: no val-loss improvement for {cfg.early_stopping.patience} epoch(s)"
             )
     # Continue the next stage from the best weights so far, not from an overfit tail.
-    if state["best"]["state"] is not None:
-        model.load_state_dict(state["best"]["state"])
+    if state.best.state is not None:
+        model.load_state_dict(state.best.state)
 
 
-def save_checkpoint(path: Path, model: nn.Module, state: dict[str, Any], fingerprint: str) -> None:
-    """Write everything needed to resume after this epoch, atomically."""
-    payload = copy.copy(state)
-    payload["model"] = unwrap_state(model)
+def _train_epoch(
+    run: _Run,
+    stage: StageConfig,
+    e: int,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    progress: Progress,
+) -> dict[str, Any]:
+    """One pass over the training data: epoch `e` of `stage`, `epoch` of the whole run."""
+    # Seeding per epoch (not once) makes a resumed run draw the same augmentations
+    # and batches as an uninterrupted one.
+    torch.manual_seed(run.cfg.seed * 100_003 + epoch)
+    run.gen.manual_seed(run.cfg.seed * 100_003 + epoch)
+    set_train_mode(run.model, stage)
+    t0 = time.perf_counter()
+    task = progress.add_task(
+        f"{stage.name} {e + 1}/{stage.epochs}", total=len(run.train_loader), info=""
+    )
+    tot_loss, tot_correct, seen = 0.0, 0, 0
+    for x, y in run.train_loader:
+        loss, out = run.step(optimizer, x, y)
+        if not torch.isfinite(loss):
+            raise UsageError(
+                f"training diverged (loss {loss.item()}) in stage '{stage.name}'; "
+                "lower the stage's lr"
+            )
+        scheduler.step()
+        n = y.shape[0]
+        tot_loss += loss.item() * n
+        tot_correct += int((out.argmax(1).cpu() == y).sum())
+        seen += n
+        rate = seen / (time.perf_counter() - t0)
+        progress.update(task, advance=1, info=f"loss {tot_loss / seen:.3f} {rate:.1f} img/s")
+    progress.remove_task(task)
+    return {
+        "epoch": epoch,
+        "stage": stage.name,
+        "train_loss": tot_loss / max(1, seen),
+        "train_acc": tot_correct / max(1, seen),
+    }
+
+
+def _validate(
+    run: _Run, row: dict[str, Any], lr: float, optimizer: torch.optim.Optimizer, t0: float
+) -> None:
+    """Complete an epoch's history row: validation loss and accuracy, lrs, seconds since t0."""
+    val_loss, val_logits, val_labels = evaluate(
+        run.model, run.val_loader, run.device, run.amp_dtype, run.memory_format
+    )
+    lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+    row.update(
+        val_loss=val_loss,
+        val_acc=float((val_logits.argmax(1) == val_labels).mean()),
+        stage_lr=lr,
+        lr_head=lrs.get("head", 0.0),
+        lr_body=lrs.get("body", 0.0),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def save_checkpoint(path: Path, model: nn.Module, state: TrainState, fingerprint: str) -> None:
+    """Write everything needed to resume after this epoch, atomically.
+
+    Only tensors and plain Python data, so resuming loads it with `weights_only=True`.
+    """
+    payload = state.to_checkpoint()
+    payload["model"] = cpu_state_dict(model)
     payload["fingerprint"] = fingerprint
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)

@@ -58,6 +58,11 @@ def classification_metrics(
     return out
 
 
+def best_label(epoch: int) -> str:
+    """The shipped weights in words: an epoch, or the linear probe (epoch -1)."""
+    return f"epoch {epoch + 1}" if epoch >= 0 else "the linear probe (body unchanged)"
+
+
 def fine_tuning_gain(metrics: dict[str, Any]) -> str | None:
     """'val accuracy next to the head-only one' from metrics.json, or None without the latter."""
     head, val = metrics.get("head_only"), metrics.get("val")

@@ -12,10 +12,9 @@ from torch import nn
 
 from tlbuild import __version__
 from tlbuild.data.preprocess import Preprocessing
-from tlbuild.data.scan import Sample
 from tlbuild.errors import UsageError
 from tlbuild.fileio import atomic_path
-from tlbuild.models.factory import unwrap_state
+from tlbuild.models.factory import cpu_state_dict
 
 
 @dataclass
@@ -28,10 +27,10 @@ class TrainedModel:
     preprocessing: Preprocessing
     weights_source: str
     dropout: float
-    meta: dict[str, Any] = field(default_factory=dict)  # best epoch, val files, train recipe
+    meta: dict[str, Any] = field(default_factory=dict)  # best epoch, ok_class, train recipe
 
 
-def save_trained(path: Path, tm: TrainedModel, extra: dict[str, Any] | None = None) -> None:
+def save_trained(path: Path, tm: TrainedModel) -> None:
     """Write model.pt atomically; tensors and plain data only, loadable with weights_only=True."""
     payload = {
         "format": "tlbuild.model/1",
@@ -41,8 +40,8 @@ def save_trained(path: Path, tm: TrainedModel, extra: dict[str, Any] | None = No
         "dropout": tm.dropout,
         "preprocessing": tm.preprocessing.to_dict(),
         "weights_source": tm.weights_source,
-        "state_dict": unwrap_state(tm.model),
-        "meta": {**tm.meta, **(extra or {})},
+        "state_dict": cpu_state_dict(tm.model),
+        "meta": tm.meta,
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -72,8 +71,3 @@ def load_trained(path: Path) -> TrainedModel:
         dropout=float(d["dropout"]),
         meta=dict(d.get("meta", {})),
     )
-
-
-def recorded_val(tm: TrainedModel) -> list[Sample]:
-    """The validation split recorded in model.pt at training time (empty if none was)."""
-    return [Sample(Path(p), int(label)) for p, label in tm.meta.get("val", [])]

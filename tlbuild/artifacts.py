@@ -1,0 +1,91 @@
+"""What each file of an export folder is: one table for quantize, engines, bench and classify."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODEL_PT = "model.pt"
+MODEL_ONNX = "model.onnx"
+LABELS_JSON = "labels.json"
+TIMING_CACHE = "tensorrt.timing.cache"
+SPLITS_JSON = "splits.json"
+METRICS_JSON = "metrics.json"
+HISTORY_CSV = "history.csv"
+CURVES_PNG = "training_curves.png"
+LR_FIND_PNG = "lr_find.png"
+# What training writes; shipped and hashed in the manifest with the model.
+TRAINING_FILES = (
+    MODEL_PT,
+    METRICS_JSON,
+    HISTORY_CSV,
+    SPLITS_JSON,
+    CURVES_PNG,
+    "confusion_val.png",
+    "confusion_test.png",
+    LR_FIND_PNG,
+)
+
+
+@dataclass(frozen=True)
+class OnnxArtifact:
+    """One ONNX precision variant: its file, precision and where ONNX Runtime runs it."""
+
+    variant: str  # the recipe's name: fp32, fp16, int8_trt, int8_cpu
+    file: str
+    precision: str  # fp32, fp16 or int8
+    provider: str  # load_predictor's name of the provider it is meant for
+    engine_label: str | None  # the precision in its TensorRT engine's name; None: no engine
+    simulate_qdq: bool  # gated with Q/DQ run as written (its target is TensorRT, not this CPU)
+    not_here: str  # why bench skips it where its provider is missing
+
+    @property
+    def rejected_file(self) -> str:
+        """The name a variant gets when the accuracy gate rejects it: never mistaken for one
+        that ships."""
+        return rejected_name(self.file)
+
+
+ONNX_ARTIFACTS: dict[str, OnnxArtifact] = {
+    a.variant: a
+    for a in (
+        OnnxArtifact("fp32", MODEL_ONNX, "fp32", "cpu", "fp32", False, ""),
+        OnnxArtifact(
+            "fp16",
+            "model.fp16.onnx",
+            "fp16",
+            "cuda",
+            "fp16",
+            False,
+            "needs a GPU execution provider (ONNX Runtime's CPU emulates FP16)",
+        ),
+        OnnxArtifact(
+            "int8_trt",
+            "model.int8.trt.onnx",
+            "int8",
+            "tensorrt",
+            "int8-trt",
+            True,
+            "runs on TensorRT; its engine is benchmarked where TensorRT exists",
+        ),
+        OnnxArtifact("int8_cpu", "model.int8.cpu.onnx", "int8", "cpu", None, False, ""),
+    )
+}
+# The variants quantize makes (everything but the FP32 original).
+VARIANTS = {k: a for k, a in ONNX_ARTIFACTS.items() if k != "fp32"}
+# Preference for CPU inference: INT8 for x86 first (1.5x FP32 here), then FP32.
+CPU_ORDER = (ONNX_ARTIFACTS["int8_cpu"].file, MODEL_ONNX)
+
+
+def rejected_name(file: str) -> str:
+    """'model.int8.cpu.onnx' -> 'model.int8.cpu.rejected.onnx'."""
+    return file.removesuffix(".onnx") + ".rejected.onnx"
+
+
+def precision_of(name: str) -> str:
+    """The precision of an artifact file (an engine's is in its name: model.<label>.b...)."""
+    for a in ONNX_ARTIFACTS.values():
+        if name == a.file:
+            return a.precision
+    if name.endswith(".engine"):
+        return name.split(".")[1]
+    return "fp32"

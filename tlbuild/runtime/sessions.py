@@ -1,0 +1,70 @@
+"""The one way tlbuild opens an ONNX Runtime session (parity, gates, bench, classify)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from tlbuild.errors import UsageError
+
+# Short names a user passes, and the ONNX Runtime provider each one means.
+ORT_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def ort_session(
+    path: Path,
+    provider: str = "cpu",
+    threads: int | None = None,
+    spinning: bool = True,
+    simulate_qdq: bool = False,
+    profile_prefix: str | None = None,
+) -> ort.InferenceSession:
+    """A session on `provider` (cpu, cuda, tensorrt), refused unless that provider is active.
+
+    With `simulate_qdq`, graph optimizations are off, so ONNX Runtime executes every
+    QuantizeLinear and DequantizeLinear node by the ONNX definition (scale, round half to even,
+    saturate) and the float op between them: the arithmetic TensorRT's explicit quantization
+    promises, not the CPU's fused U8S8 kernels with their 16-bit intermediate saturation
+    (tests/test_quantize.py checks this against a NumPy implementation of Q/DQ).
+    """
+    if provider not in ORT_PROVIDERS:
+        raise UsageError(f"unknown provider '{provider}'; use one of {', '.join(ORT_PROVIDERS)}")
+    wanted = ORT_PROVIDERS[provider]
+    if wanted not in ort.get_available_providers():
+        raise UsageError(
+            f"{wanted} is not available in this onnxruntime build "
+            f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu for "
+            "CUDA/TensorRT, or use provider 'cpu'"
+        )
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if not spinning:
+        # Idle ORT threads otherwise busy-wait, taking cores from work that overlaps
+        # inference (decoding in `tlbuild classify`).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if simulate_qdq:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    providers = [wanted] if provider == "cpu" else [wanted, "CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), so, providers=providers)
+    # ORT silently falls back to CPU when a GPU provider fails to initialise; say so instead.
+    active = session.get_providers()[0]
+    if active != wanted:
+        raise UsageError(f"{wanted} did not initialise for {Path(path).name} (active: {active})")
+    return session
+
+
+def run_logits(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+    """The session's first output for one NCHW float32 batch, as float32."""
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: batch})[0].astype(np.float32)

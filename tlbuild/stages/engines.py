@@ -1,0 +1,189 @@
+"""The engines stage: compile accepted ONNX variants into TensorRT engines and gate each one.
+
+Works from an export folder alone (ONNX files + manifest), so `tlbuild build --on-device DIR`
+runs on the target machine with no training data. Where TensorRT or a GPU is missing the stage
+is recorded as skipped with the reason; nothing else fails. The command stays `tlbuild build`:
+"build an engine" is TensorRT's own word (trtexec, IBuilder), and device scripts already call it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from tlbuild.artifacts import MODEL_ONNX, ONNX_ARTIFACTS, SPLITS_JSON, TIMING_CACHE
+from tlbuild.data.preprocess import Preprocessing, load_batch
+from tlbuild.data.scan import Sample
+from tlbuild.data.splits_file import read_split
+from tlbuild.errors import BuildError
+from tlbuild.export.compare import compare_logits
+from tlbuild.manifest import read_manifest, recipe_here, write_section
+from tlbuild.recipe import EnginesConfig, Recipe
+from tlbuild.runtime.sessions import ort_session, run_logits
+from tlbuild.runtime.tensorrt import TensorRTEngine, tensorrt_status
+from tlbuild.stages.base import Stage, StageContext
+
+
+def _engine_check(
+    engine: TensorRTEngine, fp32: Path, images: np.ndarray, labels: np.ndarray | None
+) -> dict[str, Any]:
+    """The engine against ONNX Runtime FP32 on the same batches (those its profile takes)."""
+    sess = ort_session(fp32)
+    ref, got = [], []
+    for i in range(0, len(images), engine.max_batch):
+        x = images[i : i + engine.max_batch]
+        if len(x) < engine.min_batch:
+            break
+        ref.append(run_logits(sess, x))
+        got.append(engine.run(x))
+    c = compare_logits(np.concatenate(ref), np.concatenate(got), labels)
+    c.pop("mean_abs_logit_diff")
+    return c
+
+
+def _inputs(
+    spec: Preprocessing, samples: Sequence[Sample] | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    if samples:
+        return load_batch([s.path for s in samples], spec), np.array([s.label for s in samples])
+    # On a device without the validation images: parity on seeded noise, no accuracy.
+    h, w = spec.input_size
+    return np.random.default_rng(0).standard_normal((16, 3, h, w)).astype(np.float32), None
+
+
+def _one_engine(
+    folder: Path,
+    variant: str,
+    cfg: EnginesConfig,
+    max_drop: float,
+    data: tuple[np.ndarray, np.ndarray | None],
+    console: Console,
+) -> dict[str, Any]:
+    from tlbuild.export.tensorrt_compile import compile_engine
+
+    a = ONNX_ARTIFACTS[variant]
+    assert a.engine_label is not None
+    info = compile_engine(
+        folder / a.file,
+        folder,
+        a.engine_label,
+        cfg.min_batch,
+        cfg.opt_batch,
+        cfg.max_batch,
+        cfg.workspace_mib,
+        folder / TIMING_CACHE,
+    )
+    images, labels = data
+    check = _engine_check(TensorRTEngine(info.path), folder / MODEL_ONNX, images, labels)
+    passed = check.get("drop_points", 0.0) <= max_drop and (
+        variant != "fp32" or check["max_abs_logit_diff"] <= cfg.fp32_atol
+    )
+    console.print(
+        f"Engine {info.path.name}: agreement with ONNX FP32 {check['top1_agreement']:.1%}"
+        + (f", accuracy drop {check['drop_points']:+.2f} points" if labels is not None else "")
+        + ("" if passed else " [red]rejected[/]")
+    )
+    if not passed and cfg.on_fail == "error":
+        raise BuildError(
+            f"TensorRT engine {info.path.name} fails the gate against ONNX Runtime FP32: "
+            f'{json.dumps(check)}; set build.on_fail = "reject" to continue without it'
+        )
+    return {
+        **info.to_dict(),
+        "path": info.path.name,
+        **check,
+        "status": "accepted" if passed else "rejected",
+    }
+
+
+def make_engines(
+    folder: Path,
+    cfg: EnginesConfig,
+    max_drop: float,
+    console: Console,
+    samples: Sequence[Sample] | None,
+) -> dict[str, Any]:
+    """Compile and gate engines for `cfg.variants` in `folder`; record them in its manifest.
+
+    `samples` are the validation images (None on a device, which then compares against ONNX
+    Runtime FP32 on seeded random inputs: parity only, no accuracy).
+    """
+    manifest = read_manifest(folder)
+    ok, why = tensorrt_status()
+    section: dict[str, Any] = {"settings": cfg.model_dump(mode="json"), "max_drop": max_drop}
+    if not ok:  # engines already here (shipped to a device) are left as they are
+        console.print(f"[yellow]TensorRT engines skipped:[/] {why}")
+        section.update(status="skipped", reason=why)
+        write_section(folder, "engines", {"engines": section}, [])
+        return section
+    for old in folder.glob("*.engine"):  # built for the variants being replaced
+        old.unlink()
+    data = _inputs(Preprocessing.from_dict(manifest.preprocessing), samples)
+    engines: dict[str, Any] = {}
+    for variant in cfg.variants:
+        a = ONNX_ARTIFACTS[variant]
+        if not (folder / a.file).is_file() or not manifest.accepted(a.file):
+            engines[variant] = {"status": "skipped", "reason": f"no accepted {a.file}"}
+            continue
+        engines[variant] = _one_engine(folder, variant, cfg, max_drop, data, console)
+    section.update(status="built", engines=engines)
+    files = [e["path"] for e in engines.values() if "path" in e] + [TIMING_CACHE]
+    write_section(folder, "engines", {"engines": section}, files)
+    return section
+
+
+def settings_for_folder(folder: Path) -> tuple[EnginesConfig, float, str]:
+    """[build] and quantize.max_drop for an export folder without a recipe argument.
+
+    The recipe it was built from, as it is now, when that file is here and still writes to this
+    folder; else the settings this stage or quantize recorded at home; else the defaults.
+    """
+    manifest = read_manifest(folder)
+    recipe = recipe_here(folder, manifest)
+    if recipe is not None:
+        return recipe.build, recipe.quantize.max_drop, f"from {recipe.source}"
+    engines, calib = manifest.engines, manifest.calibration
+    if engines is not None and engines.settings:
+        cfg = EnginesConfig.model_validate(engines.settings)
+        drop = engines.max_drop if engines.max_drop is not None else 1.0
+        return cfg, drop, "as recorded in manifest.json"
+    # Folders exported before each stage recorded its own settings carry the whole recipe.
+    old = manifest.recipe
+    drop = float((calib.settings if calib else old.get("quantize", {})).get("max_drop", 1.0))
+    if "build" in old:
+        return EnginesConfig.model_validate(old["build"]), drop, "as recorded in manifest.json"
+    return EnginesConfig(), drop, "defaults (manifest.json records no [build] settings)"
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    """TensorRT engines for the recipe's export folder, gated on its validation images."""
+    manifest = read_manifest(ctx.out)
+    val = read_split(ctx.out, "val", manifest.classes)
+    return make_engines(ctx.out, ctx.recipe.build, ctx.recipe.quantize.max_drop, ctx.console, val)
+
+
+def summarise(section: dict[str, Any]) -> str:
+    """Built, or why not."""
+    return "engines built" if section.get("status") == "built" else section.get("reason", "")
+
+
+def _disabled(recipe: Recipe) -> str | None:
+    return None if recipe.build.variants else "no variants in [build]"
+
+
+STAGE = Stage(
+    name="engines",
+    aliases=("build",),
+    sections=("build",),
+    inputs=(SPLITS_JSON, *(a.file for a in ONNX_ARTIFACTS.values() if a.engine_label)),
+    outputs=("*.engine",),
+    run=run,
+    summarise=summarise,
+    disabled=_disabled,
+    machine=True,
+)

@@ -1,0 +1,145 @@
+"""The export stage: model.pt to model.onnx, checked against PyTorch; the manifest's core."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tlbuild.artifacts import (
+    LABELS_JSON,
+    METRICS_JSON,
+    MODEL_ONNX,
+    MODEL_PT,
+    SPLITS_JSON,
+    TRAINING_FILES,
+)
+from tlbuild.data.preprocess import load_batch
+from tlbuild.data.scan import Sample
+from tlbuild.data.splits_file import read_split
+from tlbuild.errors import BuildError, UsageError
+from tlbuild.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_io
+from tlbuild.export.parity import ParityResult, check_parity
+from tlbuild.fileio import atomic_path, read_json_or_empty, write_json
+from tlbuild.manifest import MANIFEST_JSON, write_section
+from tlbuild.models.checkpoint import TrainedModel, load_trained
+from tlbuild.stages.base import Stage, StageContext
+from tlbuild.train.metrics import best_label
+
+
+def _parity_samples(samples: list[Sample], n: int) -> list[Sample]:
+    # Evenly spaced through the (class-ordered) split, so every class is represented.
+    if len(samples) <= n:
+        return samples
+    idx = np.linspace(0, len(samples) - 1, n).round().astype(int)
+    return [samples[i] for i in idx]
+
+
+def _export_checked(ctx: StageContext, tm: TrainedModel) -> ParityResult:
+    """Export beside the final name and check parity before the rename: a model.onnx on disk
+    has always passed its check."""
+    cfg = ctx.recipe.export
+    val = read_split(ctx.out, "val", tm.classes)
+    if not val:
+        raise UsageError(f"{ctx.out / SPLITS_JSON} lists no validation images; retrain")
+    samples = _parity_samples(val, cfg.parity_images)
+    images = load_batch([s.path for s in samples], tm.preprocessing)
+    with atomic_path(ctx.out / MODEL_ONNX) as tmp:
+        export_onnx(tm.model, tm.preprocessing, tmp, cfg.opset)
+        parity = check_parity(tm.model, tmp, images, cfg.parity_atol, cfg.min_top1_agreement)
+        if not parity.passed:
+            raise BuildError(
+                f"ONNX export disagrees with PyTorch on {parity.images} validation images: "
+                f"max |logit diff| {parity.max_abs_logit_diff:.2e} "
+                f"(allowed {cfg.parity_atol:.1e}), "
+                f"top-1 agreement {parity.top1_agreement:.1%} (required "
+                f"{cfg.min_top1_agreement:.0%}). Try another export.opset, or report the backbone."
+            )
+    return parity
+
+
+def _metrics_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("accuracy", "macro_f1", "escape_rate", "false_reject_rate", "images")
+    return {
+        s: {k: metrics[s][k] for k in keys if k in metrics[s]}
+        for s in ("val", "test")
+        if s in metrics
+    }
+
+
+def _training_summary(m: dict[str, Any]) -> dict[str, Any]:
+    """What training chose and reached, for the manifest: head-only accuracy, found rates."""
+    if not m:
+        return {}
+    best = int(m["best_epoch"])
+    summary: dict[str, Any] = {"best_epoch": best, "shipped": best_label(best)}  # -1: the probe
+    if "head_only" in m:
+        summary["head_only"] = {k: m["head_only"][k] for k in ("accuracy", "source")}
+    if m.get("lr_find"):
+        summary["lr_find"] = [
+            {k: r[k] for k in ("stage", "chosen", "steps", "rule")} for r in m["lr_find"]
+        ]
+    return summary
+
+
+def _manifest_fields(ctx: StageContext, tm: TrainedModel, parity: ParityResult) -> dict[str, Any]:
+    io_desc = onnx_io(ctx.out / MODEL_ONNX)
+    metrics = read_json_or_empty(ctx.out / METRICS_JSON)
+    trained = tm.meta.get("recipe", {})
+    return {
+        "name": ctx.recipe.name,
+        "classes": tm.classes,
+        "ok_class": tm.meta.get("ok_class"),
+        "preprocessing": tm.preprocessing.to_dict(),
+        "model": {
+            "backbone": tm.backbone,
+            "weights_source": tm.weights_source,
+            "dropout": tm.dropout,
+        },
+        "onnx": {
+            "file": MODEL_ONNX,
+            "opset": io_desc.pop("opset"),
+            "input": INPUT_NAME,
+            "output": OUTPUT_NAME,
+            **io_desc,
+            "parity": parity.to_dict(),
+        },
+        "metrics": _metrics_summary(metrics),
+        "training": _training_summary(metrics),
+        # What made these two files; later stages record their own settings in their sections.
+        "recipe": {
+            **{k: trained[k] for k in ("data", "model", "train") if k in trained},
+            "export": ctx.recipe.export.model_dump(mode="json"),
+        },
+        "recipe_file": str(ctx.recipe.source) if ctx.recipe.source else None,
+    }
+
+
+def run(ctx: StageContext) -> ParityResult:
+    """Export model.pt to ONNX, verify it against PyTorch on validation images, write manifest."""
+    tm = load_trained(ctx.out / MODEL_PT)
+    parity = _export_checked(ctx, tm)
+    ctx.console.print(
+        f"ONNX parity on {parity.images} validation images: max |logit diff| "
+        f"{parity.max_abs_logit_diff:.2e}, top-1 agreement {parity.top1_agreement:.1%} [green]ok[/]"
+    )
+    write_json(ctx.out / LABELS_JSON, tm.classes)
+    files = [MODEL_ONNX, LABELS_JSON, *TRAINING_FILES]
+    write_section(ctx.out, "export", _manifest_fields(ctx, tm, parity), files)
+    ctx.console.print(f"Wrote {ctx.out / MODEL_ONNX} and {ctx.out / MANIFEST_JSON}")
+    return parity
+
+
+def summarise(parity: ParityResult) -> str:
+    """The parity check in a few words."""
+    return f"parity max |logit diff| {parity.max_abs_logit_diff:.1e}"
+
+
+STAGE = Stage(
+    name="export",
+    sections=("export",),
+    inputs=(MODEL_PT, SPLITS_JSON, METRICS_JSON),
+    outputs=(MODEL_ONNX, LABELS_JSON),
+    run=run,
+    summarise=summarise,
+)

@@ -1,0 +1,187 @@
+"""The quantize stage: FP16 and INT8 variants of model.onnx, each gated against FP32."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from tlbuild.artifacts import MODEL_ONNX, SPLITS_JSON, VARIANTS, OnnxArtifact
+from tlbuild.data.preprocess import Preprocessing, load_batch
+from tlbuild.data.scan import Sample
+from tlbuild.data.splits_file import read_split
+from tlbuild.errors import BuildError, UsageError
+from tlbuild.export.gate import evaluate_variants
+from tlbuild.export.quantize import cpu_has_vnni, make_fp16, make_int8, trt_qdq_problems
+from tlbuild.manifest import Variant, read_manifest_if_any, write_section
+from tlbuild.recipe import QuantizeConfig, Recipe
+from tlbuild.stages.base import Stage, StageContext
+
+
+def calibration_samples(train: list[Sample], n: int, seed: int) -> list[Sample]:
+    """`n` training samples, seeded, each class in its share of the split (at least one)."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[Sample]] = {}
+    for sm in train:
+        by_class.setdefault(sm.label, []).append(sm)
+    picked: list[Sample] = []
+    for label in sorted(by_class):
+        group = by_class[label]
+        k = min(len(group), max(1, round(n * len(group) / len(train))))
+        picked += [group[i] for i in sorted(rng.choice(len(group), k, replace=False))]
+    return picked
+
+
+def _remove_variants(out: Path) -> None:
+    for p in STAGE.files(out):
+        p.unlink()
+
+
+def _make_variants(
+    ctx: StageContext, wanted: list[OnnxArtifact], calib: list[Sample], spec: Preprocessing
+) -> bool:
+    """Write each wanted variant file; returns reduce_range as used for int8_cpu."""
+    cfg, out = ctx.recipe.quantize, ctx.out
+    reduce_range = not cpu_has_vnni() if cfg.reduce_range == "auto" else bool(cfg.reduce_range)
+    with Progress(console=ctx.console, transient=True) as progress:
+        task = progress.add_task("Making variants", total=len(wanted))
+        images = (
+            load_batch([sm.path for sm in calib], spec)
+            if any(a.precision == "int8" for a in wanted)
+            else None
+        )
+        for a in wanted:
+            dst = out / a.file
+            if a.precision == "fp16":
+                make_fp16(out / MODEL_ONNX, dst)
+            else:
+                assert images is not None
+                flavour = a.variant.removeprefix("int8_")
+                make_int8(
+                    out / MODEL_ONNX,
+                    dst,
+                    images,
+                    flavour,
+                    cfg.calibration_method,
+                    list(cfg.keep_float),
+                    reduce_range,
+                    cfg.percentile,
+                )
+                if flavour == "trt" and (problems := trt_qdq_problems(dst)):
+                    dst.unlink()
+                    raise BuildError(
+                        f"{dst.name} is not in the QDQ form TensorRT accepts: "
+                        + "; ".join(problems[:5])
+                    )
+            progress.advance(task)
+    return reduce_range
+
+
+def _apply_gate(ctx: StageContext, results: dict[str, Variant]) -> None:
+    """Reject variants over max_drop: renamed so they never look shippable; fail if asked."""
+    cfg = ctx.recipe.quantize
+    failed = [r for r in results.values() if r.drop_points > cfg.max_drop]
+    for r in failed:
+        r.status = "rejected"
+    _print_variants(ctx.console, results, cfg.max_drop)
+    for r in failed:
+        src = ctx.out / r.file
+        r.file = VARIANTS[r.variant].rejected_file
+        src.replace(ctx.out / r.file)
+    if failed and cfg.on_fail == "error":
+        r = failed[0]
+        raise BuildError(
+            f"{r.variant} loses {r.drop_points:.2f} accuracy points against FP32 "
+            f"({r.accuracy:.2%} vs {r.fp32_accuracy:.2%}; quantize.max_drop = {cfg.max_drop}); "
+            f'kept for inspection as {r.file}. Try calibration_method = "entropy" or '
+            '"percentile", more calibration_images, or more layers in keep_float; or set '
+            'on_fail = "reject" to ship without it.'
+        )
+
+
+def _calibration_record(
+    cfg: QuantizeConfig, calib: list[Sample], reduce_range: bool
+) -> dict[str, Any]:
+    return {
+        "images": len(calib),
+        "method": cfg.calibration_method,
+        "percentile": cfg.percentile if cfg.calibration_method == "percentile" else None,
+        "keep_float": list(cfg.keep_float),
+        "reduce_range_cpu": reduce_range,
+        "seed": cfg.seed,
+        "file_list_sha256": hashlib.sha256(
+            "\n".join(str(sm.path) for sm in calib).encode()
+        ).hexdigest(),
+        "settings": cfg.model_dump(mode="json"),
+    }
+
+
+def run(ctx: StageContext) -> dict[str, Variant]:
+    """Write the FP16 / INT8 variants, gate each on the validation split, record them."""
+    out, cfg = ctx.out, ctx.recipe.quantize
+    manifest = read_manifest_if_any(out)
+    if manifest is None or manifest.onnx is None or not (out / MODEL_ONNX).is_file():
+        raise UsageError(f"no verified {MODEL_ONNX} in {out}; run `tlbuild export` first")
+    spec = Preprocessing.from_dict(manifest.preprocessing)
+    train = read_split(out, "train", manifest.classes)
+    val = read_split(out, "val", manifest.classes)
+    calib = calibration_samples(train, cfg.calibration_images, cfg.seed)
+    wanted = [VARIANTS[v] for v in cfg.variants]
+    _remove_variants(out)
+    reduce_range = _make_variants(ctx, wanted, calib, spec)
+    results = evaluate_variants(out, wanted, val, spec)
+    _apply_gate(ctx, results)
+    write_section(
+        out,
+        "quantize",
+        {
+            "variants": {k: r.model_dump() for k, r in results.items()},
+            "calibration": _calibration_record(cfg, calib, reduce_range),
+        },
+        [r.file for r in results.values()],
+    )
+    return results
+
+
+def _print_variants(console: Console, results: dict[str, Variant], max_drop: float) -> None:
+    table = Table(
+        title=f"Variants (gate: at most {max_drop:g} points below FP32)", title_justify="left"
+    )
+    for col in ("variant", "file", "accuracy", "drop", "agree w/ FP32", "status"):
+        table.add_column(col)
+    for r in results.values():
+        colour = "green" if r.status == "accepted" else "red"
+        table.add_row(
+            r.variant,
+            r.file,
+            f"{r.accuracy:.2%}",
+            f"{r.drop_points:+.2f}",
+            f"{r.top1_agreement:.1%}",
+            f"[{colour}]{r.status}[/]",
+        )
+    console.print(table)
+
+
+def summarise(results: dict[str, Variant]) -> str:
+    """Each variant's verdict and drop."""
+    return ", ".join(f"{k} {r.status} ({r.drop_points:+.2f} pts)" for k, r in results.items())
+
+
+def _disabled(recipe: Recipe) -> str | None:
+    return None if recipe.quantize.variants else "no variants in [quantize]"
+
+
+STAGE = Stage(
+    name="quantize",
+    sections=("quantize",),
+    inputs=(MODEL_ONNX, SPLITS_JSON),
+    outputs=tuple(p for a in VARIANTS.values() for p in (a.file, a.rejected_file)),
+    run=run,
+    summarise=summarise,
+    disabled=_disabled,
+)

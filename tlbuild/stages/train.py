@@ -1,0 +1,232 @@
+"""The train stage: fine-tune the backbone on the recipe's data; model.pt, metrics and plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from tlbuild.artifacts import (
+    CURVES_PNG,
+    HISTORY_CSV,
+    LR_FIND_PNG,
+    METRICS_JSON,
+    MODEL_PT,
+    SPLITS_JSON,
+    TRAINING_FILES,
+)
+from tlbuild.data.scan import Sample, Splits, scan_dataset
+from tlbuild.data.sizes import size_advice, summarize_sizes
+from tlbuild.data.splits_file import splits_json
+from tlbuild.fileio import write_json, write_text
+from tlbuild.models.checkpoint import TrainedModel, save_trained
+from tlbuild.models.factory import make_model
+from tlbuild.recipe import Recipe
+from tlbuild.stages.base import Stage, StageContext
+from tlbuild.train.loop import TrainResult, fit
+from tlbuild.train.lr_find import plot_lr_find
+from tlbuild.train.metrics import (
+    best_label,
+    classification_metrics,
+    fine_tuning_gain,
+    plot_confusion,
+    plot_history,
+)
+
+LAST_CKPT = "checkpoints/last.pt"
+
+
+@dataclass
+class TrainOutputs:
+    """What the train stage produced."""
+
+    result: TrainResult
+    metrics: dict[str, Any]
+    splits: Splits
+
+
+def load_data(recipe: Recipe, console: Console) -> Splits:
+    """Scan and split the recipe's data, reporting counts and skipped files."""
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("Checking images", total=None)
+        splits = scan_dataset(recipe.data, lambda n: progress.advance(task, n))
+    table = Table(title=f"{len(splits.classes)} classes", title_justify="left")
+    counts = splits.counts()
+    table.add_column("class")
+    for split in counts:
+        table.add_column(split, justify="right")
+    for c in splits.classes:
+        mark = " (ok)" if c == recipe.data.ok_class else ""
+        table.add_row(c + mark, *(str(counts[s][c]) for s in counts))
+    console.print(table)
+    if splits.skipped:
+        console.print(f"[yellow]Skipped {len(splits.skipped)} unreadable file(s):[/]")
+        for p, why in splits.skipped[:20]:
+            console.print(f"  {p}: {why}")
+        if len(splits.skipped) > 20:
+            console.print(f"  ... and {len(splits.skipped) - 20} more (listed in {SPLITS_JSON})")
+    return splits
+
+
+def _history_csv(history: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _evaluate_split(
+    tm: TrainedModel, samples: list[Sample], ok_class: str | None, batch: int = 32
+) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    from tlbuild.data.dataset import EvalTransform, ImageDataset
+    from tlbuild.train.loop import evaluate
+
+    loader = DataLoader(ImageDataset(samples, EvalTransform(tm.preprocessing)), batch_size=batch)
+    loss, logits, labels = evaluate(tm.model, loader, torch.device("cpu"), None)
+    m = classification_metrics(labels, logits.argmax(1), tm.classes, ok_class)
+    m["loss"] = loss
+    return m
+
+
+def _head_only(result: TrainResult, recipe: Recipe) -> dict[str, Any] | None:
+    """What the new head alone reached: the best head-only stage, else the linear probe."""
+    frozen = {s.name for s in recipe.train.stages if s.unfreeze == 0}
+    rows = [r for r in result.history if r["stage"] in frozen]
+    if not rows:
+        return result.probe
+    best = min(rows, key=lambda r: r["val_loss"])
+    return {
+        "accuracy": best["val_acc"],
+        "loss": best["val_loss"],
+        "source": f"stage '{best['stage']}', body frozen",
+    }
+
+
+def _fit(ctx: StageContext, splits: Splits) -> tuple[TrainedModel, TrainResult]:
+    """Build the backbone with its new head and fine-tune it; the best weights, with metadata."""
+    recipe, console = ctx.recipe, ctx.console
+    # Seed before building: the new head's initial weights are part of reproducibility.
+    torch.manual_seed(recipe.train.seed)
+    np.random.seed(recipe.train.seed)
+    images = summarize_sizes([s.path for s in splits.train])
+    built = make_model(recipe.model, len(splits.classes), images)
+    default_side = max(built.model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+    advice = size_advice(images, built.preprocessing.input_size, default_side)
+    if advice and recipe.model.preprocess.input_size != "auto":
+        console.print(f"[yellow]Note: {advice}[/]")
+    console.print(
+        f"Backbone {recipe.model.backbone}, weights {built.weights_source}, input "
+        f"{built.preprocessing.input_size[0]}x{built.preprocessing.input_size[1]} "
+        f"({built.preprocessing.resize}, {built.preprocessing.interpolation})"
+    )
+    ckpt = ctx.out / LAST_CKPT
+    if not ctx.resume and ckpt.is_file():
+        console.print(
+            f"[yellow]Starting over; an earlier checkpoint ({ckpt}) is replaced. "
+            "Use --resume to continue it instead.[/]"
+        )
+    result = fit(
+        built.model,
+        splits,
+        built.preprocessing,
+        recipe.train,
+        recipe.data,
+        ckpt,
+        console,
+        resume=ctx.resume,
+        model_key=recipe.model.model_dump_json(),
+    )
+    tm = TrainedModel(
+        result.model,
+        recipe.model.backbone,
+        splits.classes,
+        built.preprocessing,
+        built.weights_source,
+        recipe.model.dropout,
+        # Export reads these from model.pt itself: the model carries the recipe it was
+        # trained with, whatever happened to the folder since.
+        meta={
+            "best_epoch": result.best_epoch,
+            "ok_class": recipe.data.ok_class,
+            "recipe": recipe.to_jsonable(),
+        },
+    )
+    return tm, result
+
+
+def _write_metrics(
+    ctx: StageContext, tm: TrainedModel, result: TrainResult, splits: Splits
+) -> dict[str, Any]:
+    """metrics.json and the confusion plots: the shipped weights on validation and test."""
+    out, recipe = ctx.out, ctx.recipe
+    metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "device": result.device}
+    head_only = _head_only(result, recipe)
+    if head_only is not None:
+        metrics["head_only"] = head_only
+    if result.lr_find:
+        metrics["lr_find"] = result.lr_find
+        plot_lr_find(result.lr_find, out / LR_FIND_PNG)
+    else:
+        (out / LR_FIND_PNG).unlink(missing_ok=True)  # stale, from another run
+    for split in ("val", "test"):
+        samples: list[Sample] = getattr(splits, split)
+        if samples:
+            metrics[split] = _evaluate_split(tm, samples, recipe.data.ok_class)
+            plot_confusion(metrics[split], out / f"confusion_{split}.png", f"{recipe.name} {split}")
+        else:
+            (out / f"confusion_{split}.png").unlink(missing_ok=True)  # stale, from another run
+    write_json(out / METRICS_JSON, metrics)
+    return metrics
+
+
+def run(ctx: StageContext) -> TrainOutputs:
+    """Fine-tune the backbone; write model.pt, history, curves, metrics and confusion plots."""
+    splits = load_data(ctx.recipe, ctx.console)
+    tm, result = _fit(ctx, splits)
+    save_trained(ctx.out / MODEL_PT, tm)
+    write_json(ctx.out / SPLITS_JSON, splits_json(splits))
+    write_text(ctx.out / HISTORY_CSV, _history_csv(result.history))
+    plot_history(result.history, ctx.out / CURVES_PNG)
+    metrics = _write_metrics(ctx, tm, result, splits)
+    v = metrics["val"]
+    line = f"Validation accuracy {v['accuracy']:.1%} (macro F1 {v['macro_f1']:.3f})"
+    if "escape_rate" in v:
+        line += (
+            f", escape rate {v['escape_rate']:.1%}, false-reject rate {v['false_reject_rate']:.1%}"
+        )
+    ctx.console.print(f"[bold]{line}[/] — best: {best_label(metrics['best_epoch'])}")
+    gain = fine_tuning_gain(metrics)
+    if gain:
+        ctx.console.print(gain)
+    return TrainOutputs(result, metrics, splits)
+
+
+def summarise(out: TrainOutputs) -> str:
+    """Validation accuracy and which weights ship."""
+    v = out.metrics["val"]
+    return f"val accuracy {v['accuracy']:.1%}, best: {best_label(out.result.best_epoch)}"
+
+
+STAGE = Stage(
+    name="train",
+    sections=("data", "model", "train"),
+    inputs=(),
+    outputs=TRAINING_FILES,
+    run=run,
+    summarise=summarise,
+    data=True,
+    # How fast it runs, not what it produces. (`fingerprint` is how data changes are seen,
+    # not what the data is: see incremental.data_digest.)
+    ignored_keys={"data": frozenset({"workers", "fingerprint", "cache_ram_mib"})},
+)
