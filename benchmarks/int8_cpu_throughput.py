@@ -21,8 +21,9 @@ from tlbuild.manifest import read_manifest
 from tlbuild.runtime.sessions import ort_session
 
 
-def main(export_dir: str, batch: int = 32, rounds: int = 15) -> None:
-    out = Path(export_dir)
+def rates(out: Path, batch: int = 32, rounds: int = 15) -> dict[str, float]:
+    """images/s of model.onnx and model.int8.cpu.onnx on one real validation batch, the two
+    alternated round by round so machine noise hits both alike."""
     manifest = read_manifest(out)
     paths = [s.path for s in read_split(out, "val", manifest.classes)]
     spec = Preprocessing.from_dict(manifest.preprocessing)
@@ -39,10 +40,15 @@ def main(export_dir: str, batch: int = 32, rounds: int = 15) -> None:
             t0 = time.perf_counter()
             s.run(None, {name: x})
             times[k].append(time.perf_counter() - t0)
-    rate = {k: batch / statistics.median(v) for k, v in times.items()}
+    return {k: batch / statistics.median(v) for k, v in times.items()}
+
+
+def main(export_dir: str, batch: int = 32, rounds: int = 15) -> None:
+    out = Path(export_dir)
+    rate = rates(out, batch, rounds)
     for k, r in rate.items():
         print(f"{k:>9}: {r:7.1f} img/s at batch {batch} (median of {rounds} rounds)")
-    print(f"int8_cpu / fp32 throughput: {rate['int8_cpu'] / rate['fp32']:.2f}x (target >= 1.3x)")
+    print(f"int8_cpu / fp32 throughput: {rate['int8_cpu'] / rate['fp32']:.2f}x (target >= 1.5x)")
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     v = manifest["variants"]["int8_cpu"]
     print(

@@ -395,3 +395,35 @@ def test_a_signal_during_a_commit_waits_for_the_commit_to_finish() -> None:
         time.sleep(0.05)  # the handler would run here without the deferral
         finished = True
     assert finished
+
+
+def test_classify_and_bench_run_where_torch_is_not_installed(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    # A device ships the export folder and ONNX Runtime, not PyTorch or timm.
+    device = tmp_path / "device"
+    shutil.copytree(tiny_build, device)
+    images = tmp_path / "images"
+    _photos(images)
+    blocker = (
+        "import sys\n"
+        "for m in ('torch', 'timm', 'torchvision'):\n"
+        "    sys.modules[m] = None\n"
+        "from tlbuild.cli import main\n"
+        "sys.argv = ['tlbuild'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    script = tmp_path / "no_torch.py"
+    script.write_text(blocker)
+    out = tmp_path / "r.parquet"
+    cmd = [sys.executable, str(script), "classify", str(images), "--model", str(device)]
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert len(pd.read_parquet(out)) == 8
+    done = subprocess.run(
+        [sys.executable, str(script), "bench", str(device)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    bench = json.loads((device / "bench.json").read_text())
+    assert "model.pt" not in {r["artifact"] for r in bench["results"]}
+    assert any(s["artifact"] == "model.pt" and "PyTorch" in s["reason"] for s in bench["skipped"])

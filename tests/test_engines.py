@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from tlbuild.cli import app
@@ -31,3 +34,160 @@ def test_build_needs_exactly_one_source(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "either RECIPE or --on-device" in res.output
     res = runner.invoke(app, ["build", "--on-device", str(tmp_path)])
     assert res.exit_code == 2 and "no manifest.json" in res.output
+
+
+class _FakeEngine:
+    """Stands in for TensorRTEngine: ONNX Runtime FP32 logits, optionally with answers changed."""
+
+    flip = 0  # how many images get another class
+
+    def __init__(self, path: Path) -> None:
+        from tlbuild.runtime.sessions import ort_session
+
+        self.min_batch, self.max_batch = 1, 8
+        self._sess = ort_session(path.parent / "model.onnx")
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        from tlbuild.runtime.sessions import run_logits
+
+        y = run_logits(self._sess, x)
+        n = min(self.flip, len(y))
+        y[:n] = np.roll(y[:n], 1, axis=1)
+        _FakeEngine.flip -= n
+        return y
+
+
+def _fake_tensorrt(monkeypatch: pytest.MonkeyPatch, fail: set[str] = frozenset()) -> None:
+    from tlbuild.errors import BuildError
+    from tlbuild.export import tensorrt_compile
+    from tlbuild.export.tensorrt_compile import EngineInfo
+    from tlbuild.stages import engines
+
+    def compile_engine(src: Path, out: Path, label: str, lo: int, opt: int, hi: int, *rest):  # noqa: ANN002, ANN202
+        if label in fail:
+            raise BuildError(f"TensorRT failed to build an engine from {src.name}")
+        path = out / f"model.{label}.b{lo}-{hi}.sm87.trt10.3.engine"
+        path.write_bytes(b"fake engine " + label.encode())
+        return EngineInfo(path, label, lo, opt, hi, "10.3.0.26", "Orin", "8.7", 1.0, 256)
+
+    monkeypatch.setattr(engines, "tensorrt_status", lambda: (True, "fake TensorRT"))
+    monkeypatch.setattr(engines, "TensorRTEngine", _FakeEngine)
+    monkeypatch.setattr(tensorrt_compile, "compile_engine", compile_engine)
+
+
+def _device_copy(tiny_build: Path, tmp_path: Path) -> Path:
+    device = tmp_path / "device"
+    shutil.copytree(tiny_build, device)
+    (device / "splits.json").unlink()  # a device has no training data
+    return device
+
+
+def test_on_device_engines_are_judged_on_the_shipped_validation_batch(
+    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlbuild.manifest import read_manifest
+    from tlbuild.recipe import EnginesConfig
+    from tlbuild.stages.engines import make_engines
+
+    device = _device_copy(tiny_build, tmp_path)
+    batch = read_manifest(device).device_batch
+    assert batch and batch["images"] == 8 and (device / batch["file"]).is_file()
+    _fake_tensorrt(monkeypatch)
+    cfg = EnginesConfig(variants=("fp32", "int8_trt"), max_batch=8, on_fail="reject")
+    _FakeEngine.flip = 0
+    good = make_engines(device, cfg, 1.0, Console(quiet=True), None)
+    fp32 = good["engines"]["fp32"]
+    assert fp32["status"] == "accepted" and fp32["images"] == 8 and fp32["drop_points"] == 0
+    assert fp32["trt_version"] == "10.3.0.26"
+    # An engine that changes answers on real images is rejected (random inputs accepted it).
+    _FakeEngine.flip = 3
+    bad = make_engines(device, cfg, 1.0, Console(quiet=True), None)
+    assert bad["engines"]["fp32"]["status"] == "rejected"
+    assert bad["engines"]["fp32"]["top1_agreement"] < 1.0
+    manifest = read_manifest(device)
+    assert not manifest.accepted(bad["engines"]["fp32"]["path"])
+
+
+def test_a_tampered_or_missing_device_batch_is_one_clear_message(
+    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlbuild.errors import UsageError
+    from tlbuild.recipe import EnginesConfig
+    from tlbuild.stages.engines import make_engines
+
+    device = _device_copy(tiny_build, tmp_path)
+    _fake_tensorrt(monkeypatch)
+    (device / "device_batch.npz").write_bytes(b"changed")
+    with pytest.raises(UsageError, match="does not match the sha256"):
+        make_engines(device, EnginesConfig(), 1.0, Console(quiet=True), None)
+
+
+def test_one_engine_that_fails_to_build_follows_on_fail(
+    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlbuild.errors import BuildError
+    from tlbuild.recipe import EnginesConfig
+    from tlbuild.stages.engines import make_engines
+
+    device = _device_copy(tiny_build, tmp_path)
+    _fake_tensorrt(monkeypatch, fail={"int8-trt"})
+    _FakeEngine.flip = 0
+    cfg = EnginesConfig(variants=("fp32", "int8_trt"), max_batch=8, on_fail="reject")
+    done = make_engines(device, cfg, 1.0, Console(quiet=True), None)
+    assert done["engines"]["int8_trt"]["status"] == "failed"
+    assert done["engines"]["fp32"]["status"] == "accepted"
+    with pytest.raises(BuildError, match="failed to build"):
+        make_engines(
+            device, cfg.model_copy(update={"on_fail": "error"}), 1.0, Console(quiet=True), None
+        )
+
+
+def test_an_engine_from_another_tensorrt_version_is_refused_before_loading(
+    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlbuild.errors import UsageError
+    from tlbuild.runtime import load, tensorrt
+
+    device = _device_copy(tiny_build, tmp_path)
+    _fake_tensorrt(monkeypatch)
+    from tlbuild.recipe import EnginesConfig
+    from tlbuild.stages.engines import make_engines
+
+    _FakeEngine.flip = 0
+    done = make_engines(
+        device, EnginesConfig(variants=("fp32",), max_batch=8), 1.0, Console(quiet=True), None
+    )
+    engine = done["engines"]["fp32"]["path"]
+    monkeypatch.setattr(tensorrt, "installed_trt_version", lambda: "10.3.0.30")
+
+    def must_not_load(*args: object) -> None:
+        raise AssertionError("deserialized an engine of another TensorRT version")
+
+    monkeypatch.setattr(load, "TensorRTPredictor", must_not_load)
+    with pytest.raises(UsageError, match=r"TensorRT 10.3.0.26 and this machine has 10.3.0.30"):
+        load.load_predictor(device, artifact=engine, provider="tensorrt")
+    monkeypatch.setattr(tensorrt, "installed_trt_version", lambda: "10.3.0.26")
+    with pytest.raises(AssertionError, match="deserialized"):  # same version: it goes on to load
+        load.load_predictor(device, artifact=engine, provider="tensorrt")
+
+
+def test_fp32_engines_never_run_in_tf32() -> None:
+    from types import SimpleNamespace
+
+    from tlbuild.export.tensorrt_compile import _no_tf32_for_fp32
+
+    class Config:
+        def __init__(self) -> None:
+            self.flags = {"TF32"}
+
+        def clear_flag(self, f: str) -> None:
+            self.flags.discard(f)
+
+        def get_flag(self, f: str) -> bool:
+            return f in self.flags
+
+    trt = SimpleNamespace(BuilderFlag=SimpleNamespace(TF32="TF32"))
+    fp32, fp16 = Config(), Config()
+    assert _no_tf32_for_fp32(trt, fp32, "fp32") is False and "TF32" not in fp32.flags
+    assert _no_tf32_for_fp32(trt, fp16, "fp16") is True and "TF32" in fp16.flags
+    assert _no_tf32_for_fp32(SimpleNamespace(), Config(), "fp32") is False  # no such flag

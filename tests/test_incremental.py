@@ -17,7 +17,7 @@ from tlbuild.cli import app
 from tlbuild.errors import RecipeError
 from tlbuild.incremental import StageRecords
 from tlbuild.recipe import load_recipe
-from tlbuild.stages import STAGES
+from tlbuild.runner import STAGES
 
 cli = CliRunner()
 QUIET = Console(quiet=True)

@@ -165,3 +165,148 @@ def test_gate_can_reject_and_continue(
     man = json.loads((out / "manifest.json").read_text())
     assert man["variants"]["int8_trt"]["status"] == "rejected"
     assert "model.int8.trt.rejected.onnx" in man["artifacts"]
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_every_calibration_method_works_on_any_number_of_images(
+    tiny_build: Path, tmp_path: Path, method: str
+) -> None:
+    # 19 images: before, the last batch was smaller and the histogram methods crashed.
+    out = tmp_path / "cal"
+    shutil.copytree(tiny_build, out)
+    recipe = load_recipe(tiny_build.parent.parent / "tiny.toml")
+    q = QuantizeConfig(
+        variants=("int8_trt", "int8_cpu"),
+        calibration_method=method,
+        calibration_images=19,
+        max_drop=100.0,
+    )
+    recipe = recipe.model_copy(update={"output_dir": tmp_path, "name": "cal", "quantize": q})
+    results = run_stage("quantize", recipe, Console(quiet=True))
+    assert {r.status for r in results.values()} == {"accepted"}
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["calibration"]["method"] == method
+    assert man["calibration"]["images"] % 16 != 0  # batches of 16 would not be equal
+    assert not trt_qdq_problems(out / "model.int8.trt.onnx")
+
+
+def test_calibration_batches_are_equal() -> None:
+    from tlbuild.export.quantize import calibration_batch
+
+    for n in (1, 7, 16, 19, 24, 300, 301):
+        b = calibration_batch(n)
+        assert n % b == 0 and 1 <= b <= 16
+    assert calibration_batch(300) == 15 and calibration_batch(19) == 1
+
+
+def test_a_library_failure_in_quantize_is_one_message(tmp_path: Path) -> None:
+    from tlbuild.export.quantize import make_int8
+
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not an onnx model")
+    with pytest.raises(BuildError, match="could not|model.onnx"):
+        make_int8(
+            bad,
+            tmp_path / "q.onnx",
+            np.zeros((2, 3, 8, 8), np.float32),
+            "cpu",
+            "entropy",
+            [],
+            False,
+        )
+
+
+def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    from tlbuild.data.preprocess import Preprocessing, load_batch
+    from tlbuild.export.int8_search import layer_sensitivity, search_int8
+
+    man = json.loads((tiny_build / "manifest.json").read_text())
+    spec = Preprocessing.from_dict(man["preprocessing"])
+    split = json.loads((tiny_build / "splits.json").read_text())
+    x = load_batch([Path(p) for p, _ in split["train"]], spec)
+    dst = tmp_path / "model.int8.cpu.onnx"
+    # An unreachable target: the search spends its whole budget and keeps the best trial.
+    found = search_int8(
+        tiny_build / "model.onnx",
+        dst,
+        "cpu",
+        x[:19],
+        x[19:],
+        "test images",
+        method="minmax",
+        keep_float=["first_conv", "classifier"],
+        reduce_range=True,
+        percentile=99.9,
+        target_points=-1.0,
+        budget=5,
+    )
+    assert [t.method for t in found.trials[:3]] == ["minmax", "entropy", "percentile"]
+    assert len(found.trials) == 5 and not found.within_target
+    assert [len(t.extra_float) for t in found.trials[3:]] == [1, 2]
+    assert found.disagreement_points == min(t.disagreement_points for t in found.trials)
+    assert dst.is_file()
+    ranked = layer_sensitivity(dst, x[:4])
+    assert ranked and all(a[1] <= b[1] for a, b in zip(ranked, ranked[1:], strict=False))
+    # A reachable one stops at the first trial.
+    easy = search_int8(
+        tiny_build / "model.onnx",
+        dst,
+        "trt",
+        x[:16],
+        x[16:],
+        "test images",
+        method="minmax",
+        keep_float=[],
+        reduce_range=False,
+        percentile=99.9,
+        target_points=100.0,
+        budget=5,
+    )
+    assert len(easy.trials) == 1 and easy.within_target and easy.extra_float == []
+
+
+def _qdq_weight_graph(
+    tmp_path: Path, op: str, w_shape: tuple[int, ...], axis: int, **attrs: int
+) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    channels = w_shape[axis]
+    inits = [
+        numpy_helper.from_array(np.ones(w_shape, np.int8), "wq"),
+        numpy_helper.from_array(np.full(channels, 0.1, np.float32), "sw"),
+        numpy_helper.from_array(np.zeros(channels, np.int8), "zw"),
+        numpy_helper.from_array(np.array(0.1, np.float32), "sx"),
+        numpy_helper.from_array(np.array(0, np.int8), "zx"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="qx"),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dqx"),
+        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], name="dqw", axis=axis),
+        helper.make_node(op, ["xd", "wd"], ["y"], name="op", **attrs),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    path = tmp_path / f"{op}_{axis}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("op", "shape", "attrs", "good_axis"),
+    [
+        ("Conv", (8, 4, 3, 3), {}, 0),
+        ("ConvTranspose", (4, 8, 3, 3), {}, 1),
+        ("Gemm", (16, 8), {"transB": 0}, 1),
+        ("Gemm", (8, 16), {"transB": 1}, 0),
+    ],
+)
+def test_per_channel_weight_axis_follows_the_op(
+    tmp_path: Path, op: str, shape: tuple[int, ...], attrs: dict[str, int], good_axis: int
+) -> None:
+    assert trt_qdq_problems(_qdq_weight_graph(tmp_path, op, shape, good_axis, **attrs)) == []
+    bad = trt_qdq_problems(_qdq_weight_graph(tmp_path, op, shape, 1 - good_axis, **attrs))
+    assert len(bad) == 1 and f"not per-channel on axis {good_axis}" in bad[0]

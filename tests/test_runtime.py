@@ -127,3 +127,21 @@ def test_engine_batches_outside_the_profile_are_split_or_padded() -> None:
     x = np.arange(9, dtype=np.float32).reshape(9, 1, 1, 1)
     assert p.logits(x).ravel().tolist() == list(range(9))
     assert Core.calls == [4, 4, 2] and p.supports_batch(3) and not p.supports_batch(8)
+
+
+def test_tensorrt_provider_gets_caches_profiles_and_int8_only_for_qdq(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from tlbuild.runtime.sessions import tensorrt_options
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_build, folder)
+    fp32 = tensorrt_options(folder / "model.onnx")
+    assert fp32["trt_engine_cache_enable"] == "True" and fp32["trt_timing_cache_enable"] == "True"
+    assert Path(fp32["trt_engine_cache_path"]).is_dir()
+    assert fp32["trt_profile_min_shapes"] == "input:1x3x64x64"
+    assert fp32["trt_profile_max_shapes"] == "input:32x3x64x64"
+    assert fp32["trt_int8_enable"] == "False"
+    assert tensorrt_options(folder / "model.int8.trt.onnx")["trt_int8_enable"] == "True"

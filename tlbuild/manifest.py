@@ -74,6 +74,8 @@ class Variant(_Entry):
     max_abs_logit_diff: float
     evaluated_with: str
     status: str = "accepted"
+    # INT8 only: what the accuracy-aware search tried and chose (export/int8_search.py).
+    search: dict[str, Any] | None = None
 
 
 class Calibration(_Entry):
@@ -125,6 +127,7 @@ class Manifest(BaseModel):
     training: dict[str, Any] = {}
     recipe: dict[str, Any] = {}  # [data], [model], [train] as trained, [export] as exported
     recipe_file: str | None = None
+    device_batch: dict[str, Any] | None = None  # file, images, sha256 (stages/export.py)
     # quantize
     variants: dict[str, Variant] = {}
     calibration: Calibration | None = None
@@ -178,6 +181,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
         "training",
         "recipe",
         "recipe_file",
+        "device_batch",
     ),
     "quantize": ("variants", "calibration"),
     "engines": ("engines",),
@@ -336,7 +340,17 @@ def section_digest(folder: Path, stage: str) -> str | None:
     data = manifest.model_dump(mode="json")
     body = {k: data[k] for k in OWNERS[stage]}
     body["artifacts"] = {k: v for k, v in data["artifacts"].items() if _owner(v) == stage}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_without_timings(body), sort_keys=True).encode()).hexdigest()
+
+
+def _without_timings(value: Any) -> Any:
+    # How long something took is not what it produced: a rerun that wrote the same files and
+    # the same results leaves later stages fresh even though its timings differ.
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if not k.endswith("seconds")}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
 
 
 def _write(folder: Path, manifest: Manifest) -> Manifest:

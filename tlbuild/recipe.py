@@ -281,6 +281,12 @@ class ExportConfig(_Section):
     parity_images: int = Field(64, ge=1, description="validation images compared with PyTorch")
     parity_atol: float = Field(1e-3, gt=0.0, description="max allowed |logit difference|")
     min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)
+    device_images: int = Field(
+        200,
+        ge=0,
+        description="validation images shipped preprocessed (FP16) in device_batch.npz, so "
+        "`build --on-device` gates engines on real data; 0: none",
+    )
 
 
 class QuantizeConfig(_Section):
@@ -300,6 +306,15 @@ class QuantizeConfig(_Section):
     )
     reduce_range: bool | Literal["auto"] = Field(
         "auto", description="7-bit weights for int8_cpu; auto: on when the CPU lacks VNNI"
+    )
+    search_budget: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="INT8 trials (quantize + evaluate) when the first misses max_drop; 0: none",
+    )
+    search_images: int = Field(
+        256, ge=16, description="held-out training images the INT8 search decides on"
     )
     seed: int = 0
 

@@ -190,7 +190,44 @@ def _validation_section(out: Path, metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _variants_section(manifest: dict[str, Any]) -> list[str]:
+def _speed_vs_fp32(bench: dict[str, Any], file: str) -> str:
+    """Throughput against model.onnx on the same backend at the largest batch both ran."""
+    rows = bench.get("results", [])
+    mine = {(r["backend"], r["batch"]): r for r in rows if r["artifact"] == file}
+    fp32 = {(r["backend"], r["batch"]): r for r in rows if r["artifact"] == "model.onnx"}
+    both = sorted(set(mine) & set(fp32), key=lambda k: k[1])
+    if not both:
+        return "-"
+    key = both[-1]
+    ratio = mine[key]["throughput_ips"] / fp32[key]["throughput_ips"]
+    return f"{ratio:.2f}x (batch {key[1]})"
+
+
+def _search_lines(manifest: dict[str, Any]) -> list[str]:
+    out = []
+    keep = manifest.get("calibration", {}).get("keep_float", [])
+    for v in manifest.get("variants", {}).values():
+        s = v.get("search")
+        if not s:
+            continue
+        extra = s["extra_float"]
+        kept = f"{len(extra)} more layer(s) kept in float ({', '.join(f'`{n}`' for n in extra)})"
+        verdict = "within" if s["within_target"] else "**not within**"
+        out.append(
+            f"- `{v['file']}`: {s['method']} calibration, "
+            + (kept if extra else f"no layer in float beyond keep_float {keep}")
+            + f"; {s['disagreement_points']:.2f} points disagree with FP32 on {s['images']} "
+            f"{s['images_source']} ({verdict} the {s['target_points']:g}-point target); "
+            f"{len(s['trials'])} trial(s) in {s['seconds']:.0f} s"
+        )
+        for x in s.get("sensitivity", []):
+            out.append(f"  - `{x['node']}`: SQNR {x['sqnr_db']:.1f} dB of its quantized input")
+    if out:
+        out = ["INT8 search (decided on training images the gate does not use):", "", *out, ""]
+    return out
+
+
+def _variants_section(manifest: dict[str, Any], bench: dict[str, Any]) -> list[str]:
     variants = manifest.get("variants", {})
     if not variants:
         return []
@@ -201,12 +238,21 @@ def _variants_section(manifest: dict[str, Any]) -> list[str]:
             _pct(v["accuracy"]),
             f"{v['drop_points']:+.2f}",
             _pct(v["top1_agreement"]),
+            _speed_vs_fp32(bench, v["file"]),
             v["status"],
         ]
         for v in variants.values()
     ]
-    header = ["file", "precision", "accuracy", "drop (points)", "agrees with FP32", "status"]
-    return ["## Precision variants", ""] + _table(header, rows, "llrrrl")
+    header = [
+        "file",
+        "precision",
+        "accuracy",
+        "drop (points)",
+        "agrees with FP32",
+        "speed vs FP32",
+        "status",
+    ]
+    return ["## Precision variants", ""] + _table(header, rows, "llrrrrl") + _search_lines(manifest)
 
 
 def _engines_section(manifest: dict[str, Any]) -> list[str]:
@@ -280,7 +326,7 @@ def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]
     lines += _verdict_lines(manifest, gates)
     lines += _gates_section(gates)
     lines += _validation_section(out, metrics)
-    lines += _variants_section(manifest)
+    lines += _variants_section(manifest, bench)
     lines += _engines_section(manifest)
     lines += _bench_section(out, bench)
     lines += _stages_section(stages)

@@ -20,7 +20,13 @@ from tlbuild.gates import GateResult, evaluate_gates
 from tlbuild.incremental import StageRecords
 from tlbuild.manifest import put_section, take_section
 from tlbuild.recipe import Recipe
-from tlbuild.stages import STAGES, Stage, StageContext
+from tlbuild.stages import bench, engines, export, quantize, report, train
+from tlbuild.stages.base import Stage, StageContext
+
+# The build, in order. A new stage is a module under stages/ and one entry here.
+STAGES: tuple[Stage, ...] = tuple(
+    m.STAGE for m in (train, export, quantize, engines, bench, report)
+)
 
 
 @dataclass

@@ -49,9 +49,7 @@ class Target:
 def targets(folder: Path, manifest: Manifest) -> tuple[list[Target], list[dict[str, str]]]:
     """What this machine can benchmark, and what it skips with the reason."""
     import onnxruntime as ort
-    import torch
 
-    gpu = torch.cuda.is_available()
     providers = set(ort.get_available_providers())
     found: list[Target] = []
     skipped: list[dict[str, str]] = []
@@ -60,9 +58,14 @@ def targets(folder: Path, manifest: Manifest) -> tuple[list[Target], list[dict[s
         skipped.append({"artifact": name, "reason": reason, "kind": "not here"})
 
     if (folder / MODEL_PT).is_file():
-        found.append(Target(MODEL_PT, "cpu"))
-        if gpu:
-            found.append(Target(MODEL_PT, "cuda"))
+        try:  # a device usually runs without PyTorch: model.pt is then not benchmarked
+            import torch
+        except ImportError:
+            skip(MODEL_PT, "PyTorch is not installed here")
+        else:
+            found.append(Target(MODEL_PT, "cpu"))
+            if torch.cuda.is_available():
+                found.append(Target(MODEL_PT, "cuda"))
     if (folder / MODEL_ONNX).is_file():
         found.append(Target(MODEL_ONNX, "cpu"))
         if ORT_PROVIDERS["cuda"] in providers:
@@ -93,8 +96,11 @@ def targets(folder: Path, manifest: Manifest) -> tuple[list[Target], list[dict[s
 
 @contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
-    import torch
-
+    try:
+        import torch
+    except ImportError:  # nothing to limit
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -76,11 +76,21 @@ def float_node_names(model_path: Path, keep_float: list[str]) -> list[str]:
     return out
 
 
-class _Batches:
-    """onnxruntime CalibrationDataReader over an in-memory NCHW array."""
+def calibration_batch(n: int, most: int = 16) -> int:
+    """The largest batch size up to `most` that splits `n` images into equal batches.
 
-    def __init__(self, input_name: str, images: np.ndarray, batch: int = 16) -> None:
-        self._it = iter([{input_name: images[i : i + batch]} for i in range(0, len(images), batch)])
+    ONNX Runtime's histogram calibrators (entropy, percentile) stack every batch's activations
+    into one array, which fails when the last batch is smaller than the others.
+    """
+    return max(d for d in range(1, min(most, n) + 1) if n % d == 0)
+
+
+class _Batches:
+    """onnxruntime CalibrationDataReader over an in-memory NCHW array, in equal batches."""
+
+    def __init__(self, input_name: str, images: np.ndarray) -> None:
+        b = calibration_batch(len(images))
+        self._it = iter([{input_name: images[i : i + b]} for i in range(0, len(images), b)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
@@ -139,26 +149,53 @@ def make_int8(
             "weight_type": QuantType.QInt8,
             "reduce_range": reduce_range,
         }
-    input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
     with atomic_path(dst) as tmp, _quiet():
-        quantize_static(
-            str(src),
-            str(tmp),
-            _Batches(input_name, calibration),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            calibrate_method=methods[method],
-            nodes_to_exclude=float_node_names(src, keep_float),
-            extra_options=extra,
-            **kwargs,
-        )
+        try:
+            input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+            excluded = float_node_names(src, keep_float)
+            quantize_static(
+                str(src),
+                str(tmp),
+                _Batches(input_name, calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                calibrate_method=methods[method],
+                nodes_to_exclude=excluded,
+                extra_options=extra,
+                **kwargs,
+            )
+        except BuildError:
+            raise
+        except MemoryError:
+            raise BuildError(
+                f"out of memory calibrating {dst.name} with {len(calibration)} images "
+                f"({method}); lower quantize.calibration_images"
+            ) from None
+        except Exception as e:  # a library failure: say which variant and what to try
+            raise BuildError(
+                f"onnxruntime could not quantize {dst.name} ({method} calibration, "
+                f"{len(calibration)} images): {type(e).__name__}: {e}. Try another "
+                "quantize.calibration_method, or report the backbone"
+            ) from e
+
+
+def weight_channel_axis(node: onnx.NodeProto) -> int:
+    """The output-channel axis of a weight: 1 for ConvTranspose ([C_in, C_out/g, kH, kW]) and
+    for Gemm without transB ([K, N]); 0 for Conv and Gemm with transB = 1."""
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return 0
 
 
 def trt_qdq_problems(path: Path) -> list[str]:
     """Every way `path` departs from the QDQ form TensorRT accepts (empty list: conforms).
 
-    Checked: int8 activations and weights, all zero points exactly 0 (symmetric), Conv/Gemm
-    weights quantized per output channel on axis 0 (one scale per channel), no int32 bias.
+    Checked: int8 activations and weights, all zero points exactly 0 (symmetric), Conv, Gemm
+    and ConvTranspose weights quantized per output channel on that op's channel axis (one scale
+    per channel), no int32 bias.
     """
     graph = onnx.load(str(path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -192,12 +229,13 @@ def trt_qdq_problems(path: Path) -> list[str]:
                 or user.input[1] != n.output[0]
             ):
                 continue
+            want = weight_channel_axis(user)
             axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
             scale = inits.get(n.input[1])
-            channels = weight.shape[0]
-            if scale is None or scale.ndim != 1 or scale.size != channels or axis != 0:
+            channels = weight.shape[want]
+            if scale is None or scale.ndim != 1 or scale.size != channels or axis != want:
                 problems.append(
-                    f"{n.name}: weights of {user.name} not per-channel on axis 0 "
+                    f"{n.name}: weights of {user.name} not per-channel on axis {want} "
                     f"(axis {axis}, {0 if scale is None else scale.size} scale(s), "
                     f"{channels} channels)"
                 )

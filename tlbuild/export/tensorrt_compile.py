@@ -67,11 +67,12 @@ class EngineInfo:
     min_batch: int
     opt_batch: int
     max_batch: int
-    trt_version: str
+    trt_version: str  # exact (major.minor.patch.build): an engine loads only under it
     gpu_name: str
     compute_capability: str
     build_seconds: float
     workspace_mib: int
+    tf32: bool = False  # TF32 math allowed (never for an FP32 engine: its gate is FP32 parity)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (path as a string)."""
@@ -182,6 +183,21 @@ def _input_chw(network: Any, onnx_path: Path) -> tuple[str, tuple[int, int, int]
     return inp.name, (shape[1], shape[2], shape[3])
 
 
+def _no_tf32_for_fp32(trt: Any, config: Any, precision: str) -> bool:
+    """Clear TF32 for an FP32 engine; whether TF32 stays allowed.
+
+    TensorRT may run FP32 layers in TF32 (10-bit mantissa) on Ampere and newer, Orin included,
+    by default; an engine called FP32 and gated on FP32 parity must not.
+    """
+    flag = getattr(getattr(trt, "BuilderFlag", None), "TF32", None)
+    if flag is None:  # a TensorRT without the flag: nothing to clear
+        return False
+    if re.split(r"[-_]", precision, maxsplit=1)[0].lower() == "fp32":
+        config.clear_flag(flag)
+        return False
+    return bool(config.get_flag(flag))
+
+
 def _load_timing_cache(config: Any, path: Path) -> Any:
     blob = path.read_bytes() if path.is_file() else b""
     # A cache from another GPU or TensorRT version (or a damaged file) is not an error: the
@@ -246,6 +262,7 @@ def compile_engine(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    tf32 = _no_tf32_for_fp32(trt, config, precision)
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, (min_batch, c, h, w), (opt_batch, c, h, w), (max_batch, c, h, w))
     config.add_optimization_profile(profile)
@@ -271,9 +288,10 @@ def compile_engine(
         min_batch=min_batch,
         opt_batch=opt_batch,
         max_batch=max_batch,
-        trt_version=trt_xy,
+        trt_version=str(trt.__version__),
         gpu_name=gpu_name,
         compute_capability=cc,
         build_seconds=round(seconds, 3),
         workspace_mib=workspace_mib,
+        tf32=tf32,
     )

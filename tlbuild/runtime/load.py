@@ -10,6 +10,7 @@ from tlbuild.errors import UsageError
 from tlbuild.manifest import Manifest, read_manifest
 from tlbuild.runtime.backends import OnnxPredictor, TensorRTPredictor, TorchPredictor
 from tlbuild.runtime.base import Predictor
+from tlbuild.runtime.tensorrt import check_engine_version
 
 
 def _auto_candidates(
@@ -98,6 +99,8 @@ def _open(
     if name.endswith(".pt"):
         return TorchPredictor(folder / name, device="cuda" if provider == "cuda" else "cpu")
     if name.endswith(".engine"):
+        entry = next((e for e in manifest.engine_entries().values() if e.get("path") == name), {})
+        check_engine_version(name, entry.get("trt_version"))
         return TensorRTPredictor(folder / name, classes, spec, precision_of(name))
     if name.endswith(".onnx"):
         precision = precision_of(name)

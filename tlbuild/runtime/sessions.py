@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -55,13 +56,50 @@ def ort_session(
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
-    providers = [wanted] if provider == "cpu" else [wanted, "CPUExecutionProvider"]
+    providers: list[Any] = [wanted]
+    if provider == "tensorrt":
+        providers = [(wanted, tensorrt_options(Path(path)))]
+        # Nodes TensorRT does not take run on the GPU too, not on the CPU.
+        if ORT_PROVIDERS["cuda"] in ort.get_available_providers():
+            providers.append(ORT_PROVIDERS["cuda"])
+    if provider != "cpu":
+        providers.append(ORT_PROVIDERS["cpu"])
     session = ort.InferenceSession(str(path), so, providers=providers)
     # ORT silently falls back to CPU when a GPU provider fails to initialise; say so instead.
     active = session.get_providers()[0]
     if active != wanted:
         raise UsageError(f"{wanted} did not initialise for {Path(path).name} (active: {active})")
     return session
+
+
+def tensorrt_options(path: Path, batches: tuple[int, int, int] = (1, 8, 32)) -> dict[str, str]:
+    """ONNX Runtime TensorRT provider options: engine and timing caches beside the model (a
+    Jetson otherwise rebuilds the engine, minutes, at every start) and one optimization
+    profile for the batch range (min, opt, max), as `tlbuild build` compiles it."""
+    import onnx
+
+    cache = path.parent / "ort_tensorrt_cache"
+    try:
+        cache.mkdir(exist_ok=True)
+        cached = "True"
+    except OSError:  # a read-only export folder: it still runs, building at each start
+        cached = "False"
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inp = graph.input[0]
+    chw = "x".join(str(d.dim_value) for d in inp.type.tensor_type.shape.dim[1:])
+    lo, opt, hi = (f"{inp.name}:{b}x{chw}" for b in batches)
+    int8 = any(n.op_type == "QuantizeLinear" for n in graph.node)
+    return {
+        "trt_engine_cache_enable": cached,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": cached,
+        "trt_timing_cache_path": str(cache),
+        "trt_profile_min_shapes": lo,
+        "trt_profile_opt_shapes": opt,
+        "trt_profile_max_shapes": hi,
+        # A Q/DQ graph carries its own scales (explicit quantization); no calibration table.
+        "trt_int8_enable": "True" if int8 else "False",
+    }
 
 
 def run_logits(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:

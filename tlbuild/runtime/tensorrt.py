@@ -29,6 +29,33 @@ def trt_version_xy(version: str) -> str:
     return ".".join((parts + ["0"])[:2])
 
 
+def installed_trt_version() -> str | None:
+    """tensorrt.__version__ here, or None where TensorRT is not importable."""
+    try:
+        import tensorrt
+    except Exception:  # not installed, or its CUDA libraries are missing
+        return None
+    return str(tensorrt.__version__)
+
+
+def check_engine_version(name: str, built_with: str | None) -> None:
+    """Refuse, before deserializing, an engine another TensorRT version built.
+
+    An engine loads only under the exact version that serialized it. Folders from before the
+    exact version was recorded carry major.minor only; those are compared on what they have.
+    """
+    here = installed_trt_version()
+    if not built_with or here is None:
+        return
+    parts = built_with.split(".")
+    if here.split(".")[: len(parts)] != parts:
+        raise UsageError(
+            f"{name} was built with TensorRT {built_with} and this machine has {here}; an "
+            "engine loads only under the exact version that built it. Run "
+            "`tlbuild build --on-device DIR` here to build engines for it"
+        )
+
+
 def gpu_identity() -> tuple[str, str]:
     # The GPU TensorRT builds for and runs on is the current CUDA device.
     import torch

@@ -1,11 +1,3 @@
-"""The stages of a build, in order. Each module exports one Stage as STAGE; add a stage by
-writing its module and listing it here."""
-
-from tlbuild.stages import bench, engines, export, quantize, report, train
-from tlbuild.stages.base import Stage, StageContext
-
-STAGES: tuple[Stage, ...] = tuple(
-    m.STAGE for m in (train, export, quantize, engines, bench, report)
-)
-
-__all__ = ["STAGES", "Stage", "StageContext"]
+"""The stages of a build: one module each, exporting one Stage as STAGE; runner.py lists them
+in order. Nothing is imported here, so a device command that needs one stage (bench, engines)
+does not load the others (export and train need PyTorch)."""

@@ -20,9 +20,9 @@ from tlbuild.artifacts import MODEL_ONNX, ONNX_ARTIFACTS, SPLITS_JSON, TIMING_CA
 from tlbuild.data.preprocess import Preprocessing, load_batch
 from tlbuild.data.scan import Sample
 from tlbuild.data.splits_file import read_split
-from tlbuild.errors import BuildError
+from tlbuild.errors import BuildError, UsageError
 from tlbuild.export.compare import compare_logits
-from tlbuild.manifest import read_manifest, recipe_here, write_section
+from tlbuild.manifest import Manifest, read_manifest, recipe_here, write_section
 from tlbuild.recipe import EnginesConfig, Recipe
 from tlbuild.runtime.sessions import ort_session, run_logits
 from tlbuild.runtime.tensorrt import TensorRTEngine, tensorrt_status
@@ -30,7 +30,7 @@ from tlbuild.stages.base import Stage, StageContext
 
 
 def _engine_check(
-    engine: TensorRTEngine, fp32: Path, images: np.ndarray, labels: np.ndarray | None
+    engine: TensorRTEngine, fp32: Path, images: np.ndarray, labels: np.ndarray
 ) -> dict[str, Any]:
     """The engine against ONNX Runtime FP32 on the same batches (those its profile takes)."""
     sess = ort_session(fp32)
@@ -46,14 +46,17 @@ def _engine_check(
     return c
 
 
-def _inputs(
-    spec: Preprocessing, samples: Sequence[Sample] | None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    if samples:
-        return load_batch([s.path for s in samples], spec), np.array([s.label for s in samples])
-    # On a device without the validation images: parity on seeded noise, no accuracy.
-    h, w = spec.input_size
-    return np.random.default_rng(0).standard_normal((16, 3, h, w)).astype(np.float32), None
+def device_batch(folder: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """The validation images and labels shipped in the export folder, checked by sha256."""
+    entry = manifest.device_batch
+    if not entry:
+        raise UsageError(
+            f"{folder} carries no validation batch to judge engines on; export it again "
+            "with export.device_images > 0 (the default), then copy the folder"
+        )
+    manifest.verify(folder, entry["file"])
+    with np.load(folder / entry["file"]) as z:
+        return z["images"].astype(np.float32), z["labels"]
 
 
 def _one_engine(
@@ -61,7 +64,7 @@ def _one_engine(
     variant: str,
     cfg: EnginesConfig,
     max_drop: float,
-    data: tuple[np.ndarray, np.ndarray | None],
+    data: tuple[np.ndarray, np.ndarray],
     console: Console,
 ) -> dict[str, Any]:
     from tlbuild.export.tensorrt_compile import compile_engine
@@ -80,12 +83,12 @@ def _one_engine(
     )
     images, labels = data
     check = _engine_check(TensorRTEngine(info.path), folder / MODEL_ONNX, images, labels)
-    passed = check.get("drop_points", 0.0) <= max_drop and (
+    passed = check["drop_points"] <= max_drop and (
         variant != "fp32" or check["max_abs_logit_diff"] <= cfg.fp32_atol
     )
     console.print(
-        f"Engine {info.path.name}: agreement with ONNX FP32 {check['top1_agreement']:.1%}"
-        + (f", accuracy drop {check['drop_points']:+.2f} points" if labels is not None else "")
+        f"Engine {info.path.name}: agreement with ONNX FP32 {check['top1_agreement']:.1%}, "
+        f"accuracy drop {check['drop_points']:+.2f} points on {check['images']} images"
         + ("" if passed else " [red]rejected[/]")
     )
     if not passed and cfg.on_fail == "error":
@@ -110,8 +113,8 @@ def make_engines(
 ) -> dict[str, Any]:
     """Compile and gate engines for `cfg.variants` in `folder`; record them in its manifest.
 
-    `samples` are the validation images (None on a device, which then compares against ONNX
-    Runtime FP32 on seeded random inputs: parity only, no accuracy).
+    `samples` are the validation images; None on a device, which uses the batch the export
+    shipped (device_batch.npz) and applies the same gates.
     """
     manifest = read_manifest(folder)
     ok, why = tensorrt_status()
@@ -123,14 +126,24 @@ def make_engines(
         return section
     for old in folder.glob("*.engine"):  # built for the variants being replaced
         old.unlink()
-    data = _inputs(Preprocessing.from_dict(manifest.preprocessing), samples)
+    if samples:
+        spec = Preprocessing.from_dict(manifest.preprocessing)
+        data = load_batch([s.path for s in samples], spec), np.array([s.label for s in samples])
+    else:  # on a device: the batch the export shipped, same gates as at home
+        data = device_batch(folder, manifest)
     engines: dict[str, Any] = {}
     for variant in cfg.variants:
         a = ONNX_ARTIFACTS[variant]
         if not (folder / a.file).is_file() or not manifest.accepted(a.file):
             engines[variant] = {"status": "skipped", "reason": f"no accepted {a.file}"}
             continue
-        engines[variant] = _one_engine(folder, variant, cfg, max_drop, data, console)
+        try:
+            engines[variant] = _one_engine(folder, variant, cfg, max_drop, data, console)
+        except BuildError as e:  # one variant that will not build does not stop the others
+            if cfg.on_fail == "error":
+                raise
+            console.print(f"[red]Engine for {a.file} failed:[/] {e}")
+            engines[variant] = {"status": "failed", "reason": str(e)}
     section.update(status="built", engines=engines)
     files = [e["path"] for e in engines.values() if "path" in e] + [TIMING_CACHE]
     write_section(folder, "engines", {"engines": section}, files)

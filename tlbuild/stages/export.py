@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from tlbuild.artifacts import (
+    DEVICE_BATCH,
     LABELS_JSON,
     METRICS_JSON,
     MODEL_ONNX,
@@ -20,9 +21,10 @@ from tlbuild.data.splits_file import read_split
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_io
 from tlbuild.export.parity import ParityResult, check_parity
-from tlbuild.fileio import atomic_path, read_json_or_empty, write_json
+from tlbuild.fileio import atomic_path, read_json_or_empty, sha256_file, write_json
 from tlbuild.manifest import MANIFEST_JSON, write_section
 from tlbuild.models.checkpoint import TrainedModel, load_trained
+from tlbuild.runtime.sessions import ort_session, run_logits
 from tlbuild.stages.base import Stage, StageContext
 from tlbuild.train.metrics import best_label
 
@@ -35,11 +37,10 @@ def _parity_samples(samples: list[Sample], n: int) -> list[Sample]:
     return [samples[i] for i in idx]
 
 
-def _export_checked(ctx: StageContext, tm: TrainedModel) -> ParityResult:
+def _export_checked(ctx: StageContext, tm: TrainedModel, val: list[Sample]) -> ParityResult:
     """Export beside the final name and check parity before the rename: a model.onnx on disk
     has always passed its check."""
     cfg = ctx.recipe.export
-    val = read_split(ctx.out, "val", tm.classes)
     if not val:
         raise UsageError(f"{ctx.out / SPLITS_JSON} lists no validation images; retrain")
     samples = _parity_samples(val, cfg.parity_images)
@@ -56,6 +57,28 @@ def _export_checked(ctx: StageContext, tm: TrainedModel) -> ParityResult:
                 f"{cfg.min_top1_agreement:.0%}). Try another export.opset, or report the backbone."
             )
     return parity
+
+
+def _write_device_batch(
+    ctx: StageContext, tm: TrainedModel, val: list[Sample]
+) -> dict[str, Any] | None:
+    """device_batch.npz: validation images (preprocessed, FP16 to halve the copy), labels and
+    model.onnx's logits on them, so a device judges its engines on real data."""
+    n = ctx.recipe.export.device_images
+    path = ctx.out / DEVICE_BATCH
+    if n == 0:
+        path.unlink(missing_ok=True)
+        return None
+    samples = _parity_samples(val, n)
+    images = load_batch([s.path for s in samples], tm.preprocessing).astype(np.float16)
+    sess = ort_session(ctx.out / MODEL_ONNX)
+    logits = np.concatenate(
+        [run_logits(sess, images[i : i + 32].astype(np.float32)) for i in range(0, len(images), 32)]
+    )
+    labels = np.array([s.label for s in samples], np.int64)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, images=images, labels=labels, fp32_logits=logits)
+    return {"file": DEVICE_BATCH, "images": len(samples), "sha256": sha256_file(path)}
 
 
 def _metrics_summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -82,7 +105,9 @@ def _training_summary(m: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _manifest_fields(ctx: StageContext, tm: TrainedModel, parity: ParityResult) -> dict[str, Any]:
+def _manifest_fields(
+    ctx: StageContext, tm: TrainedModel, parity: ParityResult, batch: dict[str, Any] | None
+) -> dict[str, Any]:
     io_desc = onnx_io(ctx.out / MODEL_ONNX)
     metrics = read_json_or_empty(ctx.out / METRICS_JSON)
     trained = tm.meta.get("recipe", {})
@@ -112,20 +137,23 @@ def _manifest_fields(ctx: StageContext, tm: TrainedModel, parity: ParityResult) 
             "export": ctx.recipe.export.model_dump(mode="json"),
         },
         "recipe_file": str(ctx.recipe.source) if ctx.recipe.source else None,
+        "device_batch": batch,
     }
 
 
 def run(ctx: StageContext) -> ParityResult:
     """Export model.pt to ONNX, verify it against PyTorch on validation images, write manifest."""
     tm = load_trained(ctx.out / MODEL_PT)
-    parity = _export_checked(ctx, tm)
+    val = read_split(ctx.out, "val", tm.classes)
+    parity = _export_checked(ctx, tm, val)
+    batch = _write_device_batch(ctx, tm, val)
     ctx.console.print(
         f"ONNX parity on {parity.images} validation images: max |logit diff| "
         f"{parity.max_abs_logit_diff:.2e}, top-1 agreement {parity.top1_agreement:.1%} [green]ok[/]"
     )
     write_json(ctx.out / LABELS_JSON, tm.classes)
-    files = [MODEL_ONNX, LABELS_JSON, *TRAINING_FILES]
-    write_section(ctx.out, "export", _manifest_fields(ctx, tm, parity), files)
+    files = [MODEL_ONNX, LABELS_JSON, *TRAINING_FILES] + ([DEVICE_BATCH] if batch else [])
+    write_section(ctx.out, "export", _manifest_fields(ctx, tm, parity, batch), files)
     ctx.console.print(f"Wrote {ctx.out / MODEL_ONNX} and {ctx.out / MANIFEST_JSON}")
     return parity
 
@@ -139,7 +167,7 @@ STAGE = Stage(
     name="export",
     sections=("export",),
     inputs=(MODEL_PT, SPLITS_JSON, METRICS_JSON),
-    outputs=(MODEL_ONNX, LABELS_JSON),
+    outputs=(MODEL_ONNX, LABELS_JSON, DEVICE_BATCH),
     run=run,
     summarise=summarise,
 )

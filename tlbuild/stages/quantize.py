@@ -17,6 +17,7 @@ from tlbuild.data.scan import Sample
 from tlbuild.data.splits_file import read_split
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.export.gate import evaluate_variants
+from tlbuild.export.int8_search import Trial, search_int8
 from tlbuild.export.quantize import cpu_has_vnni, make_fp16, make_int8, trt_qdq_problems
 from tlbuild.manifest import Variant, read_manifest_if_any, write_section
 from tlbuild.recipe import QuantizeConfig, Recipe
@@ -42,44 +43,103 @@ def _remove_variants(out: Path) -> None:
         p.unlink()
 
 
+def search_samples(
+    train: list[Sample], calib: list[Sample], n: int, seed: int
+) -> tuple[list[Sample], str]:
+    """Held-out training images for the INT8 search (never the validation split the gate
+    uses); the calibration images themselves when too few are left over."""
+    used = {s.path for s in calib}
+    rest = [s for s in train if s.path not in used]
+    if len(rest) >= 32:
+        return calibration_samples(rest, min(n, len(rest)), seed + 1), "held-out training images"
+    return calib, "the calibration images (fewer than 32 training images left over)"
+
+
+def _make_int8(
+    ctx: StageContext,
+    a: OnnxArtifact,
+    calib: np.ndarray,
+    search: tuple[np.ndarray, str] | None,
+    reduce_range: bool,
+) -> dict[str, Any] | None:
+    """One INT8 variant, searched when a budget is set; the search's record, if any."""
+    cfg, out = ctx.recipe.quantize, ctx.out
+    flavour = a.variant.removeprefix("int8_")
+    common = {"keep_float": list(cfg.keep_float), "reduce_range": reduce_range}
+    if search is None:
+        make_int8(
+            out / MODEL_ONNX,
+            out / a.file,
+            calib,
+            flavour,
+            cfg.calibration_method,
+            common["keep_float"],
+            reduce_range,
+            cfg.percentile,
+        )
+        return None
+
+    def show(t: Trial) -> None:
+        extra = f", {len(t.extra_float)} more layer(s) in float" if t.extra_float else ""
+        ctx.console.print(
+            f"  {a.variant}: {t.method}{extra}: {t.disagreement_points:.2f} points disagree "
+            f"with FP32 ({t.seconds:.1f}s)"
+        )
+
+    found = search_int8(
+        out / MODEL_ONNX,
+        out / a.file,
+        flavour,
+        calib,
+        search[0],
+        search[1],
+        method=cfg.calibration_method,
+        percentile=cfg.percentile,
+        target_points=cfg.max_drop,
+        budget=cfg.search_budget,
+        on_trial=show,
+        **common,
+    )
+    return found.to_dict()
+
+
 def _make_variants(
-    ctx: StageContext, wanted: list[OnnxArtifact], calib: list[Sample], spec: Preprocessing
-) -> bool:
-    """Write each wanted variant file; returns reduce_range as used for int8_cpu."""
+    ctx: StageContext,
+    wanted: list[OnnxArtifact],
+    calib: list[Sample],
+    search: list[Sample],
+    search_source: str,
+    spec: Preprocessing,
+) -> tuple[bool, dict[str, dict[str, Any]]]:
+    """Write each wanted variant file; reduce_range as used for int8_cpu, and INT8 searches."""
     cfg, out = ctx.recipe.quantize, ctx.out
     reduce_range = not cpu_has_vnni() if cfg.reduce_range == "auto" else bool(cfg.reduce_range)
+    searches: dict[str, dict[str, Any]] = {}
+    int8 = any(a.precision == "int8" for a in wanted)
+    images = load_batch([sm.path for sm in calib], spec) if int8 else None
+    held_out = (
+        (load_batch([sm.path for sm in search], spec), search_source)
+        if int8 and cfg.search_budget
+        else None
+    )
     with Progress(console=ctx.console, transient=True) as progress:
         task = progress.add_task("Making variants", total=len(wanted))
-        images = (
-            load_batch([sm.path for sm in calib], spec)
-            if any(a.precision == "int8" for a in wanted)
-            else None
-        )
         for a in wanted:
-            dst = out / a.file
             if a.precision == "fp16":
-                make_fp16(out / MODEL_ONNX, dst)
+                make_fp16(out / MODEL_ONNX, out / a.file)
             else:
                 assert images is not None
-                flavour = a.variant.removeprefix("int8_")
-                make_int8(
-                    out / MODEL_ONNX,
-                    dst,
-                    images,
-                    flavour,
-                    cfg.calibration_method,
-                    list(cfg.keep_float),
-                    reduce_range,
-                    cfg.percentile,
-                )
-                if flavour == "trt" and (problems := trt_qdq_problems(dst)):
-                    dst.unlink()
+                record = _make_int8(ctx, a, images, held_out, reduce_range)
+                if record is not None:
+                    searches[a.variant] = record
+                if a.variant == "int8_trt" and (problems := trt_qdq_problems(out / a.file)):
+                    (out / a.file).unlink()
                     raise BuildError(
-                        f"{dst.name} is not in the QDQ form TensorRT accepts: "
+                        f"{a.file} is not in the QDQ form TensorRT accepts: "
                         + "; ".join(problems[:5])
                     )
             progress.advance(task)
-    return reduce_range
+    return reduce_range, searches
 
 
 def _apply_gate(ctx: StageContext, results: dict[str, Variant]) -> None:
@@ -131,10 +191,13 @@ def run(ctx: StageContext) -> dict[str, Variant]:
     train = read_split(out, "train", manifest.classes)
     val = read_split(out, "val", manifest.classes)
     calib = calibration_samples(train, cfg.calibration_images, cfg.seed)
+    search, search_source = search_samples(train, calib, cfg.search_images, cfg.seed)
     wanted = [VARIANTS[v] for v in cfg.variants]
     _remove_variants(out)
-    reduce_range = _make_variants(ctx, wanted, calib, spec)
+    reduce_range, searches = _make_variants(ctx, wanted, calib, search, search_source, spec)
     results = evaluate_variants(out, wanted, val, spec)
+    for name, record in searches.items():
+        results[name].search = record
     _apply_gate(ctx, results)
     write_section(
         out,

@@ -1,0 +1,199 @@
+"""Accuracy-aware INT8: when a variant changes too many answers, search for one that does not.
+
+The way NNCF's `quantize_with_accuracy_control` and Intel Neural Compressor's tuning work, on a
+budget of trials (one trial = quantize + evaluate):
+1. the configured calibration method and keep_float;
+2. the other calibration methods, the best of them kept;
+3. with that method, the layers whose quantized inputs lose the most signal (lowest SQNR,
+   measured once, in one pass) kept in float: 1, 2, 4, 8, ... of them, fewest first.
+It stops at the first trial within the target and otherwise keeps the best one seen.
+
+Decisions are made on held-out training images (not the validation split the final gate uses,
+so that gate stays honest), by top-1 disagreement with FP32 in points: on images the model has
+seen, accuracy barely moves, but every changed answer shows, and disagreement bounds the
+accuracy drop from above.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from tlbuild.export.quantize import make_int8
+from tlbuild.fileio import atomic_path
+from tlbuild.runtime.sessions import ort_session, run_logits
+
+METHODS = ("minmax", "entropy", "percentile")
+# SQNR is measured on this many search images: the pass keeps every quantized tensor.
+SENSITIVITY_IMAGES = 16
+
+
+@dataclass
+class Trial:
+    """One quantization tried: its settings and how often it disagreed with FP32."""
+
+    method: str
+    extra_float: list[str]
+    disagreement_points: float
+    seconds: float
+
+
+@dataclass
+class SearchResult:
+    """What the search chose, what it tried, and why."""
+
+    method: str
+    extra_float: list[str]
+    disagreement_points: float
+    target_points: float
+    images: int
+    images_source: str
+    trials: list[Trial] = field(default_factory=list)
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)  # the chosen layers' SQNR
+    seconds: float = 0.0
+    within_target: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for the manifest."""
+        return asdict(self)
+
+
+def _logits(path: Path, images: np.ndarray, simulate_qdq: bool, batch: int = 32) -> np.ndarray:
+    sess = ort_session(path, simulate_qdq=simulate_qdq)
+    return np.concatenate(
+        [run_logits(sess, images[i : i + batch]) for i in range(0, len(images), batch)]
+    )
+
+
+def layer_sensitivity(qdq_path: Path, images: np.ndarray) -> list[tuple[str, float]]:
+    """(node, SQNR dB) for every node fed by a quantized activation, least SQNR first.
+
+    SQNR of an activation is measured across its own QuantizeLinear/DequantizeLinear pair
+    (the tensor before quantization against the one after), so it isolates what quantizing
+    that tensor costs, not the error accumulated upstream.
+    """
+    model = onnx.load(str(qdq_path))
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    by_input: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            by_input.setdefault(i, []).append(n)
+    pairs: list[tuple[str, str]] = []  # (float tensor, dequantized tensor)
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear" or q.input[0] in inits:
+            continue
+        for dq in by_input.get(q.output[0], []):
+            if dq.op_type == "DequantizeLinear":
+                pairs.append((q.input[0], dq.output[0]))
+    existing = {o.name for o in graph.output}
+    for name in {t for pair in pairs for t in pair} - existing:
+        graph.output.append(onnx.ValueInfoProto(name=name))
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe.onnx"
+        onnx.save(model, str(probe))
+        sess = ort_session(probe, simulate_qdq=True)
+        names = [o.name for o in sess.get_outputs()]
+        outs = dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: images}), strict=True))
+    worst: dict[str, float] = {}
+    for src, deq in pairs:
+        x, y = outs[src].astype(np.float64), outs[deq].astype(np.float64)
+        noise = float(((x - y) ** 2).sum())
+        sqnr = 10 * np.log10(float((x**2).sum()) / noise) if noise > 0 else float("inf")
+        for consumer in by_input.get(deq, []):
+            if consumer.op_type not in ("QuantizeLinear", "DequantizeLinear") and consumer.name:
+                worst[consumer.name] = min(worst.get(consumer.name, float("inf")), sqnr)
+    return sorted(worst.items(), key=lambda kv: kv[1])
+
+
+def search_int8(
+    src: Path,
+    dst: Path,
+    flavour: str,
+    calibration: np.ndarray,
+    search: np.ndarray,
+    search_source: str,
+    *,
+    method: str,
+    keep_float: list[str],
+    reduce_range: bool,
+    percentile: float,
+    target_points: float,
+    budget: int,
+    on_trial: Callable[[Trial], None] | None = None,
+) -> SearchResult:
+    """Write `dst`, the first trial within `target_points` (else the best one seen)."""
+    t0 = time.perf_counter()
+    simulate = flavour == "trt"
+    ref = _logits(src, search, False).argmax(1)
+    trials: list[Trial] = []
+    files: dict[int, Path] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="tlbuild-int8-search-"))
+    try:
+
+        def trial(m: str, extra: list[str]) -> Trial:
+            t = time.perf_counter()
+            path = tmp / f"trial{len(trials)}.onnx"
+            make_int8(
+                src, path, calibration, flavour, m, keep_float + extra, reduce_range, percentile
+            )
+            got = _logits(path, search, simulate).argmax(1)
+            done = Trial(m, extra, round(100 * float((got != ref).mean()), 4), 0.0)
+            done.seconds = round(time.perf_counter() - t, 2)
+            files[len(trials)] = path
+            trials.append(done)
+            if on_trial:
+                on_trial(done)
+            return done
+
+        def ok(t: Trial) -> bool:
+            return t.disagreement_points <= target_points
+
+        sensitivity: list[tuple[str, float]] = []
+        best = trial(method, [])
+        if not ok(best) and budget > 1:
+            for m in (m for m in METHODS if m != method):
+                if len(trials) >= budget:
+                    break
+                t = trial(m, [])
+                if t.disagreement_points < best.disagreement_points:
+                    best = t
+                if ok(best):
+                    break
+        if not ok(best) and len(trials) < budget:
+            base = files[trials.index(best)]
+            sensitivity = layer_sensitivity(base, search[:SENSITIVITY_IMAGES])
+            ranked = [name for name, _ in sensitivity]
+            k = 1
+            while len(trials) < budget and k <= len(ranked):
+                t = trial(best.method, ranked[:k])
+                if t.disagreement_points < best.disagreement_points or ok(t):
+                    best = t
+                if ok(best):
+                    break
+                k *= 2
+        with atomic_path(dst) as out:
+            shutil.copyfile(files[trials.index(best)], out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    chosen = set(best.extra_float)
+    return SearchResult(
+        method=best.method,
+        extra_float=best.extra_float,
+        disagreement_points=best.disagreement_points,
+        target_points=target_points,
+        images=len(search),
+        images_source=search_source,
+        trials=trials,
+        sensitivity=[{"node": n, "sqnr_db": round(s, 2)} for n, s in sensitivity if n in chosen],
+        seconds=round(time.perf_counter() - t0, 2),
+        within_target=ok(best),
+    )
