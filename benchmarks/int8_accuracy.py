@@ -55,9 +55,9 @@ def _quantize(recipe, console: Console, method: str, budget: int) -> dict:  # no
             "extra_float": len(s.get("extra_float", [])),
             "trials": len(s.get("trials", [])),
             "search_s": s.get("seconds", 0.0),
-            "search_disagreement": s.get("disagreement_points"),
+            "search_drop": s.get("drop_points"),
         }
-    r = rates(recipe.out_dir)
+    r = rates(recipe.out_dir, int8=variants["int8_cpu"].file)
     row["int8_cpu"]["speedup"] = round(r["int8_cpu"] / r["fp32"], 2)
     return row
 

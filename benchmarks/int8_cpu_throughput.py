@@ -21,14 +21,16 @@ from tlbuild.manifest import read_manifest
 from tlbuild.runtime.sessions import ort_session
 
 
-def rates(out: Path, batch: int = 32, rounds: int = 15) -> dict[str, float]:
+def rates(
+    out: Path, batch: int = 32, rounds: int = 15, int8: str = "model.int8.cpu.onnx"
+) -> dict[str, float]:
     """images/s of model.onnx and model.int8.cpu.onnx on one real validation batch, the two
     alternated round by round so machine noise hits both alike."""
     manifest = read_manifest(out)
     paths = [s.path for s in read_split(out, "val", manifest.classes)]
     spec = Preprocessing.from_dict(manifest.preprocessing)
     x = load_batch((paths * (batch // len(paths) + 1))[:batch], spec)
-    models = {"fp32": out / "model.onnx", "int8_cpu": out / "model.int8.cpu.onnx"}
+    models = {"fp32": out / "model.onnx", "int8_cpu": out / int8}  # a rejected one too
     sessions = {k: ort_session(p) for k, p in models.items()}
     name = sessions["fp32"].get_inputs()[0].name
     for s in sessions.values():  # warm-up

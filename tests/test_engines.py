@@ -191,3 +191,20 @@ def test_fp32_engines_never_run_in_tf32() -> None:
     assert _no_tf32_for_fp32(trt, fp32, "fp32") is False and "TF32" not in fp32.flags
     assert _no_tf32_for_fp32(trt, fp16, "fp16") is True and "TF32" in fp16.flags
     assert _no_tf32_for_fp32(SimpleNamespace(), Config(), "fp32") is False  # no such flag
+
+
+def test_a_missing_device_batch_is_refused_before_any_engine_is_removed(
+    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlbuild.errors import UsageError
+    from tlbuild.recipe import EnginesConfig
+    from tlbuild.stages.engines import make_engines
+
+    device = _device_copy(tiny_build, tmp_path)
+    _fake_tensorrt(monkeypatch)
+    shipped = device / "model.fp16.b1-32.sm87.trt10.3.engine"
+    shipped.write_bytes(b"an engine that works here")
+    (device / "device_batch.npz").unlink()
+    with pytest.raises(UsageError, match="device_batch.npz is missing; copy the whole"):
+        make_engines(device, EnginesConfig(), 1.0, Console(quiet=True), None)
+    assert shipped.is_file()

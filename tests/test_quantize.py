@@ -188,6 +188,16 @@ def test_every_calibration_method_works_on_any_number_of_images(
     assert man["calibration"]["method"] == method
     assert man["calibration"]["images"] % 16 != 0  # batches of 16 would not be equal
     assert not trt_qdq_problems(out / "model.int8.trt.onnx")
+    import onnx
+    from onnx import numpy_helper
+
+    # What stays in float in the TensorRT flavour is FP16, scales included (opset 19).
+    m = onnx.load(str(out / "model.int8.trt.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear")
+    assert inits[dq.input[1]].dtype == np.float16
+    assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
 def test_calibration_batches_are_equal() -> None:
@@ -226,6 +236,7 @@ def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
     spec = Preprocessing.from_dict(man["preprocessing"])
     split = json.loads((tiny_build / "splits.json").read_text())
     x = load_batch([Path(p) for p, _ in split["train"]], spec)
+    y = np.array([label for _, label in split["train"]])
     dst = tmp_path / "model.int8.cpu.onnx"
     # An unreachable target: the search spends its whole budget and keeps the best trial.
     found = search_int8(
@@ -234,6 +245,7 @@ def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
         "cpu",
         x[:19],
         x[19:],
+        y[19:],
         "test images",
         method="minmax",
         keep_float=["first_conv", "classifier"],
@@ -241,11 +253,12 @@ def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
         percentile=99.9,
         target_points=-1.0,
         budget=5,
+        floor=False,
     )
     assert [t.method for t in found.trials[:3]] == ["minmax", "entropy", "percentile"]
     assert len(found.trials) == 5 and not found.within_target
     assert [len(t.extra_float) for t in found.trials[3:]] == [1, 2]
-    assert found.disagreement_points == min(t.disagreement_points for t in found.trials)
+    assert (found.drop_points, found.disagreement_points) == min(t.key() for t in found.trials)
     assert dst.is_file()
     ranked = layer_sensitivity(dst, x[:4])
     assert ranked and all(a[1] <= b[1] for a, b in zip(ranked, ranked[1:], strict=False))
@@ -256,6 +269,7 @@ def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
         "trt",
         x[:16],
         x[16:],
+        y[16:],
         "test images",
         method="minmax",
         keep_float=[],
@@ -265,6 +279,23 @@ def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
         budget=5,
     )
     assert len(easy.trials) == 1 and easy.within_target and easy.extra_float == []
+    # A target finer than one search image is met at one image's worth.
+    one = search_int8(
+        tiny_build / "model.onnx",
+        dst,
+        "cpu",
+        x[:16],
+        x[16:],
+        y[16:],
+        "test images",
+        method="minmax",
+        keep_float=[],
+        reduce_range=False,
+        percentile=99.9,
+        target_points=0.0,
+        budget=5,
+    )
+    assert one.tolerance_points == pytest.approx(100 / len(x[16:]), abs=1e-3)
 
 
 def _qdq_weight_graph(

@@ -142,6 +142,9 @@ def test_tensorrt_provider_gets_caches_profiles_and_int8_only_for_qdq(
     assert fp32["trt_engine_cache_enable"] == "True" and fp32["trt_timing_cache_enable"] == "True"
     assert Path(fp32["trt_engine_cache_path"]).is_dir()
     assert fp32["trt_profile_min_shapes"] == "input:1x3x64x64"
-    assert fp32["trt_profile_max_shapes"] == "input:32x3x64x64"
-    assert fp32["trt_int8_enable"] == "False"
-    assert tensorrt_options(folder / "model.int8.trt.onnx")["trt_int8_enable"] == "True"
+    assert fp32["trt_profile_max_shapes"] == "input:64x3x64x64"
+    assert fp32["trt_int8_enable"] == "False" and fp32["trt_fp16_enable"] == "False"
+    int8 = tensorrt_options(folder / "model.int8.trt.onnx")
+    assert int8["trt_int8_enable"] == "True" and int8["trt_fp16_enable"] == "True"
+    # One cache per model file and library versions: a re-export never reuses an old engine.
+    assert int8["trt_engine_cache_path"] != fp32["trt_engine_cache_path"]

@@ -106,10 +106,10 @@ def _fake_trt(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
 
 def test_tensorrt_status_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_trt(monkeypatch, "10.3.0.26")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(rt, "cuda_device_count", lambda: 0)
     ok, reason = tensorrt_status()
     assert not ok
-    assert reason == "TensorRT 10.3 is installed but no CUDA GPU is visible via torch.cuda"
+    assert reason.startswith("TensorRT 10.3 is installed but no CUDA GPU is visible")
 
 
 def test_tensorrt_status_too_old(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,7 +120,7 @@ def test_tensorrt_status_too_old(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_tensorrt_status_names_version_gpu_and_arch(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_trt(monkeypatch, "11.0.0.5")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(rt, "cuda_device_count", lambda: 1)
     monkeypatch.setattr(rt, "gpu_identity", lambda: ("NVIDIA Jetson AGX Orin", "8.7"))
     assert tensorrt_status() == (True, "TensorRT 11.0 on NVIDIA Jetson AGX Orin (sm_87)")
 
@@ -306,3 +306,129 @@ class TestEngine:
         bad.write_bytes(b"\x08\x07garbage")
         with pytest.raises(BuildError, match="could not parse bad.onnx"):
             compile_engine(bad, tmp_path, "fp32", 1, 4, 8, 256, tmp_path / "timing.cache")
+
+
+class _FakeCudart:
+    """cuda-python's runtime API over host memory: pointers index bytearrays."""
+
+    class cudaMemcpyKind:  # noqa: N801 - cuda-python's name
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    def __init__(self) -> None:
+        self.mem: dict[int, bytearray] = {}
+        self._next = 4096
+
+    def cudaStreamCreate(self):  # noqa: ANN201, N802
+        return (0, 7)
+
+    def cudaMalloc(self, n: int):  # noqa: ANN201, N802
+        ptr, self._next = self._next, self._next + n + 4096
+        self.mem[ptr] = bytearray(n)
+        return (0, ptr)
+
+    def cudaMemcpyAsync(self, dst: int, src: int, n: int, kind: int, stream: int):  # noqa: ANN201, N802
+        import ctypes
+
+        if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:
+            self.mem[dst][:n] = ctypes.string_at(src, n)
+        else:
+            ctypes.memmove(dst, bytes(self.mem[src][:n]), n)
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream: int):  # noqa: ANN201, N802
+        return (0,)
+
+    def cudaFree(self, ptr: int):  # noqa: ANN201, N802
+        self.mem.pop(ptr, None)
+        return (0,)
+
+    def cudaStreamDestroy(self, stream: int):  # noqa: ANN201, N802
+        return (0,)
+
+
+def _fake_tensorrt_module(cuda: _FakeCudart) -> types.ModuleType:
+    """Enough of `tensorrt` for TensorRTEngine: an engine whose logits are x[:, :5] summed."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.3.0.26"  # type: ignore[attr-defined]
+    trt.DataType = SimpleNamespace(FLOAT="float", HALF="half")  # type: ignore[attr-defined]
+    trt.TensorIOMode = SimpleNamespace(INPUT="in", OUTPUT="out")  # type: ignore[attr-defined]
+
+    class ILogger:
+        INTERNAL_ERROR, ERROR, WARNING = 0, 1, 2
+
+        def __init__(self) -> None:
+            pass
+
+    class Context:
+        def __init__(self) -> None:
+            self.shape = (4, 3, 4, 4)
+            self.addr: dict[str, int] = {}
+
+        def set_input_shape(self, name: str, shape: tuple) -> bool:
+            self.shape = tuple(shape)
+            return True
+
+        def get_tensor_shape(self, name: str) -> tuple:
+            return (self.shape[0], 5)
+
+        def set_tensor_address(self, name: str, ptr: int) -> None:
+            self.addr[name] = ptr
+
+        def execute_async_v3(self, stream: int) -> bool:
+            n = self.shape[0]
+            x = np.frombuffer(cuda.mem[self.addr["input"]], np.float32, n * 48).reshape(n, 48)
+            y = np.stack([x[:, i::5].sum(1) for i in range(5)], 1).astype(np.float32)
+            cuda.mem[self.addr["logits"]][: y.nbytes] = y.tobytes()
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+
+        def get_tensor_name(self, i: int) -> str:
+            return ("input", "logits")[i]
+
+        def get_tensor_mode(self, name: str) -> str:
+            return "in" if name == "input" else "out"
+
+        def get_tensor_dtype(self, name: str) -> str:
+            return "float"
+
+        def get_tensor_profile_shape(self, name: str, profile: int) -> tuple:
+            return ((1, 3, 4, 4), (2, 3, 4, 4), (4, 3, 4, 4))
+
+        def create_execution_context(self) -> Context:
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger: object) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, blob: bytes) -> Engine:
+            return Engine()
+
+    trt.ILogger = ILogger  # type: ignore[attr-defined]
+    trt.Runtime = Runtime  # type: ignore[attr-defined]
+    return trt
+
+
+def test_engine_runner_moves_batches_through_cuda_python_without_torch(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cuda = _FakeCudart()
+    monkeypatch.setattr(rt, "import_trt", lambda: _fake_tensorrt_module(cuda))
+    monkeypatch.setattr(rt, "cudart", lambda: cuda)
+    engine_file = tmp_path / "model.fp32.b1-4.sm87.trt10.3.engine"
+    engine_file.write_bytes(b"serialized")
+    engine = TensorRTEngine(engine_file)
+    assert (engine.min_batch, engine.max_batch, engine.input_chw) == (1, 4, (3, 4, 4))
+    x = np.random.default_rng(0).standard_normal((3, 3, 4, 4)).astype(np.float32)
+    got = engine.run(x)
+    flat = x.reshape(3, 48)
+    want = np.stack([flat[:, i::5].sum(1) for i in range(5)], 1)
+    assert got.dtype == np.float32 and got.shape == (3, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    with pytest.raises(UsageError, match="outside .* profile 1..4"):
+        engine.run(np.zeros((5, 3, 4, 4), np.float32))
+    del engine
+    assert cuda.mem == {}  # buffers freed

@@ -156,6 +156,8 @@ class Manifest(BaseModel):
         entry = self.artifacts.get(name)
         if entry is None:
             raise UsageError(f"{name} is not listed in {folder / MANIFEST_JSON}")
+        if not (folder / name).is_file():
+            raise UsageError(f"{folder / name} is missing; copy the whole export folder")
         if sha256_file(folder / name) != entry.sha256:
             raise UsageError(
                 f"{folder / name} does not match the sha256 in its manifest; re-copy it"
@@ -191,26 +193,17 @@ OWNERS: dict[str, tuple[str, ...]] = {
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape the artifacts."""
-    import numpy
-    import onnx
-    import onnxruntime
-
-    versions = {
+    return {
         "tlbuild": __version__,
         "python": platform.python_version(),
-        "torch": _version_of("torch"),
-        "timm": _version_of("timm"),
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": numpy.__version__,
+        **{m: _version_of(m) for m in ("torch", "timm", "onnx", "onnxruntime", "numpy")},
         "tensorrt": _version_of("tensorrt"),
     }
-    return versions
 
 
 def _version_of(module: str) -> str:
     # Recorded either way: a device compares TensorRT's with its own before reusing an engine,
-    # and a device may run without torch.
+    # and a device runs without torch, timm and onnx.
     try:
         return str(__import__(module).__version__)
     except Exception:  # not installed, or (tensorrt) its CUDA libraries are missing
@@ -343,11 +336,14 @@ def section_digest(folder: Path, stage: str) -> str | None:
     return hashlib.sha256(json.dumps(_without_timings(body), sort_keys=True).encode()).hexdigest()
 
 
+TIMINGS = frozenset({"seconds", "build_seconds"})  # how long; settings such as min_seconds stay
+
+
 def _without_timings(value: Any) -> Any:
     # How long something took is not what it produced: a rerun that wrote the same files and
     # the same results leaves later stages fresh even though its timings differ.
     if isinstance(value, dict):
-        return {k: _without_timings(v) for k, v in value.items() if not k.endswith("seconds")}
+        return {k: _without_timings(v) for k, v in value.items() if k not in TIMINGS}
     if isinstance(value, list):
         return [_without_timings(v) for v in value]
     return value

@@ -307,6 +307,9 @@ class QuantizeConfig(_Section):
     reduce_range: bool | Literal["auto"] = Field(
         "auto", description="7-bit weights for int8_cpu; auto: on when the CPU lacks VNNI"
     )
+    trt_float: Literal["fp16", "fp32"] = Field(
+        "fp16", description="int8_trt: precision of what stays in float (ModelOpt's default fp16)"
+    )
     search_budget: int = Field(
         8,
         ge=0,

@@ -216,8 +216,9 @@ def _search_lines(manifest: dict[str, Any]) -> list[str]:
         out.append(
             f"- `{v['file']}`: {s['method']} calibration, "
             + (kept if extra else f"no layer in float beyond keep_float {keep}")
-            + f"; {s['disagreement_points']:.2f} points disagree with FP32 on {s['images']} "
-            f"{s['images_source']} ({verdict} the {s['target_points']:g}-point target); "
+            + f"; {s['drop_points']:+.2f} points against FP32 ({s['disagreement_points']:.2f} "
+            f"points of answers changed) on {s['images']} {s['images_source']} ({verdict} the "
+            f"{s['target_points']:g}-point target); "
             f"{len(s['trials'])} trial(s) in {s['seconds']:.0f} s"
         )
         for x in s.get("sensitivity", []):

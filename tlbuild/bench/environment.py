@@ -37,8 +37,13 @@ def _gpus() -> tuple[list[str], str | None]:
         import torch
 
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except Exception:
-        names = []
+    except Exception:  # no torch on a device: ask the CUDA runtime through cuda-python
+        from tlbuild.runtime.tensorrt import cuda_device_count, gpu_identity
+
+        try:
+            names = [gpu_identity()[0]] if cuda_device_count() else []
+        except Exception:
+            names = []
     driver = None
     if names and shutil.which("nvidia-smi"):
         try:

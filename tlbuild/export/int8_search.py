@@ -9,9 +9,10 @@ budget of trials (one trial = quantize + evaluate):
 It stops at the first trial within the target and otherwise keeps the best one seen.
 
 Decisions are made on held-out training images (not the validation split the final gate uses,
-so that gate stays honest), by top-1 disagreement with FP32 in points: on images the model has
-seen, accuracy barely moves, but every changed answer shows, and disagreement bounds the
-accuracy drop from above.
+so that gate stays honest), by the measure the gate applies: accuracy points lost against FP32;
+among trials that lose as much, the one that changes fewer answers wins. (Requiring top-1
+agreement instead was measured too strict: on the textures set INT8 changed 2-3% of answers both
+ways at no loss, and the search spent its whole budget to ship the first trial anyway.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from tlbuild.errors import BuildError, TlbuildError
 from tlbuild.export.quantize import make_int8
 from tlbuild.fileio import atomic_path
 from tlbuild.runtime.sessions import ort_session, run_logits
@@ -42,8 +44,13 @@ class Trial:
 
     method: str
     extra_float: list[str]
-    disagreement_points: float
+    drop_points: float  # accuracy lost against FP32 on the search images
+    disagreement_points: float  # answers changed against FP32
     seconds: float
+
+    def key(self) -> tuple[float, float]:
+        """Better first: less accuracy lost, then fewer answers changed."""
+        return (self.drop_points, self.disagreement_points)
 
 
 @dataclass
@@ -52,8 +59,10 @@ class SearchResult:
 
     method: str
     extra_float: list[str]
+    drop_points: float
     disagreement_points: float
     target_points: float
+    tolerance_points: float  # the target, or one search image's worth if that is more
     images: int
     images_source: str
     trials: list[Trial] = field(default_factory=list)
@@ -67,10 +76,18 @@ class SearchResult:
 
 
 def _logits(path: Path, images: np.ndarray, simulate_qdq: bool, batch: int = 32) -> np.ndarray:
-    sess = ort_session(path, simulate_qdq=simulate_qdq)
-    return np.concatenate(
-        [run_logits(sess, images[i : i + batch]) for i in range(0, len(images), batch)]
-    )
+    try:
+        sess = ort_session(path, simulate_qdq=simulate_qdq)
+        return np.concatenate(
+            [run_logits(sess, images[i : i + batch]) for i in range(0, len(images), batch)]
+        )
+    except TlbuildError:
+        raise
+    except Exception as e:  # a library failure while scoring a trial: one message
+        raise BuildError(
+            f"onnxruntime could not run {path.name} in the INT8 search "
+            f"({type(e).__name__}: {e}); set quantize.search_budget = 0, or report the backbone"
+        ) from e
 
 
 def layer_sensitivity(qdq_path: Path, images: np.ndarray) -> list[tuple[str, float]]:
@@ -102,12 +119,21 @@ def layer_sensitivity(qdq_path: Path, images: np.ndarray) -> list[tuple[str, flo
         onnx.save(model, str(probe))
         sess = ort_session(probe, simulate_qdq=True)
         names = [o.name for o in sess.get_outputs()]
-        outs = dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: images}), strict=True))
+        signal: dict[str, float] = {src: 0.0 for src, _ in pairs}
+        noise: dict[str, float] = {src: 0.0 for src, _ in pairs}
+        # One image at a time: every quantized tensor is an output, twice.
+        for i in range(len(images)):
+            got = sess.run(None, {sess.get_inputs()[0].name: images[i : i + 1]})
+            outs = dict(zip(names, got, strict=True))
+            for src, deq in pairs:
+                x = outs[src].astype(np.float64)
+                signal[src] += float((x**2).sum())
+                noise[src] += float(((x - outs[deq]) ** 2).sum())
+            del outs, got
     worst: dict[str, float] = {}
     for src, deq in pairs:
-        x, y = outs[src].astype(np.float64), outs[deq].astype(np.float64)
-        noise = float(((x - y) ** 2).sum())
-        sqnr = 10 * np.log10(float((x**2).sum()) / noise) if noise > 0 else float("inf")
+        n = noise[src]
+        sqnr = 10 * np.log10(signal[src] / n) if n > 0 else float("inf")
         for consumer in by_input.get(deq, []):
             if consumer.op_type not in ("QuantizeLinear", "DequantizeLinear") and consumer.name:
                 worst[consumer.name] = min(worst.get(consumer.name, float("inf")), sqnr)
@@ -120,20 +146,24 @@ def search_int8(
     flavour: str,
     calibration: np.ndarray,
     search: np.ndarray,
+    labels: np.ndarray,
     search_source: str,
     *,
     method: str,
     keep_float: list[str],
     reduce_range: bool,
     percentile: float,
+    trt_float: str = "fp16",
     target_points: float,
     budget: int,
     on_trial: Callable[[Trial], None] | None = None,
+    floor: bool = True,
 ) -> SearchResult:
     """Write `dst`, the first trial within `target_points` (else the best one seen)."""
     t0 = time.perf_counter()
     simulate = flavour == "trt"
     ref = _logits(src, search, False).argmax(1)
+    ref_acc = float((ref == labels).mean())
     trials: list[Trial] = []
     files: dict[int, Path] = {}
     tmp = Path(tempfile.mkdtemp(prefix="tlbuild-int8-search-"))
@@ -143,10 +173,19 @@ def search_int8(
             t = time.perf_counter()
             path = tmp / f"trial{len(trials)}.onnx"
             make_int8(
-                src, path, calibration, flavour, m, keep_float + extra, reduce_range, percentile
+                src,
+                path,
+                calibration,
+                flavour,
+                m,
+                keep_float + extra,
+                reduce_range,
+                percentile,
+                trt_float,
             )
             got = _logits(path, search, simulate).argmax(1)
-            done = Trial(m, extra, round(100 * float((got != ref).mean()), 4), 0.0)
+            drop = round(100 * (ref_acc - float((got == labels).mean())), 4)
+            done = Trial(m, extra, drop, round(100 * float((got != ref).mean()), 4), 0.0)
             done.seconds = round(time.perf_counter() - t, 2)
             files[len(trials)] = path
             trials.append(done)
@@ -154,8 +193,13 @@ def search_int8(
                 on_trial(done)
             return done
 
+        # One image of the search set is the finest step it can measure: with 84 images a
+        # single changed answer is 1.19 points, and a 1-point target could never be met (the
+        # demo spent its whole budget on a variant that loses nothing on validation).
+        tolerance = max(target_points, 100.0 / len(search)) if floor else target_points
+
         def ok(t: Trial) -> bool:
-            return t.disagreement_points <= target_points
+            return t.drop_points <= tolerance
 
         sensitivity: list[tuple[str, float]] = []
         best = trial(method, [])
@@ -164,7 +208,7 @@ def search_int8(
                 if len(trials) >= budget:
                     break
                 t = trial(m, [])
-                if t.disagreement_points < best.disagreement_points:
+                if t.key() < best.key():
                     best = t
                 if ok(best):
                     break
@@ -175,7 +219,7 @@ def search_int8(
             k = 1
             while len(trials) < budget and k <= len(ranked):
                 t = trial(best.method, ranked[:k])
-                if t.disagreement_points < best.disagreement_points or ok(t):
+                if t.key() < best.key() or ok(t):
                     best = t
                 if ok(best):
                     break
@@ -188,8 +232,10 @@ def search_int8(
     return SearchResult(
         method=best.method,
         extra_float=best.extra_float,
+        drop_points=best.drop_points,
         disagreement_points=best.disagreement_points,
         target_points=target_points,
+        tolerance_points=round(tolerance, 4),
         images=len(search),
         images_source=search_source,
         trials=trials,

@@ -48,8 +48,14 @@ def make_fp16(src: Path, dst: Path) -> None:
     """FP16 weights and compute inside, FP32 input and output (keep_io_types)."""
     from onnxconverter_common import float16
 
-    with _quiet():
-        model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    try:
+        with _quiet():
+            model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    except Exception as e:  # a library failure: say which file and what to try
+        raise BuildError(
+            f"could not convert {src.name} to FP16 ({type(e).__name__}: {e}); leave fp16 out "
+            "of quantize.variants, or report the backbone"
+        ) from e
     with atomic_path(dst) as tmp:
         onnx.save(model, str(tmp))
 
@@ -108,11 +114,14 @@ def make_int8(
     keep_float: list[str],
     reduce_range: bool,
     percentile: float = 99.999,
+    trt_float: str = "fp16",
 ) -> None:
     """Static QDQ quantization calibrated on `calibration` (preprocessed NCHW float32 images).
 
     flavour "trt": symmetric S8S8, per-channel weights, no int32 bias: the settings NVIDIA
-    ModelOpt passes to ORT, the form TensorRT's explicit quantization accepts.
+    ModelOpt passes to ORT, the form TensorRT's explicit quantization accepts; with
+    `trt_float` "fp16" (ModelOpt's `high_precision_dtype` default) everything left in float,
+    Q/DQ scales included, is FP16, which a strongly typed TensorRT network needs for speed.
     flavour "cpu": U8 activations, S8 per-channel weights, reduce_range on CPUs without VNNI
     (ORT's guidance, to avoid saturation in the 16-bit intermediate sums of AVX2 kernels).
     """
@@ -164,6 +173,14 @@ def make_int8(
                 extra_options=extra,
                 **kwargs,
             )
+            if flavour == "trt" and trt_float == "fp16":
+                try:
+                    _float_parts_to_fp16(tmp)
+                except Exception as e:
+                    raise BuildError(
+                        f"could not make the float parts of {dst.name} FP16 "
+                        f'({type(e).__name__}: {e}); set quantize.trt_float = "fp32"'
+                    ) from e
         except BuildError:
             raise
         except MemoryError:
@@ -188,6 +205,21 @@ def weight_channel_axis(node: onnx.NodeProto) -> int:
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         return 0 if trans_b else 1
     return 0
+
+
+def _float_parts_to_fp16(path: Path) -> None:
+    """Float tensors and Q/DQ scales of a QDQ graph to FP16 (input and output stay FP32).
+
+    FP16 scales on QuantizeLinear/DequantizeLinear need opset 19, so the graph's default
+    opset is raised to 19 where it is lower; none of its other ops changed meaning there.
+    """
+    from onnxconverter_common import float16
+
+    model = float16.convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = max(op.version, 19)
+    onnx.save(model, str(path))
 
 
 def trt_qdq_problems(path: Path) -> list[str]:

@@ -72,23 +72,29 @@ def ort_session(
     return session
 
 
-def tensorrt_options(path: Path, batches: tuple[int, int, int] = (1, 8, 32)) -> dict[str, str]:
+def tensorrt_options(path: Path, batches: tuple[int, int, int] = (1, 8, 64)) -> dict[str, str]:
     """ONNX Runtime TensorRT provider options: engine and timing caches beside the model (a
-    Jetson otherwise rebuilds the engine, minutes, at every start) and one optimization
-    profile for the batch range (min, opt, max), as `tlbuild build` compiles it."""
-    import onnx
+    Jetson otherwise rebuilds the engine, minutes, at every start), one optimization profile for
+    the batch range (min, opt, max), FP16 kernels for FP16 and INT8 graphs.
 
-    cache = path.parent / "ort_tensorrt_cache"
+    The cache folder is named for the model's sha256 and the ORT and TensorRT versions, which
+    ORT's documentation says invalidate a cached engine. No onnx import: a device has none.
+    """
+    from tlbuild.artifacts import precision_of
+    from tlbuild.fileio import sha256_file
+    from tlbuild.runtime.tensorrt import installed_trt_version
+
+    probe = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0]
+    chw = "x".join(str(d) for d in probe.shape[1:])
+    lo, opt, hi = (f"{probe.name}:{b}x{chw}" for b in batches)
+    key = f"{sha256_file(path)[:16]}-ort{ort.__version__}-trt{installed_trt_version()}"
+    cache = path.parent / "ort_tensorrt_cache" / key
     try:
-        cache.mkdir(exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
         cached = "True"
     except OSError:  # a read-only export folder: it still runs, building at each start
         cached = "False"
-    graph = onnx.load(str(path), load_external_data=False).graph
-    inp = graph.input[0]
-    chw = "x".join(str(d.dim_value) for d in inp.type.tensor_type.shape.dim[1:])
-    lo, opt, hi = (f"{inp.name}:{b}x{chw}" for b in batches)
-    int8 = any(n.op_type == "QuantizeLinear" for n in graph.node)
+    precision = precision_of(path.name)
     return {
         "trt_engine_cache_enable": cached,
         "trt_engine_cache_path": str(cache),
@@ -98,7 +104,8 @@ def tensorrt_options(path: Path, batches: tuple[int, int, int] = (1, 8, 32)) -> 
         "trt_profile_opt_shapes": opt,
         "trt_profile_max_shapes": hi,
         # A Q/DQ graph carries its own scales (explicit quantization); no calibration table.
-        "trt_int8_enable": "True" if int8 else "False",
+        "trt_int8_enable": "True" if precision == "int8" else "False",
+        "trt_fp16_enable": "True" if precision in ("fp16", "int8") else "False",
     }
 
 

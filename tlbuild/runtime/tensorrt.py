@@ -56,13 +56,46 @@ def check_engine_version(name: str, built_with: str | None) -> None:
         )
 
 
-def gpu_identity() -> tuple[str, str]:
-    # The GPU TensorRT builds for and runs on is the current CUDA device.
-    import torch
+def cudart() -> Any:
+    """cuda-python's CUDA runtime bindings (no PyTorch needed on a device)."""
+    try:
+        from cuda.bindings import runtime  # cuda-python 12.6 and newer
+    except ImportError:
+        try:
+            from cuda import cudart as runtime  # older cuda-python
+        except ImportError:
+            raise UsageError(
+                "TensorRT engines need cuda-python for GPU memory: pip install cuda-python"
+            ) from None
+    return runtime
 
-    dev = torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(dev)
-    return torch.cuda.get_device_name(dev), f"{major}.{minor}"
+
+def cuda_call(result: Any) -> Any:
+    """Unwrap a cuda-python call's (error, value...) tuple, raising on an error code."""
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise BuildError(f"CUDA runtime call failed: {err}")
+    return rest[0] if len(rest) == 1 else tuple(rest) or None
+
+
+def cuda_device_count() -> int:
+    """Visible CUDA GPUs (0 where the driver or cuda-python is missing)."""
+    return _cuda_devices()[0]
+
+
+def _cuda_devices() -> tuple[int, str]:
+    try:
+        return int(cuda_call(cudart().cudaGetDeviceCount())), ""
+    except Exception as e:  # e.g. cudaErrorInsufficientDriver: cuda-python newer than the driver
+        return 0, str(e)
+
+
+def gpu_identity() -> tuple[str, str]:
+    """(name, 'major.minor') of the current CUDA device, the one TensorRT builds for."""
+    rt = cudart()
+    props = cuda_call(rt.cudaGetDeviceProperties(cuda_call(rt.cudaGetDevice())))
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else props.name
+    return str(name).rstrip("\x00").strip(), f"{props.major}.{props.minor}"
 
 
 def tensorrt_status() -> tuple[bool, str]:
@@ -81,10 +114,13 @@ def tensorrt_status() -> tuple[bool, str]:
         return False, f"cannot read the TensorRT version from tensorrt.__version__ = {version!r}"
     if int(xy.split(".")[0]) < MIN_TRT_MAJOR:
         return False, f"TensorRT {xy} is installed; tlbuild needs TensorRT {MIN_TRT_MAJOR} or newer"
-    import torch
-
-    if not torch.cuda.is_available():
-        return False, f"TensorRT {xy} is installed but no CUDA GPU is visible via torch.cuda"
+    if cuda_device_count() == 0:
+        why = _cuda_devices()[1] or "no device"
+        return False, (
+            f"TensorRT {xy} is installed but no CUDA GPU is visible through cuda-python ({why}); "
+            "install the cuda-python of the device's CUDA major, e.g. 'cuda-python>=12,<13' "
+            "for CUDA 12"
+        )
     name, cc = gpu_identity()
     return True, f"TensorRT {xy} on {name} (sm_{cc.replace('.', '')})"
 
@@ -122,10 +158,8 @@ def log_tail(logger: Any, limit: int = 20) -> str:
     return "\n".join(f"  {m}" for m in lines) if lines else "  (TensorRT logged no error)"
 
 
-def _torch_dtype(trt: Any, dtype: Any) -> Any:
-    import torch
-
-    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
+def _np_dtype(trt: Any, dtype: Any) -> Any:
+    table = {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16}
     if dtype not in table:
         raise BuildError(f"engine I/O type {dtype} is not supported; FP32 or FP16 I/O expected")
     return table[dtype]
@@ -134,8 +168,9 @@ def _torch_dtype(trt: Any, dtype: Any) -> Any:
 class TensorRTEngine:
     """Load an engine file and run float32 NCHW batches through it on the current CUDA GPU.
 
-    Device memory is torch CUDA tensors; work is queued on a private stream because TensorRT
-    warns that execute_async_v3 on the default stream costs extra synchronisation.
+    GPU memory through cuda-python (no PyTorch): input and output buffers sized for the
+    profile's largest batch, allocated once; work is queued on a private stream because
+    TensorRT warns that execute_async_v3 on the default stream costs extra synchronisation.
     """
 
     def __init__(self, engine_path: Path) -> None:
@@ -143,28 +178,20 @@ class TensorRTEngine:
         if not engine_path.is_file():
             raise UsageError(f"TensorRT engine not found: {engine_path}")
         trt = import_trt()
-        import torch
-
-        self._trt = trt
+        self._rt = cudart()
         self.path = engine_path
-        self.device = torch.device("cuda", torch.cuda.current_device())
         # The logger, runtime and engine must outlive the execution context.
         self._logger = make_logger(trt)
         self._runtime = trt.Runtime(self._logger)
-        with torch.cuda.device(self.device):
-            self._engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
-            if self._engine is None:
-                raise BuildError(
-                    f"TensorRT could not load {engine_path.name}; an engine only runs with the "
-                    f"TensorRT version and GPU type that built it:\n{log_tail(self._logger)}"
-                )
-            self._context = self._engine.create_execution_context()
-            if self._context is None:
-                raise BuildError(
-                    f"no execution context for {engine_path.name} (out of GPU memory?)"
-                )
-            self._stream = torch.cuda.Stream(self.device)
-
+        self._engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self._engine is None:
+            raise BuildError(
+                f"TensorRT could not load {engine_path.name}; an engine only runs with the "
+                f"TensorRT version and GPU type that built it:\n{log_tail(self._logger)}"
+            )
+        self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise BuildError(f"no execution context for {engine_path.name} (out of GPU memory?)")
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -174,17 +201,24 @@ class TensorRTEngine:
                 "one image input and one logits output expected"
             )
         self.input_name, self.output_name = inputs[0], outputs[0]
-        self._in_dtype = _torch_dtype(trt, self._engine.get_tensor_dtype(self.input_name))
-        self._out_dtype = _torch_dtype(trt, self._engine.get_tensor_dtype(self.output_name))
+        self._in_dtype = _np_dtype(trt, self._engine.get_tensor_dtype(self.input_name))
+        self._out_dtype = _np_dtype(trt, self._engine.get_tensor_dtype(self.output_name))
         # Profile 0 is the only one compile_engine creates: (min, opt, max) input shapes.
         lo, opt, hi = (tuple(s) for s in self._engine.get_tensor_profile_shape(self.input_name, 0))
         self.min_batch, self.opt_batch, self.max_batch = int(lo[0]), int(opt[0]), int(hi[0])
         self.input_chw = tuple(int(d) for d in hi[1:])
+        self._context.set_input_shape(self.input_name, (self.max_batch, *self.input_chw))
+        out_max = tuple(int(d) for d in self._context.get_tensor_shape(self.output_name))
+        self._stream = cuda_call(self._rt.cudaStreamCreate())
+        in_bytes = (
+            int(np.prod((self.max_batch, *self.input_chw))) * np.dtype(self._in_dtype).itemsize
+        )
+        out_bytes = int(np.prod(out_max)) * np.dtype(self._out_dtype).itemsize
+        self._d_in = cuda_call(self._rt.cudaMalloc(in_bytes))
+        self._d_out = cuda_call(self._rt.cudaMalloc(out_bytes))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits (float32, [N, classes]) for a float32 NCHW batch within the engine's range."""
-        import torch
-
         batch = np.asarray(batch)
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_chw:
             raise UsageError(
@@ -197,20 +231,32 @@ class TensorRTEngine:
                 f"batch of {n} is outside {self.path.name}'s profile "
                 f"{self.min_batch}..{self.max_batch}; split the batch or rebuild the engine"
             )
-        ctx = self._context
-        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-            x = x.to(self.device, dtype=self._in_dtype, non_blocking=False).contiguous()
-            if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
-                raise BuildError(f"TensorRT rejected input shape {tuple(x.shape)}")
-            out_shape = tuple(ctx.get_tensor_shape(self.output_name))
-            y = torch.empty(out_shape, dtype=self._out_dtype, device=self.device)
-            ctx.set_tensor_address(self.input_name, x.data_ptr())
-            ctx.set_tensor_address(self.output_name, y.data_ptr())
-            stream = torch.cuda.current_stream(self.device)
-            if not ctx.execute_async_v3(stream.cuda_stream):
-                raise BuildError(f"TensorRT inference failed:\n{log_tail(self._logger)}")
-            stream.synchronize()
-            return y.float().cpu().numpy()
+        rt, ctx = self._rt, self._context
+        x = np.ascontiguousarray(batch, dtype=self._in_dtype)
+        if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
+            raise BuildError(f"TensorRT rejected input shape {tuple(x.shape)}")
+        y = np.empty(tuple(ctx.get_tensor_shape(self.output_name)), dtype=self._out_dtype)
+        h2d, d2h = (
+            rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+            rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+        )
+        cuda_call(rt.cudaMemcpyAsync(self._d_in, x.ctypes.data, x.nbytes, h2d, self._stream))
+        ctx.set_tensor_address(self.input_name, int(self._d_in))
+        ctx.set_tensor_address(self.output_name, int(self._d_out))
+        if not ctx.execute_async_v3(int(self._stream)):
+            raise BuildError(f"TensorRT inference failed:\n{log_tail(self._logger)}")
+        cuda_call(rt.cudaMemcpyAsync(y.ctypes.data, self._d_out, y.nbytes, d2h, self._stream))
+        cuda_call(rt.cudaStreamSynchronize(self._stream))
+        return y.astype(np.float32)
+
+    def __del__(self) -> None:
+        rt = getattr(self, "_rt", None)
+        if rt is None:
+            return
+        for ptr in (getattr(self, "_d_in", None), getattr(self, "_d_out", None)):
+            if ptr is not None:
+                rt.cudaFree(ptr)
+        if getattr(self, "_stream", None) is not None:
+            rt.cudaStreamDestroy(self._stream)
 
     __call__ = run

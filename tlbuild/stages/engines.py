@@ -30,24 +30,29 @@ from tlbuild.stages.base import Stage, StageContext
 
 
 def _engine_check(
-    engine: TensorRTEngine, fp32: Path, images: np.ndarray, labels: np.ndarray
+    engine: TensorRTEngine,
+    fp32: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    home: np.ndarray | None,
 ) -> dict[str, Any]:
-    """The engine against ONNX Runtime FP32 on the same batches (those its profile takes)."""
-    sess = ort_session(fp32)
+    """The engine against FP32 on the same batches (those its profile takes): the logits the
+    export shipped (on a device), else ONNX Runtime's here."""
+    sess = ort_session(fp32) if home is None else None
     ref, got = [], []
     for i in range(0, len(images), engine.max_batch):
         x = images[i : i + engine.max_batch]
         if len(x) < engine.min_batch:
             break
-        ref.append(run_logits(sess, x))
+        ref.append(run_logits(sess, x) if sess is not None else home[i : i + len(x)])
         got.append(engine.run(x))
     c = compare_logits(np.concatenate(ref), np.concatenate(got), labels)
     c.pop("mean_abs_logit_diff")
     return c
 
 
-def device_batch(folder: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    """The validation images and labels shipped in the export folder, checked by sha256."""
+def device_batch(folder: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The validation images, labels and home FP32 logits the export shipped, checked by sha256."""
     entry = manifest.device_batch
     if not entry:
         raise UsageError(
@@ -56,7 +61,7 @@ def device_batch(folder: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarr
         )
     manifest.verify(folder, entry["file"])
     with np.load(folder / entry["file"]) as z:
-        return z["images"].astype(np.float32), z["labels"]
+        return z["images"].astype(np.float32), z["labels"], z["fp32_logits"]
 
 
 def _one_engine(
@@ -64,7 +69,7 @@ def _one_engine(
     variant: str,
     cfg: EnginesConfig,
     max_drop: float,
-    data: tuple[np.ndarray, np.ndarray],
+    data: tuple[np.ndarray, np.ndarray, np.ndarray | None],
     console: Console,
 ) -> dict[str, Any]:
     from tlbuild.export.tensorrt_compile import compile_engine
@@ -81,8 +86,8 @@ def _one_engine(
         cfg.workspace_mib,
         folder / TIMING_CACHE,
     )
-    images, labels = data
-    check = _engine_check(TensorRTEngine(info.path), folder / MODEL_ONNX, images, labels)
+    images, labels, home = data
+    check = _engine_check(TensorRTEngine(info.path), folder / MODEL_ONNX, images, labels, home)
     passed = check["drop_points"] <= max_drop and (
         variant != "fp32" or check["max_abs_logit_diff"] <= cfg.fp32_atol
     )
@@ -124,13 +129,19 @@ def make_engines(
         section.update(status="skipped", reason=why)
         write_section(folder, "engines", {"engines": section}, [])
         return section
-    for old in folder.glob("*.engine"):  # built for the variants being replaced
-        old.unlink()
     if samples:
         spec = Preprocessing.from_dict(manifest.preprocessing)
-        data = load_batch([s.path for s in samples], spec), np.array([s.label for s in samples])
+        x, y = load_batch([s.path for s in samples], spec), np.array([s.label for s in samples])
+        data = (x, y, None)
     else:  # on a device: the batch the export shipped, same gates as at home
         data = device_batch(folder, manifest)
+    if len(data[0]) < cfg.min_batch:
+        raise UsageError(
+            f"{len(data[0])} validation images cannot fill one batch of build.min_batch = "
+            f"{cfg.min_batch}; lower it, or raise export.device_images"
+        )
+    for old in folder.glob("*.engine"):  # built for the variants being replaced
+        old.unlink()
     engines: dict[str, Any] = {}
     for variant in cfg.variants:
         a = ONNX_ARTIFACTS[variant]

@@ -59,7 +59,7 @@ def _make_int8(
     ctx: StageContext,
     a: OnnxArtifact,
     calib: np.ndarray,
-    search: tuple[np.ndarray, str] | None,
+    search: tuple[np.ndarray, np.ndarray, str] | None,
     reduce_range: bool,
 ) -> dict[str, Any] | None:
     """One INT8 variant, searched when a budget is set; the search's record, if any."""
@@ -76,14 +76,15 @@ def _make_int8(
             common["keep_float"],
             reduce_range,
             cfg.percentile,
+            cfg.trt_float,
         )
         return None
 
     def show(t: Trial) -> None:
         extra = f", {len(t.extra_float)} more layer(s) in float" if t.extra_float else ""
         ctx.console.print(
-            f"  {a.variant}: {t.method}{extra}: {t.disagreement_points:.2f} points disagree "
-            f"with FP32 ({t.seconds:.1f}s)"
+            f"  {a.variant}: {t.method}{extra}: {t.drop_points:+.2f} points against FP32, "
+            f"{t.disagreement_points:.2f} points of answers changed ({t.seconds:.1f}s)"
         )
 
     found = search_int8(
@@ -93,8 +94,10 @@ def _make_int8(
         calib,
         search[0],
         search[1],
+        search[2],
         method=cfg.calibration_method,
         percentile=cfg.percentile,
+        trt_float=cfg.trt_float,
         target_points=cfg.max_drop,
         budget=cfg.search_budget,
         on_trial=show,
@@ -118,7 +121,11 @@ def _make_variants(
     int8 = any(a.precision == "int8" for a in wanted)
     images = load_batch([sm.path for sm in calib], spec) if int8 else None
     held_out = (
-        (load_batch([sm.path for sm in search], spec), search_source)
+        (
+            load_batch([sm.path for sm in search], spec),
+            np.array([sm.label for sm in search]),
+            search_source,
+        )
         if int8 and cfg.search_budget
         else None
     )
