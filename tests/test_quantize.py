@@ -263,39 +263,29 @@ def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
     assert dst.is_file()
     ranked = layer_sensitivity(dst, x[:4])
     assert ranked and all(a[1] <= b[1] for a, b in zip(ranked, ranked[1:], strict=False))
-    # A reachable one stops at the first trial.
-    easy = search_int8(
-        tiny_build / "model.onnx",
-        dst,
-        "trt",
-        x[:16],
-        x[16:],
-        y[16:],
-        "test images",
-        method="minmax",
-        keep_float=[],
-        reduce_range=False,
-        percentile=99.9,
-        target_points=100.0,
-        budget=5,
-    )
+
+    def search(flavour: str, target: float):  # noqa: ANN202
+        return search_int8(
+            tiny_build / "model.onnx",
+            dst,
+            flavour,
+            x[:16],
+            x[16:],
+            y[16:],
+            "test images",
+            method="minmax",
+            keep_float=[],
+            reduce_range=False,
+            percentile=99.9,
+            target_points=target,
+            budget=5,
+        )
+
+    # A reachable target stops at the first trial.
+    easy = search("trt", 100.0)
     assert len(easy.trials) == 1 and easy.within_target and easy.extra_float == []
     # A target finer than one search image is met at one image's worth.
-    one = search_int8(
-        tiny_build / "model.onnx",
-        dst,
-        "cpu",
-        x[:16],
-        x[16:],
-        y[16:],
-        "test images",
-        method="minmax",
-        keep_float=[],
-        reduce_range=False,
-        percentile=99.9,
-        target_points=0.0,
-        budget=5,
-    )
+    one = search("cpu", 0.0)
     assert one.tolerance_points == pytest.approx(100 / len(x[16:]), abs=1e-3)
 
 
