@@ -355,3 +355,29 @@ def test_bench_dir_and_build_on_device_use_current_settings_not_a_stale_copy(
 def test_status_of_a_new_folder_says_first_run(tiny_data: Path, tmp_path: Path) -> None:
     rows = runner.stage_status(load_recipe(tiny_recipe(tmp_path, tiny_data)))
     assert {r.stage: r.why for r in rows}["train"] == ["first run here"]
+
+
+def test_report_shows_each_variants_speed_against_fp32() -> None:
+    from tlbuild.report import _speed_vs_fp32
+
+    def row(artifact: str, backend: str, batch: int, ips: float) -> dict:
+        return {"artifact": artifact, "backend": backend, "batch": batch, "throughput_ips": ips}
+
+    cpu, cuda, trt = (
+        "onnxruntime:CPUExecutionProvider",
+        "onnxruntime:CUDAExecutionProvider",
+        "onnxruntime:TensorrtExecutionProvider",
+    )
+    bench = {
+        "results": [
+            row("model.onnx", cpu, 1, 100.0),
+            row("model.onnx", cpu, 32, 300.0),
+            row("model.int8.cpu.onnx", cpu, 1, 150.0),
+            row("model.int8.cpu.onnx", cpu, 32, 600.0),
+            row("model.onnx", cuda, 32, 1000.0),
+            row("model.int8.trt.onnx", trt, 32, 4000.0),
+        ]
+    }
+    assert _speed_vs_fp32(bench, "model.int8.cpu.onnx") == "2.00x (batch 32)"
+    assert _speed_vs_fp32(bench, "model.int8.trt.onnx") == "4.00x (batch 32 vs FP32 on CUDA)"
+    assert _speed_vs_fp32(bench, "model.fp16.onnx") == "-"
