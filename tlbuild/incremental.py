@@ -31,7 +31,7 @@ from tlbuild.manifest import section_digest
 from tlbuild.recipe import Recipe
 
 STATE_JSON = "build_state.json"
-FORMAT = "tlbuild.state/2"
+FORMAT = "tlbuild.state/3"
 _PACKAGE = Path(tlbuild.__file__).parent
 # Imported by every stage, yet they cannot change what a stage produces: the recipe's values
 # are keyed on their own (its sections), errors only word messages, and the stage interface
@@ -182,10 +182,11 @@ class StageRecords:
             "recipe": _digest({s: _section(recipe, stage, s) for s in stage.sections}),
             "code": code_digest(stage.module),
             # Every earlier stage, not only the previous one: with a stage disabled in between,
-            # a retrain must still reach the benchmark and the report.
-            "upstream": _digest(
-                {e.name: (self.finished(e.name) or {}).get("outputs") for e in earlier}
-            ),
+            # a retrain must still reach the benchmark and the report. One digest per stage,
+            # so the next run can name the one that changed.
+            "upstream": {
+                e.name: _digest((self.finished(e.name) or {}).get("outputs")) for e in earlier
+            },
         }
         if stage.data:
             comp["data"], comp["data_summary"] = data_digest(recipe)
@@ -193,9 +194,7 @@ class StageRecords:
             comp["machine"] = _digest(machine)
         return comp
 
-    def check(
-        self, stage: StageInfo, earlier: Sequence[StageInfo], inputs: dict[str, Any]
-    ) -> tuple[bool, list[str]]:
+    def check(self, stage: StageInfo, inputs: dict[str, Any]) -> tuple[bool, list[str]]:
         """(fresh, reasons it is not)."""
         rec = self.stages.get(stage.name)
         if rec is None:
@@ -208,8 +207,9 @@ class StageRecords:
             why.append("recipe " + ", ".join(f"[{s}]" for s in stage.sections) + " changed")
         if before.get("code") != inputs["code"]:
             why.append(f"code changed ({stage.module} or a module it imports)")
-        if before.get("upstream") != inputs["upstream"]:
-            changed = [e.name for e in earlier if e.name in self._changed_upstream(rec)]
+        was = before.get("upstream", {})
+        if was != inputs["upstream"]:
+            changed = [n for n, d in inputs["upstream"].items() if was.get(n) != d]
             why.append(f"{', '.join(changed) or 'an earlier stage'} produced something new")
         if "data" in inputs and before.get("data") != inputs["data"]:
             was, now = before.get("data_summary") or {}, inputs["data_summary"]
@@ -233,14 +233,6 @@ class StageRecords:
             why.append("its manifest.json section is missing or was modified")
         return not why, why
 
-    def _changed_upstream(self, rec: dict[str, Any]) -> set[str]:
-        seen = rec.get("upstream_outputs", {})
-        return {
-            name
-            for name, outputs in seen.items()
-            if (self.finished(name) or {}).get("outputs") != outputs
-        }
-
     def outputs(self, stage: StageInfo) -> dict[str, Any]:
         """sha256 of the files `stage` wrote and of its manifest section."""
         files = {p.name: sha256_file(p) for p in stage.files(self.out)}
@@ -263,12 +255,7 @@ class StageRecords:
             self._save()
 
     def finish(
-        self,
-        stage: StageInfo,
-        earlier: Sequence[StageInfo],
-        inputs: dict[str, Any],
-        seconds: float,
-        summary: str,
+        self, stage: StageInfo, inputs: dict[str, Any], seconds: float, summary: str
     ) -> dict[str, Any]:
         """Record a finished stage: its input hashes and output hashes; returns the outputs."""
         outputs = self.outputs(stage)
@@ -279,10 +266,6 @@ class StageRecords:
             "summary": summary,
             "inputs": inputs,
             "outputs": outputs,
-            # Which earlier stage changed is then nameable in the next run's reasons.
-            "upstream_outputs": {
-                e.name: (self.finished(e.name) or {}).get("outputs") for e in earlier
-            },
         }
         self._save()
         return outputs

@@ -141,10 +141,13 @@ class _ReadersAside:
             self.saved[r.name] = (files, take_section(self.out, r.name))
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *rest: object) -> None:
         try:
-            # From the disk, not the record: a stage that failed before writing changed nothing.
-            same = self.before is not None and self.records.outputs(self.stage) == self.before
+            # A finished stage's record was just hashed from the disk; a failed one is hashed
+            # here (it may have failed before writing, changing nothing).
+            done = self.records.finished(self.stage.name) if exc_type is None else None
+            after = done["outputs"] if done else self.records.outputs(self.stage)
+            same = self.before is not None and after == self.before
             for r in self.readers:
                 files, section = self.saved.get(r.name, ([], None))
                 if same:
@@ -167,7 +170,7 @@ def _run_recorded(
         t0 = time.perf_counter()
         result = stage.run(ctx)
         seconds = time.perf_counter() - t0
-        records.finish(stage, _earlier(stage), inputs, seconds, stage.summarise(result))
+        records.finish(stage, inputs, seconds, stage.summarise(result))
     return seconds
 
 
@@ -199,7 +202,7 @@ def stage_status(recipe: Recipe) -> list[StageOutcome]:
             records.stages.pop(stage.name, None)  # as `run` will: later stages then show stale
             continue
         inputs = records.inputs(stage, _earlier(stage), recipe, machine(stage))
-        fresh, why = records.check(stage, _earlier(stage), inputs)
+        fresh, why = records.check(stage, inputs)
         rows.append(StageOutcome(stage.name, "fresh" if fresh else "stale", why))
     return rows
 
@@ -236,7 +239,7 @@ def run(
             outcomes.append(StageOutcome(stage.name, "disabled", [off]))
             continue
         inputs = records.inputs(stage, _earlier(stage), recipe, machine(stage))
-        fresh, why = records.check(stage, _earlier(stage), inputs)
+        fresh, why = records.check(stage, inputs)
         if stage.name in forced:
             fresh, why = False, ["forced with --force"]
         if fresh:
