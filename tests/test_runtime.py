@@ -148,3 +148,12 @@ def test_tensorrt_provider_gets_caches_profiles_and_int8_only_for_qdq(
     assert int8["trt_int8_enable"] == "True" and int8["trt_fp16_enable"] == "True"
     # One cache per model file and library versions: a re-export never reuses an old engine.
     assert int8["trt_engine_cache_path"] != fp32["trt_engine_cache_path"]
+    # What the manifest knows (input, sha256) gives the same options without a second load.
+    man = json.loads((folder / "manifest.json").read_text())
+    first = man["onnx"]["inputs"][0]
+    known = tensorrt_options(
+        folder / "model.onnx",
+        (first["name"], first["shape"]),
+        man["artifacts"]["model.onnx"]["sha256"],
+    )
+    assert known == fp32

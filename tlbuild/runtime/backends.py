@@ -48,9 +48,10 @@ class OnnxPredictor(Predictor):
         provider: str = "cpu",
         threads: int | None = None,
         spinning: bool = True,
+        tensorrt: dict[str, str] | None = None,
     ) -> None:
         super().__init__(path, classes, spec, precision)
-        self._session = ort_session(path, provider, threads, spinning)
+        self._session = ort_session(path, provider, threads, spinning, tensorrt=tensorrt)
         self._input = self._session.get_inputs()[0].name
 
     @property

@@ -10,6 +10,7 @@ from tlbuild.errors import UsageError
 from tlbuild.manifest import Manifest, read_manifest
 from tlbuild.runtime.backends import OnnxPredictor, TensorRTPredictor, TorchPredictor
 from tlbuild.runtime.base import Predictor
+from tlbuild.runtime.sessions import tensorrt_options
 from tlbuild.runtime.tensorrt import check_engine_version
 
 
@@ -63,7 +64,7 @@ def load_predictor(
         for name, prov in _auto_candidates(folder, manifest, artifact):
             manifest.verify(folder, name)  # a corrupt copy is an error, not a fallback
             try:
-                predictor = _open(folder, manifest, name, prov, threads, spinning)
+                predictor = _open(folder, manifest, name, prov, threads, spinning, verified=True)
             except Exception as e:  # the next candidate may well work
                 tried.append(f"{name} on {prov}: {e}")
                 continue
@@ -88,10 +89,12 @@ def _open(
     provider: str,
     threads: int | None,
     spinning: bool,
+    verified: bool = False,
 ) -> Predictor:
     if not (folder / name).is_file():
         raise UsageError(f"no {name} in {folder}")
-    manifest.verify(folder, name)
+    if not verified:  # the provider="auto" loop hashes each candidate before trying it
+        manifest.verify(folder, name)
     if not manifest.accepted(name):
         raise UsageError(f"{name} was rejected by the accuracy gate; see manifest.json variants")
     classes = list(manifest.classes)
@@ -103,6 +106,14 @@ def _open(
         check_engine_version(name, entry.get("trt_version"))
         return TensorRTPredictor(folder / name, classes, spec, precision_of(name))
     if name.endswith(".onnx"):
+        trt = None
+        if provider == "tensorrt" and manifest.onnx is not None:
+            # Every variant keeps model.onnx's input; the file was hashed by verify() above.
+            first = manifest.onnx.inputs[0]
+            known = (first["name"], first["shape"])
+            trt = tensorrt_options(folder / name, known, manifest.artifacts[name].sha256)
         precision = precision_of(name)
-        return OnnxPredictor(folder / name, classes, spec, precision, provider, threads, spinning)
+        return OnnxPredictor(
+            folder / name, classes, spec, precision, provider, threads, spinning, trt
+        )
     raise UsageError(f"{name}: not a model artifact (.onnx, .engine or .pt)")

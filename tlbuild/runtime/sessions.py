@@ -25,6 +25,7 @@ def ort_session(
     spinning: bool = True,
     simulate_qdq: bool = False,
     profile_prefix: str | None = None,
+    tensorrt: dict[str, str] | None = None,
 ) -> ort.InferenceSession:
     """A session on `provider` (cpu, cuda, tensorrt), refused unless that provider is active.
 
@@ -33,6 +34,7 @@ def ort_session(
     saturate) and the float op between them: the arithmetic TensorRT's explicit quantization
     promises, not the CPU's fused U8S8 kernels with their 16-bit intermediate saturation
     (tests/test_quantize.py checks this against a NumPy implementation of Q/DQ).
+    `tensorrt`: the TensorRT provider's options (tensorrt_options), when the caller has them.
     """
     if provider not in ORT_PROVIDERS:
         raise UsageError(f"unknown provider '{provider}'; use one of {', '.join(ORT_PROVIDERS)}")
@@ -58,7 +60,7 @@ def ort_session(
         so.profile_file_prefix = profile_prefix
     providers: list[Any] = [wanted]
     if provider == "tensorrt":
-        providers = [(wanted, tensorrt_options(Path(path)))]
+        providers = [(wanted, tensorrt or tensorrt_options(Path(path)))]
         # Nodes TensorRT does not take run on the GPU too, not on the CPU.
         if ORT_PROVIDERS["cuda"] in ort.get_available_providers():
             providers.append(ORT_PROVIDERS["cuda"])
@@ -72,22 +74,32 @@ def ort_session(
     return session
 
 
-def tensorrt_options(path: Path, batches: tuple[int, int, int] = (1, 8, 64)) -> dict[str, str]:
+def tensorrt_options(
+    path: Path,
+    model_input: tuple[str, list[Any]] | None = None,
+    sha256: str | None = None,
+    batches: tuple[int, int, int] = (1, 8, 64),
+) -> dict[str, str]:
     """ONNX Runtime TensorRT provider options: engine and timing caches beside the model (a
     Jetson otherwise rebuilds the engine, minutes, at every start), one optimization profile for
     the batch range (min, opt, max), FP16 kernels for FP16 and INT8 graphs.
 
     The cache folder is named for the model's sha256 and the ORT and TensorRT versions, which
     ORT's documentation says invalidate a cached engine. No onnx import: a device has none.
+    `model_input` (name, shape) and `sha256` come from the manifest where the caller has it;
+    otherwise the model is opened on the CPU and hashed here, a second load at every start.
     """
     from tlbuild.artifacts import precision_of
     from tlbuild.fileio import sha256_file
     from tlbuild.runtime.tensorrt import installed_trt_version
 
-    probe = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0]
-    chw = "x".join(str(d) for d in probe.shape[1:])
-    lo, opt, hi = (f"{probe.name}:{b}x{chw}" for b in batches)
-    key = f"{sha256_file(path)[:16]}-ort{ort.__version__}-trt{installed_trt_version()}"
+    if model_input is None:
+        probe = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0]
+        model_input = (probe.name, list(probe.shape))
+    name, shape = model_input
+    chw = "x".join(str(d) for d in shape[1:])
+    lo, opt, hi = (f"{name}:{b}x{chw}" for b in batches)
+    key = f"{(sha256 or sha256_file(path))[:16]}-ort{ort.__version__}-trt{installed_trt_version()}"
     cache = path.parent / "ort_tensorrt_cache" / key
     try:
         cache.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from tlbuild.export.int8_search import Trial, search_int8
 from tlbuild.export.quantize import cpu_has_vnni, make_fp16, make_int8, trt_qdq_problems
 from tlbuild.manifest import Variant, read_manifest_if_any, write_section
 from tlbuild.recipe import QuantizeConfig, Recipe
+from tlbuild.runtime.sessions import ort_session, run_logits
 from tlbuild.stages.base import Stage, StageContext
 
 
@@ -55,17 +57,27 @@ def search_samples(
     return calib, "the calibration images (fewer than 32 training images left over)"
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """The INT8 search's images: preprocessed, labelled, and FP32's answers on them (computed
+    once for every variant)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    source: str
+    fp32_top1: np.ndarray
+
+
 def _make_int8(
     ctx: StageContext,
     a: OnnxArtifact,
     calib: np.ndarray,
-    search: tuple[np.ndarray, np.ndarray, str] | None,
+    search: HeldOut | None,
     reduce_range: bool,
 ) -> dict[str, Any] | None:
     """One INT8 variant, searched when a budget is set; the search's record, if any."""
     cfg, out = ctx.recipe.quantize, ctx.out
     flavour = a.variant.removeprefix("int8_")
-    common = {"keep_float": list(cfg.keep_float), "reduce_range": reduce_range}
     if search is None:
         make_int8(
             out / MODEL_ONNX,
@@ -73,7 +85,7 @@ def _make_int8(
             calib,
             flavour,
             cfg.calibration_method,
-            common["keep_float"],
+            list(cfg.keep_float),
             reduce_range,
             cfg.percentile,
             cfg.trt_float,
@@ -92,16 +104,18 @@ def _make_int8(
         out / a.file,
         flavour,
         calib,
-        search[0],
-        search[1],
-        search[2],
+        search.images,
+        search.labels,
+        search.source,
         method=cfg.calibration_method,
+        keep_float=list(cfg.keep_float),
+        reduce_range=reduce_range,
         percentile=cfg.percentile,
         trt_float=cfg.trt_float,
         target_points=cfg.max_drop,
         budget=cfg.search_budget,
         on_trial=show,
-        **common,
+        fp32_top1=search.fp32_top1,
     )
     return found.to_dict()
 
@@ -120,15 +134,13 @@ def _make_variants(
     searches: dict[str, dict[str, Any]] = {}
     int8 = any(a.precision == "int8" for a in wanted)
     images = load_batch([sm.path for sm in calib], spec) if int8 else None
-    held_out = (
-        (
-            load_batch([sm.path for sm in search], spec),
-            np.array([sm.label for sm in search]),
-            search_source,
-        )
-        if int8 and cfg.search_budget
-        else None
-    )
+    held_out = None
+    if int8 and cfg.search_budget:
+        x = load_batch([sm.path for sm in search], spec)
+        fp32 = ort_session(out / MODEL_ONNX)
+        top1 = np.concatenate([run_logits(fp32, x[i : i + 32]) for i in range(0, len(x), 32)])
+        labels = np.array([sm.label for sm in search])
+        held_out = HeldOut(x, labels, search_source, top1.argmax(1))
     with Progress(console=ctx.console, transient=True) as progress:
         task = progress.add_task("Making variants", total=len(wanted))
         for a in wanted:
