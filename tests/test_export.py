@@ -86,3 +86,16 @@ def test_parity_failure_fails_the_build_and_leaves_no_onnx(
     # The variants of the previous model.onnx go too: never beside a different model.
     assert sorted(p.name for p in out.glob("*.onnx*")) == []
     assert not (out / ".aside").exists()
+
+
+def test_device_images_zero_ships_no_batch(tiny_build: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "nobatch"
+    shutil.copytree(tiny_build, out)
+    recipe = load_recipe(tiny_build.parent.parent / "tiny.toml")
+    export = ExportConfig(parity_images=8, device_images=0)
+    recipe = recipe.model_copy(update={"output_dir": tmp_path, "name": "nobatch", "export": export})
+    runner.run_one(recipe, Console(quiet=True), "export")
+    man = json.loads((out / "manifest.json").read_text())
+    assert "device_batch" not in man and not (out / "device_batch.npz").exists()

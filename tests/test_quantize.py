@@ -332,3 +332,21 @@ def test_per_channel_weight_axis_follows_the_op(
     assert trt_qdq_problems(_qdq_weight_graph(tmp_path, op, shape, good_axis, **attrs)) == []
     bad = trt_qdq_problems(_qdq_weight_graph(tmp_path, op, shape, 1 - good_axis, **attrs))
     assert len(bad) == 1 and f"not per-channel on axis {good_axis}" in bad[0]
+
+
+def test_trt_float_fp32_and_no_search_run_end_to_end(tiny_build: Path, tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    out = tmp_path / "f32"
+    shutil.copytree(tiny_build, out)
+    recipe = load_recipe(tiny_build.parent.parent / "tiny.toml")
+    q = QuantizeConfig(variants=("int8_trt",), trt_float="fp32", search_budget=0, max_drop=100.0)
+    recipe = recipe.model_copy(update={"output_dir": tmp_path, "name": "f32", "quantize": q})
+    results = run_stage("quantize", recipe, Console(quiet=True))
+    assert results["int8_trt"].status == "accepted" and results["int8_trt"].search is None
+    m = onnx.load(str(out / "model.int8.trt.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear")
+    assert inits[dq.input[1]].dtype == np.float32
+    assert not trt_qdq_problems(out / "model.int8.trt.onnx")
