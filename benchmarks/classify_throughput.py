@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tlbuild.classify.run import ClassifyOptions, _decode_batch, classify, cpu_cores
+from tlbuild.bench.environment import cpu_cores
+from tlbuild.classify.rows import decode_batch
+from tlbuild.classify.run import ClassifyOptions, classify
 from tlbuild.data.synth import CLASSES, _render
 from tlbuild.runtime.load import load_predictor
 
@@ -54,16 +56,16 @@ def decode_rate(paths: list[Path], spec, batch: int, workers: int) -> float:  # 
     strs = [str(p) for p in paths]
     chunks = [strs[i : i + batch] for i in range(0, len(strs), batch)]
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda c: _decode_batch(c, spec, False), chunks[:2]))  # warm-up
+        list(pool.map(lambda c: decode_batch(c, spec, False), chunks[:2]))  # warm-up
         t = time.perf_counter()
-        list(pool.map(lambda c: _decode_batch(c, spec, False), chunks))
+        list(pool.map(lambda c: decode_batch(c, spec, False), chunks))
         return len(strs) / (time.perf_counter() - t)
 
 
 def inference_rate(predictor, paths: list[Path], batch: int, n: int) -> float:  # noqa: ANN001
     """I: predictor.predict on batches decoded beforehand (a few distinct ones, cycled)."""
     batches = [
-        _decode_batch([str(p) for p in paths[i : i + batch]], predictor.preprocessing, False)
+        decode_batch([str(p) for p in paths[i : i + batch]], predictor.preprocessing, False)
         for i in range(0, 8 * batch, batch)
     ]
     xs = [b.batch for b in batches]
@@ -82,8 +84,8 @@ def decode_agreement(predictor, paths: list[Path], batch: int) -> tuple[float, f
     same, worst, total = 0, 0.0, 0
     for i in range(0, len(paths), batch):
         chunk = [str(p) for p in paths[i : i + batch]]
-        fast = predictor.predict(_decode_batch(chunk, predictor.preprocessing, False).batch)
-        exact = predictor.predict(_decode_batch(chunk, predictor.preprocessing, True).batch)
+        fast = predictor.predict(decode_batch(chunk, predictor.preprocessing, False).batch)
+        exact = predictor.predict(decode_batch(chunk, predictor.preprocessing, True).batch)
         same += int((fast.argmax(1) == exact.argmax(1)).sum())
         worst = max(worst, float(np.abs(fast - exact).max()))
         total += len(chunk)

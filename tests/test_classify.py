@@ -387,27 +387,27 @@ def test_retry_errors_classifies_a_fixed_file_again(tiny_build: Path, tmp_path: 
 
 
 def test_a_signal_during_a_commit_waits_for_the_commit_to_finish() -> None:
-    from tlbuild.classify.results import _signals_deferred
+    from tlbuild.classify.results import signals_deferred
 
     finished = False
-    with pytest.raises(KeyboardInterrupt), _signals_deferred():
+    with pytest.raises(KeyboardInterrupt), signals_deferred():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)  # the handler would run here without the deferral
         finished = True
     assert finished
 
 
-def test_classify_and_bench_run_where_torch_is_not_installed(
+def test_classify_and_bench_run_where_torch_and_ray_are_not_installed(
     tiny_build: Path, tmp_path: Path
 ) -> None:
-    # A device ships the export folder and ONNX Runtime, not PyTorch or timm.
+    # A device ships the export folder and ONNX Runtime, not PyTorch, timm or Ray.
     device = tmp_path / "device"
     shutil.copytree(tiny_build, device)
     images = tmp_path / "images"
     _photos(images)
     blocker = (
         "import sys\n"
-        "for m in ('torch', 'timm', 'torchvision'):\n"
+        "for m in ('torch', 'timm', 'torchvision', 'ray', 'ray.data'):\n"
         "    sys.modules[m] = None\n"
         "from tlbuild.cli import main\n"
         "sys.argv = ['tlbuild'] + sys.argv[1:]\n"
@@ -420,6 +420,11 @@ def test_classify_and_bench_run_where_torch_is_not_installed(
     done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert len(pd.read_parquet(out)) == 8
+    done = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "r2/"), "--engine", "ray"], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "pip install 'tlbuild[ray]'" in done.stderr and "Traceback" not in done.stderr
     done = subprocess.run(
         [sys.executable, str(script), "bench", str(device)], capture_output=True, text=True
     )

@@ -219,17 +219,29 @@ def bench(
 @app.command()
 def classify(
     inputs: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(
             help="Folders (recursive), image files, or text files of paths (.txt/.lst, '-' "
-            "for stdin).",
+            "for stdin); local paths or s3:// / gs:// URLs.",
             show_default=False,
         ),
-    ],
+    ] = None,
     model: Annotated[
-        Path, typer.Option(help="Export folder (best artifact for this machine) or an artifact.")
-    ],
-    out: Annotated[Path, typer.Option(help="Parquet results file; resumed if it exists.")],
+        str,
+        typer.Option(
+            help="Export folder (best artifact for this machine) or an artifact; a local path "
+            "or an s3:// / gs:// URL (fetched once per machine, sha256 checked).",
+            show_default=False,
+        ),
+    ] = "",
+    out: Annotated[
+        str,
+        typer.Option(
+            help="Parquet results file, or a folder ending in '/' (local or s3:// / gs://) for "
+            "a dataset of part files; resumed if it exists.",
+            show_default=False,
+        ),
+    ] = "",
     artifact: Annotated[
         str | None, typer.Option(help="Artifact of the folder to use, e.g. model.onnx.")
     ] = None,
@@ -272,6 +284,44 @@ def classify(
         float | None,
         typer.Option(help="Exit 1 if more than this fraction of inputs fail (e.g. 0.01)."),
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local (this process) or ray (actors on a Ray cluster; pip install "
+            "'tlbuild[ray]')."
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster: auto (the running one), local (a private one for this run) or "
+            "ray://host:10001. Default: $RAY_ADDRESS if set, else local."
+        ),
+    ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option(help="Ray actors, each holding the model; default: what the cluster fits."),
+    ] = None,
+    cpus_per_actor: Annotated[
+        float, typer.Option(help="CPUs per Ray actor (ONNX Runtime and decode threads).")
+    ] = 1.0,
+    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per Ray actor.")] = 0.0,
+    model_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where an s3:// / gs:// --model is fetched (default: $TLBUILD_MODEL_CACHE or "
+            "~/.cache/tlbuild/models)."
+        ),
+    ] = None,
+    part_rows: Annotated[
+        int, typer.Option(help="Rows per part file when --out is a folder.")
+    ] = 50_000,
+    compact: Annotated[
+        bool,
+        typer.Option(
+            help="After the run, merge a folder --out's small part files (INPUTS optional)."
+        ),
+    ] = False,
 ) -> None:
     """Classify image folders into a Parquet file: streaming, resumable, bad files kept as rows."""
     import signal
@@ -280,7 +330,7 @@ def classify(
     from rich.text import Text
 
     from tlbuild.classify.inputs import parse_extensions
-    from tlbuild.classify.run import ClassifyOptions
+    from tlbuild.classify.run import ClassifyOptions, RayOptions
     from tlbuild.classify.run import classify as run_classify
 
     console = _console()
@@ -290,7 +340,15 @@ def classify(
         def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
             return Text(f"{task.speed:.0f} img/s" if task.speed else "", style="cyan")
 
+    from tlbuild.errors import UsageError
+
+    ray = RayOptions(ray_address, actors, cpus_per_actor, gpus_per_actor)
+    # Ray settings with the local engine are a mistake worth saying, not ignoring.
+    ray_given = ray != RayOptions() or ray_address is not None
+
     def go():  # noqa: ANN202
+        if not model or not out:
+            raise UsageError("name the model and the results: --model DIR --out FILE.parquet")
         options = ClassifyOptions(
             artifact=artifact,
             provider=provider,
@@ -304,6 +362,11 @@ def classify(
             overwrite=overwrite,
             retry_errors=retry_errors,
             max_error_rate=max_error_rate,
+            engine=engine,
+            ray=ray if engine == "ray" or ray_given else None,
+            model_cache=model_cache,
+            part_rows=part_rows,
+            compact=compact,
         )
         shown = 0
 
@@ -327,7 +390,7 @@ def classify(
         ) as progress:
             task = progress.add_task("classify", total=None)
             return run_classify(
-                inputs, model, out, options, lambda n: progress.advance(task, n), warn
+                inputs or [], model, out, options, lambda n: progress.advance(task, n), warn
             )
 
     # A scheduler stopping the job (SIGTERM) gets the same clean stop as Ctrl-C.
@@ -375,9 +438,12 @@ def _print_classify_summary(console: Console, s) -> None:  # noqa: ANN001 - Clas
         extra.append(f"{s.warnings:,} warnings")
     if extra:
         console.print("; ".join(extra).capitalize())
+    if s.parts is not None:
+        console.print(f"Compacted: {s.parts[0]:,} part files -> {s.parts[1]:,}")
+    on = f"{s.backend}, engine ray" if s.engine == "ray" else s.backend
     console.print(
         f"[bold green]Done[/]: {s.rows:,} rows in {s.seconds:.1f}s ({s.rate:,.0f} img/s, "
-        f"{s.backend}) -> {s.out} ({s.previous_rows + s.rows:,} rows in all)"
+        f"{on}) -> {s.out} ({s.previous_rows + s.rows:,} rows in all)"
     )
 
 

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from tlbuild.classify.storage import exists, filesystem, is_url, local_path
 from tlbuild.data.images import IMAGE_EXTENSIONS
 from tlbuild.errors import UsageError
 
@@ -31,8 +32,11 @@ def check_inputs(inputs: Iterable[str]) -> list[str]:
     inputs = list(inputs)
     if not inputs:
         raise UsageError("name at least one INPUT: a folder, an image file or a list of paths")
+    inputs = [local_path(raw) for raw in inputs]
     for raw in inputs:
-        if raw != "-" and not os.path.exists(raw):
+        if raw == "-":
+            continue
+        if not (exists(raw) if is_url(raw) else os.path.exists(raw)):
             raise UsageError(f"input not found: {raw}")
     return inputs
 
@@ -60,6 +64,8 @@ class InputWalker:
         for raw in inputs:
             if raw == "-":
                 yield from self._list(sys.stdin, Path.cwd())
+            elif is_url(raw):
+                yield from self._remote(raw)
             elif os.path.isdir(raw):
                 yield from self._walk(os.path.abspath(raw))
             elif raw.lower().endswith(LIST_SUFFIXES):
@@ -74,11 +80,45 @@ class InputWalker:
                 # A file named explicitly is classified whatever its extension.
                 yield os.path.abspath(raw)
 
-    def _list(self, lines: Iterable[str], base: Path) -> Iterator[str]:
-        """Paths from a list file: one per line, relative to the list's folder, '#' comments."""
+    def _remote(self, url: str) -> Iterator[str]:
+        """Objects under a storage URL, as full URLs (the row's path), one listing per prefix."""
+        fs, root = filesystem(url)
+        try:
+            if not fs.isdir(root):
+                if url.lower().endswith(LIST_SUFFIXES):
+                    text = fs.cat_file(root).decode("utf-8")
+                    yield from self._list(text.splitlines(), url.rsplit("/", 1)[0])
+                else:
+                    yield url
+                return
+            for folder, subfolders, files in fs.walk(root):
+                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+                for name in files:
+                    if name.startswith("."):
+                        continue
+                    if name.lower().endswith(self.extensions):
+                        yield fs.unstrip_protocol(f"{folder.rstrip('/')}/{name}")
+                    else:
+                        self.ignored += 1
+        except (OSError, UnicodeDecodeError) as e:
+            self.warn(f"cannot list {url}: {e}")
+
+    def _list(self, lines: Iterable[str], base: Path | str) -> Iterator[str]:
+        """Paths from a list file: one per line, relative to the list's folder, '#' comments.
+
+        In a list, a URL line is taken as it is, and a list held in storage names its relative
+        lines under its own prefix."""
         for line in lines:
             line = line.strip()
             if line and not line.startswith("#"):
+                if is_url(line):
+                    # A line ending in '/' is a prefix to walk; any other names one object
+                    # (no request per line: lists run to millions of lines).
+                    yield from self._remote(line) if line.endswith("/") else iter([line])
+                    continue
+                if isinstance(base, str) and is_url(base):
+                    yield f"{base}/{line.lstrip('/')}"
+                    continue
                 p = os.path.join(base, os.path.expanduser(line))
                 if os.path.isdir(p):
                     yield from self._walk(os.path.abspath(p))

@@ -72,7 +72,8 @@ def storable(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _frame(cols: dict[str, list[Any]]):  # noqa: ANN202 - pandas imported lazily
+def results_frame(cols: dict[str, list[Any]]):  # noqa: ANN201 - pandas imported lazily
+    """The rows as a DataFrame typed per COLUMNS, so every file and part has one schema."""
     import pandas as pd
 
     data: dict[str, Any] = {}
@@ -87,12 +88,14 @@ def _frame(cols: dict[str, list[Any]]):  # noqa: ANN202 - pandas imported lazily
     return pd.DataFrame(data)
 
 
-def _encodings() -> dict[str, str]:
+def object_encodings() -> dict[str, str]:
+    """fastparquet's object_encoding for the text and JSON columns."""
+    """fastparquet's object_encoding for the text and JSON columns."""
     return {n: k for n, k in COLUMNS.items() if k in ("utf8", "json")}
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Hold Ctrl-C / SIGTERM until the block ends, then deliver them (main thread only).
 
     Python runs signal handlers in the main thread whichever thread the kernel picked, so
@@ -302,23 +305,27 @@ class ResultsFile:
         if not self._buf["path"]:
             self._reset_journal()
             return
-        df = _frame(self._buf)
+        df = results_frame(self._buf)
         # Ctrl-C / SIGTERM wait until the file, the buffer and the journal agree again: an
         # interrupt between the rename and the reset would commit the same rows twice.
-        with _signals_deferred():
+        with signals_deferred():
             # fastparquet trips pandas' deprecation warnings; users should not see them per run.
             with warnings.catch_warnings(), atomic_path(self.out) as tmp:
                 warnings.simplefilter("ignore")
                 if self.out.exists():
                     shutil.copyfile(self.out, tmp)
                     fastparquet.write(
-                        str(tmp), df, append=True, object_encoding=_encodings(), compression="ZSTD"
+                        str(tmp),
+                        df,
+                        append=True,
+                        object_encoding=object_encodings(),
+                        compression="ZSTD",
                     )
                 else:
                     fastparquet.write(
                         str(tmp),
                         df,
-                        object_encoding=_encodings(),
+                        object_encoding=object_encodings(),
                         compression="ZSTD",
                         custom_metadata={META_KEY: json.dumps(self.meta)},
                     )

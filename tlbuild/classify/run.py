@@ -1,28 +1,43 @@
-"""Batch classification: lazy file discovery -> parallel decode -> batched inference -> Parquet."""
+"""Batch classification: lazy file discovery -> parallel decode -> batched inference -> Parquet.
+
+Two engines share everything but the middle step: `local` decodes in threads and runs the model
+in this process; `ray` (classify/ray_engine.py) runs decode and model in actors on a Ray cluster
+and streams their rows back here. Either way this process is the only writer of `--out`.
+"""
 
 from __future__ import annotations
 
-import itertools
-import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tlbuild.bench.environment import cpu_cores
+from tlbuild.classify.dataset_out import PART_ROWS, ResultsDataset, is_dataset_out
 from tlbuild.classify.inputs import InputWalker, check_inputs
-from tlbuild.classify.results import COLUMNS, ResultsFile, storable
+from tlbuild.classify.results import ResultsFile
+from tlbuild.classify.rows import Decider, Decoded, RowMaker, chunks, decode_batch, reason_kind
+from tlbuild.classify.storage import default_model_cache, fetch_model, is_url, local_path
 from tlbuild.data.images import IMAGE_EXTENSIONS
-from tlbuild.data.preprocess import Preprocessing, load_input
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.manifest import Manifest, read_manifest
 from tlbuild.runtime.base import Predictor
 from tlbuild.runtime.load import load_predictor
+
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide the Ray engine runs."""
+
+    address: str | None = None  # None: $RAY_ADDRESS if set (ray job submit), else "local"
+    actors: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -41,13 +56,18 @@ class ClassifyOptions:
     overwrite: bool = False
     retry_errors: bool = False
     max_error_rate: float | None = None
+    engine: str = "local"  # local | ray
+    ray: RayOptions | None = None
+    model_cache: Path | None = None  # where a --model URL is fetched; None: the default cache
+    part_rows: int = PART_ROWS  # rows per part file when --out is a folder
+    compact: bool = False  # merge small part files after the run
 
 
 @dataclass
 class ClassifySummary:
     """What one run did; rendered by the CLI."""
 
-    out: Path
+    out: str
     artifact: str
     backend: str
     rows: int = 0
@@ -61,6 +81,17 @@ class ClassifySummary:
     error_reasons: Counter[str] = field(default_factory=Counter)
     ignored_files: int = 0
     warnings: int = 0
+    engine: str = "local"
+    parts: tuple[int, int] | None = None  # part files before and after --compact
+
+    def count(self, cols: dict[str, Any]) -> None:
+        """Add one batch of written rows to the totals."""
+        errors = cols["error"]
+        self.rows += len(errors)
+        self.errors += sum(e is not None for e in errors)
+        self.labels.update(lab for lab, e in zip(cols["label"], errors, strict=True) if e is None)
+        self.error_reasons.update(reason_kind(e) for e in errors if e is not None)
+        self.defective += sum(1 for d in cols["defective"] if d)
 
     @property
     def rate(self) -> float:
@@ -75,89 +106,6 @@ class ClassifySummary:
                 f"be classified, over --max-error-rate {limit:g}; their rows are in {self.out} "
                 "with the reason in the 'error' column"
             )
-
-
-@dataclass
-class _Decoded:
-    paths: list[str]
-    batch: np.ndarray  # (n_ok, 3, H, W) for the readable files, in order
-    ok: list[int]  # indices into paths of the rows in batch
-    width: list[int | None]
-    height: list[int | None]
-    size: list[int | None]
-    error: list[str | None]
-
-
-def _decode_batch(paths: list[str], spec: Preprocessing, exact: bool) -> _Decoded:
-    h, w = spec.input_size
-    batch = np.empty((len(paths), 3, h, w), np.float32)
-    d = _Decoded(paths, batch, [], [], [], [], [])
-    for i, p in enumerate(paths):
-        try:
-            size: int | None = os.stat(p).st_size
-        except OSError:
-            size = None
-        d.size.append(size)
-        try:
-            mi = load_input(p, spec, exact)
-        except Exception as e:  # one bad file must never stop a nightly run
-            reason = getattr(e, "reason", None) or f"cannot decode: {type(e).__name__}: {e}"
-            reason = storable(reason)  # messages can quote undecodable file names
-            d.width.append(None), d.height.append(None), d.error.append(reason)
-            continue
-        batch[len(d.ok)] = mi.array
-        d.ok.append(i)
-        d.width.append(mi.width), d.height.append(mi.height), d.error.append(None)
-    d.batch = batch[: len(d.ok)]
-    return d
-
-
-def _chunks(items: Iterable[str], n: int) -> Iterator[list[str]]:
-    it = iter(items)
-    while chunk := list(itertools.islice(it, n)):
-        yield chunk
-
-
-class _Decider:
-    """Turns probabilities into label, top-k and the ok/defective decision with its rule."""
-
-    def __init__(
-        self, classes: list[str], topk: int, ok_class: str | None, threshold: float | None
-    ) -> None:
-        self.classes = np.asarray(classes, dtype=object)
-        self.topk = min(topk, len(classes))
-        self.ok = classes.index(ok_class) if ok_class is not None else None
-        self.threshold = threshold
-        if ok_class is None:
-            self.rule = None
-        elif threshold is None:
-            self.rule = "argmax"
-        else:
-            self.rule = f"p({ok_class})<{threshold:g}"
-
-    def rows(self, probs: np.ndarray) -> dict[str, list[Any]]:
-        order = np.argsort(-probs, axis=1, kind="stable")[:, : self.topk]
-        top = np.take_along_axis(probs, order, axis=1)
-        out: dict[str, list[Any]] = {
-            "label": list(self.classes[order[:, 0]]),
-            "score": [float(s) for s in top[:, 0]],
-            "topk_labels": [list(r) for r in self.classes[order]],
-            "topk_scores": [[round(float(s), 6) for s in r] for r in top],
-        }
-        n = len(probs)
-        if self.ok is None:
-            out["ok_score"], out["defective"], out["decided_by"] = (
-                [None] * n,
-                [None] * n,
-                [None] * n,
-            )
-        else:
-            p_ok = probs[:, self.ok]
-            bad = order[:, 0] != self.ok if self.threshold is None else p_ok < self.threshold
-            out["ok_score"] = [float(p) for p in p_ok]
-            out["defective"] = [bool(b) for b in bad]
-            out["decided_by"] = [self.rule] * n
-        return out
 
 
 def _resolve_ok_class(options: ClassifyOptions, manifest: Manifest, classes: list[str]):  # noqa: ANN202
@@ -181,53 +129,149 @@ def _check_options(options: ClassifyOptions) -> None:
         raise UsageError("--workers must be 0 (one per core) or more")
     if options.max_error_rate is not None and not 0.0 <= options.max_error_rate <= 1.0:
         raise UsageError("--max-error-rate is a fraction between 0 and 1, e.g. 0.01")
+    if options.engine not in ENGINES:
+        raise UsageError(f"--engine {options.engine!r}: use one of {', '.join(ENGINES)}")
+    if options.part_rows < 1:
+        raise UsageError("--part-rows must be at least 1")
+    r = options.ray
+    if r is not None and options.engine != "ray":
+        raise UsageError("--ray-address, --actors and --*-per-actor need --engine ray")
+    if r is not None:
+        if r.actors is not None and r.actors < 1:
+            raise UsageError("--actors must be at least 1")
+        if r.cpus_per_actor <= 0 or r.gpus_per_actor < 0:
+            raise UsageError("--cpus-per-actor must be above 0 and --gpus-per-actor 0 or more")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The artifact that will write the rows, as chosen where the model runs."""
+
+    folder: Path  # a local copy: the manifest is read from it
+    source: str  # what --model named (a URL is fetched again by each Ray node)
+    artifact: str
+    provider: str
+    precision: str
+    backend: str
+    passed_over: tuple[str, ...] = ()
+
+
+def provider_of(backend: str, artifact: str) -> str:
+    """The --provider value that opens `artifact` on the backend a Predictor reported."""
+    if artifact.endswith(".engine") or "Tensorrt" in backend:
+        return "tensorrt"
+    return "cuda" if "CUDA" in backend or backend.endswith(":cuda") else "cpu"
+
+
+def _local_model(model: str, options: ClassifyOptions) -> Path:
+    """--model as a local folder or file: a storage URL is fetched (once) into the cache."""
+    if not is_url(model):
+        return Path(local_path(model))
+    cache = options.model_cache or default_model_cache()
+    folder = fetch_model(model, cache, options.artifact)
+    return folder / options.artifact if options.artifact else folder
+
+
+def _open_results(out: str, identity: dict[str, Any], options: ClassifyOptions, warn):  # noqa: ANN001, ANN202
+    if is_dataset_out(out):
+        return ResultsDataset(
+            out,
+            identity,
+            overwrite=options.overwrite,
+            retry_errors=options.retry_errors,
+            part_rows=options.part_rows,
+            warn=warn,
+        )
+    if is_url(out):
+        raise UsageError(f"--out {out}: in object storage, name a folder ending in '/'")
+    if options.compact:
+        raise UsageError("--compact merges the part files of a folder --out; this is one file")
+    return ResultsFile(
+        Path(out), identity, overwrite=options.overwrite, retry_errors=options.retry_errors
+    )
 
 
 def classify(
     inputs: list[str],
-    model: Path,
-    out: Path,
+    model: str | Path,
+    out: str | Path,
     options: ClassifyOptions,
     on_batch: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> ClassifySummary:
-    """Classify every image under `inputs` into the Parquet file `out`; resumable."""
+    """Classify every image under `inputs` into `out` (a Parquet file or folder); resumable."""
     _check_options(options)
-    inputs = check_inputs(inputs)
+    model, out = str(model), str(out)
+    inputs = check_inputs(inputs) if inputs or not options.compact else []
     cores = cpu_cores()
-    workers = options.workers or cores
-    predictor: Predictor = load_predictor(
-        model, options.artifact, options.provider, threads=cores, spinning=False
-    )
-    manifest = read_manifest(predictor.artifact.parent)
-    classes = predictor.classes
+    predictor: Predictor | None = None
+    engine = None
+    if options.engine == "ray":
+        from tlbuild.classify.ray_engine import RayEngine
+
+        engine = RayEngine(options.ray or RayOptions(), options, warn)
+        choice = engine.choose_model(model, _local_model(model, options))
+    else:
+        predictor = load_predictor(
+            _local_model(model, options),
+            options.artifact,
+            options.provider,
+            threads=cores,
+            spinning=False,
+        )
+        choice = ModelChoice(
+            predictor.artifact.parent,
+            model,
+            predictor.artifact.name,
+            provider_of(predictor.backend, predictor.artifact.name),
+            predictor.precision,
+            predictor.backend,
+            tuple(predictor.passed_over),
+        )
+    try:
+        return _classify(inputs, choice, predictor, engine, out, options, on_batch, warn)
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _classify(
+    inputs: list[str],
+    choice: ModelChoice,
+    predictor: Predictor | None,
+    engine: Any,
+    out: str,
+    options: ClassifyOptions,
+    on_batch: Callable[[int], None] | None,
+    warn: Callable[[str], None] | None,
+) -> ClassifySummary:
+    manifest = read_manifest(choice.folder)
+    classes = manifest.classes
     ok_class = _resolve_ok_class(options, manifest, classes)
-    name = predictor.artifact.name
-    sha = manifest.artifacts[name].sha256
-    decider = _Decider(classes, options.topk, ok_class, options.threshold)
+    sha = manifest.artifacts[choice.artifact].sha256
+    decider = Decider(classes, options.topk, ok_class, options.threshold)
     identity = {
         "model_sha256": sha,
-        "artifact": name,
+        "artifact": choice.artifact,
         "ok_class": ok_class,
         "threshold": options.threshold,
         "topk": decider.topk,
-        "precision": predictor.precision,
+        "precision": choice.precision,
         "classes": classes,
         "decode": "exact" if options.exact_decode else "jpeg-draft",
         "model_name": manifest.name,
     }
-    results = ResultsFile(
-        out, identity, overwrite=options.overwrite, retry_errors=options.retry_errors
-    )
-    summary = ClassifySummary(out, name, predictor.backend, ok_class=ok_class)
-    summary.previous_rows = results.previous_rows
+    summary = ClassifySummary(out, choice.artifact, choice.backend, ok_class=ok_class)
+    summary.engine = options.engine
 
     def warned(msg: str) -> None:
         summary.warnings += 1
         if warn is not None:
             warn(msg)
 
-    for reason in predictor.passed_over:
+    results = _open_results(out, identity, options, warned)
+    summary.previous_rows = results.previous_rows
+    for reason in choice.passed_over:
         warned(f"passed over {reason}")
     walker = InputWalker(options.extensions, warned)
 
@@ -238,53 +282,48 @@ def classify(
             else:
                 summary.skipped += 1
 
-    constant = {"model_sha256": sha, "artifact": name, "precision": predictor.precision}
-    spec = predictor.preprocessing
-
-    def finish(d: _Decoded) -> None:
-        n = len(d.paths)
-        cols: dict[str, list[Any]] = {c: [None] * n for c in COLUMNS}
-        cols["path"] = [storable(p) for p in d.paths]
-        if d.ok:
-            decided = decider.rows(predictor.predict(d.batch))
-            for c, values in decided.items():
-                for i, v in zip(d.ok, values, strict=True):
-                    cols[c][i] = v
-        cols["width"], cols["height"] = d.width, d.height
-        cols["file_size"], cols["error"] = d.size, d.error
-        for c, v in constant.items():
-            cols[c] = [v] * n
-        cols["classified_at"] = [time.time_ns() // 1000] * n
+    def write(cols: dict[str, Any]) -> None:
         results.add(cols)
-        summary.rows += n
-        summary.errors += n - len(d.ok)
-        summary.labels.update(cols["label"][i] for i in d.ok)
-        summary.error_reasons.update(_reason_kind(e) for e in d.error if e is not None)
-        if decider.ok is not None:
-            summary.defective += sum(1 for i in d.ok if cols["defective"][i])
+        summary.count(cols)
         if on_batch is not None:
-            on_batch(n)
+            on_batch(len(cols["path"]))
 
     t0 = time.perf_counter()
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="tlbuild-decode")
-    window: deque[Future[_Decoded]] = deque()
     try:
-        # Keep a few batches decoding ahead of inference: enough to hide decode behind
-        # inference, few enough that memory does not depend on how many files there are.
-        for chunk in _chunks(todo(), options.batch_size):
-            window.append(pool.submit(_decode_batch, chunk, spec, options.exact_decode))
-            if len(window) > workers + 1:
-                finish(window.popleft().result())
-        while window:
-            finish(window.popleft().result())
+        if engine is not None:
+            for cols in engine.rows(todo(), choice, decider, sha):
+                write(cols)
+        else:
+            assert predictor is not None
+            _run_local(todo(), RowMaker(predictor, decider, sha), options, write)
+        if options.compact:
+            summary.parts = results.compact()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         results.close()
         summary.seconds = time.perf_counter() - t0
         summary.ignored_files = walker.ignored
     return summary
 
 
-def _reason_kind(reason: str) -> str:
-    """Group error messages for the summary ('cannot decode: ...' details vary per file)."""
-    return reason.split(":")[0].split(" (")[0]
+def _run_local(
+    paths: Iterator[str],
+    maker: RowMaker,
+    options: ClassifyOptions,
+    write: Callable[[dict[str, Any]], None],
+) -> None:
+    """Decode in threads, run the model here; rows go to `write` in input order."""
+    workers = options.workers or cpu_cores()
+    spec = maker.predictor.preprocessing
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="tlbuild-decode")
+    window: deque[Future[Decoded]] = deque()
+    try:
+        # Keep a few batches decoding ahead of inference: enough to hide decode behind
+        # inference, few enough that memory does not depend on how many files there are.
+        for chunk in chunks(paths, options.batch_size):
+            window.append(pool.submit(decode_batch, chunk, spec, options.exact_decode))
+            if len(window) > workers + 1:
+                write(maker.rows(window.popleft().result()))
+        while window:
+            write(maker.rows(window.popleft().result()))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

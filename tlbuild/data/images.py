@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 class ImageReadError(DataError):
     """A file that cannot be used as an image; `reason` is short and human-readable."""
 
-    def __init__(self, path: Path, reason: str) -> None:
+    def __init__(self, path: Path | str, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
@@ -71,16 +72,19 @@ class Decoded:
 
 
 def decode(
-    path: Path | str, min_size: Callable[[int, int], tuple[int, int]] | None = None
+    path: Path | str,
+    min_size: Callable[[int, int], tuple[int, int]] | None = None,
+    data: bytes | None = None,
 ) -> Decoded:
     """Open `path`, apply its EXIF orientation and return RGB; raise ImageReadError if unusable.
 
     `min_size(width, height)` (upright, full resolution) lets a JPEG decode at a reduced DCT
     scale that is never smaller than the size it returns: the fast path for big photos.
+    `data`, when given, is the file's bytes (read from object storage); `path` then only names it.
     """
-    path = Path(path)
+    path = Path(path) if data is None else path
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageReadError(path, f"image too large ({img.width}x{img.height})")
             orientation = img.getexif().get(0x0112, 1)
@@ -105,7 +109,7 @@ def decode(
     except PermissionError:
         raise ImageReadError(path, "permission denied") from None
     except UnidentifiedImageError:
-        size = path.stat().st_size if path.exists() else 0
+        size = len(data) if data is not None else (path.stat().st_size if path.exists() else 0)
         reason = "empty file" if size == 0 else "not an image, or a format Pillow cannot read"
         raise ImageReadError(path, reason) from None
     except Image.DecompressionBombError:

@@ -128,20 +128,23 @@ class ModelInput:
 DRAFT_OVERSAMPLE = 1.5
 
 
-def load_input(path: Path | str, spec: Preprocessing, exact: bool = False) -> ModelInput:
+def load_input(
+    path: Path | str, spec: Preprocessing, exact: bool = False, data: bytes | None = None
+) -> ModelInput:
     """Decode a file and apply the inference preprocessing; ImageReadError if unusable.
 
     By default a JPEG much larger than needed decodes at a reduced DCT scale (libjpeg's draft
     mode: 640x480 -> 160 px decodes at 320x240, about 1.5x faster), within 1 grey level on
     average and 6 at the 99th percentile of the full decode (tests/test_classify.py).
-    `exact=True` decodes fully: bit-identical to the training evaluation.
+    `exact=True` decodes fully: bit-identical to the training evaluation. `data`: the file's
+    bytes when they were read elsewhere (object storage).
     """
 
     def min_size(w: int, h: int) -> tuple[int, int]:
         rw, rh = resized_size(w, h, spec)
         return math.ceil(rw * DRAFT_OVERSAMPLE), math.ceil(rh * DRAFT_OVERSAMPLE)
 
-    d = decode(path, None if exact else min_size)
+    d = decode(path, None if exact else min_size, data)
     x = normalize(resize_for_model(d.image, spec, (d.width, d.height)), spec)
     return ModelInput(x, d.width, d.height)
 
