@@ -448,6 +448,40 @@ def _print_classify_summary(console: Console, s) -> None:  # noqa: ANN001 - Clas
 
 
 @app.command()
+def cv(
+    recipe: RecipeArg,
+    folds: Annotated[
+        int, typer.Option(help="Number of stratified folds (seeded by data.split.seed).")
+    ] = 5,
+    fresh: Annotated[
+        bool, typer.Option(help="Retrain every fold instead of reusing finished ones.")
+    ] = False,
+) -> None:
+    """Cross-validate RECIPE: spread across folds, out-of-fold scores, likely label errors."""
+    from rich.table import Table
+
+    from tlbuild.cv.report import write_cv_outputs
+    from tlbuild.cv.run import run_cv
+
+    console = _console()
+
+    def go():  # noqa: ANN202
+        result = run_cv(_load(recipe), folds, console, fresh=fresh)
+        return result, write_cv_outputs(result)
+
+    result, report = _guard(go, "finished folds are kept; run the same command to go on.")
+    table = Table("metric", "mean", "std", "min", "max", title=f"{folds}-fold cross-validation")
+    for key, s in result.summary.items():
+        if isinstance(s, dict):
+            table.add_row(key, *(f"{s[k]:.1%}" for k in ("mean", "std", "min", "max")))
+    console.print(table)
+    console.print(
+        f"Likely label errors: {len(result.issues)} (thumbnails in {report}); every image's "
+        f"out-of-fold scores in {report.parent / 'cv_oof.parquet'}"
+    )
+
+
+@app.command()
 def check(recipe: RecipeArg) -> None:
     """Validate RECIPE and print it fully resolved (defaults filled, paths absolute)."""
     r = _guard(lambda: _load(recipe))

@@ -1,0 +1,246 @@
+"""`tlbuild cv`: K-fold cross-validation with the recipe's training, out-of-fold probabilities
+for every image, and the label errors they point at.
+
+Every labelled image (train, val and test splits alike) is scored by the one fold model that
+never saw it. Inside each fold a stratified slice of the training folds decides early stopping,
+so the scored fold chooses nothing. Each finished fold is kept in `<export>/cv/` under a key
+of the settings and its exact images: an unchanged fold is reused, a fold that was interrupted
+resumes from its last epoch checkpoint, and a changed recipe or dataset retrains what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from tlbuild.cv.folds import assign_folds, fold_key, inner_val
+from tlbuild.cv.label_issues import find_label_issues
+from tlbuild.data.scan import Sample, Splits
+from tlbuild.errors import DataError, UsageError
+from tlbuild.fileio import atomic_path, write_json
+from tlbuild.recipe import Recipe
+
+CV_DIR = "cv"
+FORMAT = "tlbuild.cv/1"
+
+
+@dataclass
+class FoldResult:
+    """One fold: its scores on the images it held out, and whether it was reused."""
+
+    index: int
+    key: str
+    metrics: dict[str, Any]
+    seconds: float
+    reused: bool
+
+
+@dataclass
+class CVResult:
+    """Every image with its fold and out-of-fold probabilities; the folds; the label issues."""
+
+    out: Path
+    classes: list[str]
+    samples: list[Sample]
+    split_of: list[str]
+    folds: np.ndarray
+    probs: np.ndarray
+    fold_results: list[FoldResult]
+    issues: np.ndarray
+    ok_class: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _settings(recipe: Recipe, k: int) -> dict[str, Any]:
+    # What decides a fold's model besides its images; paths are left out (the images are
+    # keyed one by one), so moving the dataset folder does not retrain.
+    data = recipe.data.model_dump(mode="json", exclude={"root", "train", "val", "test", "workers"})
+    return {
+        "format": FORMAT,
+        "folds": k,
+        "model": recipe.model.model_dump(mode="json"),
+        "train": recipe.train.model_dump(mode="json"),
+        "data": data,
+    }
+
+
+def _check(recipe: Recipe, samples: list[Sample], classes: list[str], k: int) -> None:
+    if k < 2:
+        raise UsageError(f"--folds {k}: cross-validation needs at least 2 folds")
+    counts = np.bincount([s.label for s in samples], minlength=len(classes))
+    # Each fold's training part needs min_per_class images and one for early stopping.
+    need = k
+    for c, n in zip(classes, counts, strict=True):
+        if n < need:
+            raise DataError(
+                f"class '{c}' has {n} image(s); --folds {k} needs at least {need} per class "
+                "(one in every fold): add images or use fewer folds"
+            )
+
+
+def _fold_paths(cv: Path, f: int) -> tuple[Path, Path, Path]:
+    return cv / f"fold_{f}.json", cv / f"fold_{f}.npz", cv / f"fold_{f}"
+
+
+def _reusable(cv: Path, f: int, key: str) -> FoldResult | None:
+    meta_path, probs_path, _ = _fold_paths(cv, f)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("key") != key:
+            return None
+        with np.load(probs_path) as z:
+            z["probs"]  # a damaged archive fails here, not later
+    except (OSError, ValueError, KeyError):
+        return None
+    return FoldResult(f, key, meta["metrics"], meta["seconds"], reused=True)
+
+
+def _train_fold(
+    recipe: Recipe,
+    classes: list[str],
+    train: list[Sample],
+    val: list[Sample],
+    held: list[Sample],
+    work: Path,
+    key: str,
+    console: Console,
+) -> np.ndarray:
+    """Fine-tune on `train` (early stopping on `val`) and return probabilities for `held`."""
+    from torch.utils.data import DataLoader
+
+    from tlbuild.data.dataset import EvalTransform, ImageDataset
+    from tlbuild.data.sizes import summarize_sizes
+    from tlbuild.models.factory import make_model
+    from tlbuild.train.loop import evaluate, fit
+
+    torch.manual_seed(recipe.train.seed)
+    np.random.seed(recipe.train.seed)
+    built = make_model(recipe.model, len(classes), summarize_sizes([s.path for s in train]))
+    ckpt = work / "last.pt"
+    key_file = work / "key"
+    resume = ckpt.is_file() and key_file.is_file() and key_file.read_text() == key
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        key_file.write_text(key)
+    else:
+        console.print(f"  resuming from {ckpt}")
+    try:
+        result = fit(
+            built.model,
+            Splits(classes, train, val),
+            built.preprocessing,
+            recipe.train,
+            recipe.data,
+            ckpt,
+            console,
+            resume=resume,
+            model_key=recipe.model.model_dump_json(),
+        )
+    except UsageError:
+        if not resume:
+            raise
+        # A checkpoint cut short by the interruption itself: this fold starts over.
+        console.print(f"[yellow]  {ckpt} cannot be resumed; this fold starts over[/]")
+        ckpt.unlink(missing_ok=True)
+        return _train_fold(recipe, classes, train, val, held, work, key, console)
+    loader = DataLoader(ImageDataset(held, EvalTransform(built.preprocessing)), batch_size=64)
+    _, logits, _ = evaluate(result.model, loader, torch.device(result.device), None)
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+
+
+def run_cv(recipe: Recipe, k: int, console: Console, fresh: bool = False) -> CVResult:
+    """Cross-validate `recipe` with `k` folds into <export>/cv/; finished folds are reused."""
+    from tlbuild.stages.train import load_data
+    from tlbuild.train.metrics import classification_metrics
+
+    splits = load_data(recipe, console)
+    classes = splits.classes
+    samples = splits.train + splits.val + splits.test
+    split_of = ["train"] * len(splits.train) + ["val"] * len(splits.val)
+    split_of += ["test"] * len(splits.test)
+    _check(recipe, samples, classes, k)
+    folds = assign_folds(samples, k, recipe.data.split.seed)
+    cv = recipe.out_dir / CV_DIR
+    cv.mkdir(parents=True, exist_ok=True)
+    settings = _settings(recipe, k)
+    probs = np.zeros((len(samples), len(classes)), dtype=np.float32)
+    results: list[FoldResult] = []
+    for f in range(k):
+        held_idx = np.flatnonzero(folds == f)
+        pool_idx = np.flatnonzero(folds != f)
+        pool = [samples[i] for i in pool_idx]
+        stop = inner_val(pool, recipe.data.split.val, recipe.data.split.seed + f)
+        train = [s for s, m in zip(pool, stop, strict=True) if not m]
+        val = [s for s, m in zip(pool, stop, strict=True) if m]
+        held = [samples[i] for i in held_idx]
+        key = fold_key(settings, train + val, held)
+        meta_path, probs_path, work = _fold_paths(cv, f)
+        found = None if fresh else _reusable(cv, f, key)
+        if found is not None:
+            console.print(f"Fold {f + 1}/{k}: reused (same settings and images)")
+            with np.load(probs_path) as z:
+                probs[held_idx] = z["probs"]
+            results.append(found)
+            continue
+        console.print(
+            f"Fold {f + 1}/{k}: training on {len(train)} images ({len(val)} for early "
+            f"stopping), scoring {len(held)}"
+        )
+        t0 = time.perf_counter()
+        fold_probs = _train_fold(recipe, classes, train, val, held, work, key, console)
+        seconds = time.perf_counter() - t0
+        labels = np.array([s.label for s in held])
+        metrics = classification_metrics(
+            labels, fold_probs.argmax(1), classes, recipe.data.ok_class
+        )
+        # The probabilities first, then the record that names them: a fold is done only
+        # when its record exists, and the record is what a later run checks.
+        with atomic_path(probs_path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, probs=fold_probs, index=held_idx)
+        write_json(meta_path, {"key": key, "metrics": metrics, "seconds": seconds})
+        shutil.rmtree(work, ignore_errors=True)  # checkpoints are large; the fold is recorded
+        probs[held_idx] = fold_probs
+        results.append(FoldResult(f, key, metrics, seconds, reused=False))
+    labels = np.array([s.label for s in samples])
+    out = CVResult(
+        cv,
+        classes,
+        samples,
+        split_of,
+        folds,
+        probs,
+        results,
+        find_label_issues(labels, probs),
+        recipe.data.ok_class,
+    )
+    out.summary = summarise(out)
+    return out
+
+
+def summarise(r: CVResult) -> dict[str, Any]:
+    """Mean and spread (sample standard deviation) across folds of the headline metrics."""
+    keys = ["accuracy", "macro_f1"]
+    if r.ok_class is not None:
+        keys += ["escape_rate", "false_reject_rate"]
+    out: dict[str, Any] = {"folds": len(r.fold_results), "images": len(r.samples)}
+    for key in keys:
+        values = [fr.metrics.get(key) for fr in r.fold_results]
+        values = [v for v in values if v is not None]
+        if values:
+            out[key] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                "min": float(np.min(values)),
+                "max": float(np.max(values)),
+            }
+    out["label_issues"] = len(r.issues)
+    return out
