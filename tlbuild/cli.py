@@ -57,6 +57,43 @@ def _load(recipe: Path):  # noqa: ANN202 - Recipe, imported lazily to keep --hel
     return load_recipe(recipe)
 
 
+NprocOption = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc-per-node",
+        help="Train in N processes on this machine under torchrun, one per GPU (gloo on CPU); "
+        "train.batch_size stays the global batch. Several machines: run torchrun yourself "
+        "(README, 'Training on several GPUs').",
+        show_default=False,
+    ),
+]
+
+
+def _train_launcher(recipe: Path, resume: bool, nproc: int | None):  # noqa: ANN202
+    """For --nproc-per-node N > 1: a runner.Launcher that runs `tlbuild train RECIPE` (the
+    train command minus the option) in N processes under torchrun.
+
+    Checked before anything starts; None without the option, or with N = 1 (this process
+    trains, as without it).
+    """
+    if nproc is None:
+        return None
+    from tlbuild.train import distributed
+
+    train = _load(recipe).train
+    distributed.check_launch(train.batch_size, train.device, nproc)
+    if nproc == 1:
+        return None
+    args = ["train", str(recipe.resolve()), *(["--resume"] if resume else [])]
+    return lambda stage=None: distributed.launch(args, nproc)
+
+
+def _leave_process_group() -> None:
+    from tlbuild.train import distributed
+
+    distributed.leave()
+
+
 @app.command()
 def run(
     recipe: RecipeArg,
@@ -70,15 +107,37 @@ def run(
             "bench, report, or all."
         ),
     ] = None,
+    nproc_per_node: NprocOption = None,
 ) -> None:
     """The whole build for RECIPE, redoing only what changed; exit 1 if a gate fails."""
     from tlbuild import runner
+    from tlbuild.train.distributed import is_main_process
 
     console = _console()
     t0 = time.perf_counter()
-    result = _guard(
-        lambda: runner.run(_load(recipe), console, resume=resume, force=tuple(force or ()))
-    )
+    if not is_main_process():
+        # Another torchrun process: it trains when rank 0 says so and builds nothing else.
+        try:
+            _guard(lambda: runner.follow(_load(recipe), console, resume=resume))
+        finally:
+            _leave_process_group()
+        return
+    # With --nproc-per-node only the train stage runs in several processes: the runner hands
+    # it, when stale, to `tlbuild train` under torchrun (whose rank 0 records it) and goes on
+    # alone. Export, quantization and benchmarks are single-process work; this way the
+    # children exit when training ends instead of idling through them holding GPUs.
+    try:
+        result = _guard(
+            lambda: runner.run(
+                _load(recipe),
+                console,
+                resume=resume,
+                force=tuple(force or ()),
+                launch=_train_launcher(recipe, resume, nproc_per_node),
+            )
+        )
+    finally:
+        _leave_process_group()
     reused = [s.stage for s in result.stages if s.action == "reused"]
     ran = [s.stage for s in result.stages if s.action == "ran"]
     console.print(
@@ -141,9 +200,21 @@ def _stage_command(stage: str, recipe: Path, resume: bool = False) -> None:
 def train(
     recipe: RecipeArg,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+    nproc_per_node: NprocOption = None,
 ) -> None:
     """Fine-tune the recipe's backbone; writes model.pt, metrics and plots."""
-    _stage_command("train", recipe, resume)
+
+    def go() -> None:
+        launch = _train_launcher(recipe, resume, nproc_per_node)
+        if launch is not None:
+            launch()  # rank 0 of the N processes records the stage and writes
+        else:
+            _stage_command("train", recipe, resume)
+
+    try:
+        _guard(go)
+    finally:
+        _leave_process_group()
 
 
 @app.command()

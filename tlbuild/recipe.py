@@ -241,7 +241,13 @@ class TrainConfig(_Section):
 
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="images per optimizer step over all processes; with N processes "
+        "(torchrun, --nproc-per-node N) each trains on batch_size / N",
+    )
     optimizer: Literal["adamw", "sgd", "rmsprop"] = "adamw"
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = True

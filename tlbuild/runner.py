@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,11 @@ from tlbuild.manifest import put_section, take_section
 from tlbuild.recipe import Recipe
 from tlbuild.stages import bench, engines, export, quantize, report, train
 from tlbuild.stages.base import Stage, StageContext
+from tlbuild.train import distributed
+
+# Runs a distributed stage in other processes (`--nproc-per-node`), which record it themselves;
+# returns its seconds.
+Launcher = Callable[[Stage], float]
 
 # The build, in order. A new stage is a module under stages/ and one entry here.
 STAGES: tuple[Stage, ...] = tuple(
@@ -175,8 +181,16 @@ def _run_recorded(
 
 
 def run_one(recipe: Recipe, console: Console, name: str, resume: bool = False) -> None:
-    """Run one stage unconditionally (the single-stage commands) and record it."""
+    """Run one stage unconditionally (the single-stage commands) and record it.
+
+    Under torchrun, rank 0 does this; the other processes only run a distributed stage's
+    body beside it (it writes nothing there) and nothing else.
+    """
     stage = find_stage(name)
+    if not distributed.is_main_process():
+        if stage.distributed:
+            stage.run(StageContext(recipe, console, resume))
+        return
     _prepare_out_dir(recipe.out_dir)
     _remove_leftovers(recipe.out_dir)
     records = StageRecords(recipe.out_dir)
@@ -186,7 +200,8 @@ def run_one(recipe: Recipe, console: Console, name: str, resume: bool = False) -
 
 def call_stage(name: str, recipe: Recipe, console: Console, resume: bool = False) -> Any:
     """Run one stage's body without recording it; its typed result (benchmarks, tests)."""
-    _prepare_out_dir(recipe.out_dir)
+    if distributed.is_main_process():
+        _prepare_out_dir(recipe.out_dir)
     return find_stage(name).run(StageContext(recipe, console, resume))
 
 
@@ -219,11 +234,32 @@ def _forced(force: tuple[str, ...]) -> set[str]:
     return {find_stage(name).name for name in force}
 
 
+def follow(recipe: Recipe, console: Console, resume: bool = False) -> None:
+    """`run` on a torchrun process other than rank 0: train beside it when rank 0 says so.
+
+    Rank 0 decides (`run` tells every distributed stage's fate, in order) and builds the
+    other stages alone; this process ends once the distributed stages are past.
+    """
+    distributed.join(recipe.train.device)
+    for stage in STAGES:
+        if stage.distributed and distributed.broadcast(None):
+            stage.run(StageContext(recipe, console, resume))
+
+
 def run(
-    recipe: Recipe, console: Console, resume: bool = False, force: tuple[str, ...] = ()
+    recipe: Recipe,
+    console: Console,
+    resume: bool = False,
+    force: tuple[str, ...] = (),
+    launch: Launcher | None = None,
 ) -> RunResult:
-    """The whole build, redoing only the stages whose inputs changed (or `force`d ones)."""
+    """The whole build, redoing only the stages whose inputs changed (or `force`d ones).
+
+    Under torchrun this is rank 0 (the others `follow`). With `launch`, a distributed stage
+    that must run is run by it, in other processes, and its record read back.
+    """
     forced = _forced(force)
+    d = distributed.join(recipe.train.device)
     out = recipe.out_dir
     _prepare_out_dir(out)
     _remove_leftovers(out)
@@ -234,6 +270,8 @@ def run(
     for stage in STAGES:
         off = stage.disabled(recipe)
         if off:
+            if stage.distributed and d is not None:
+                distributed.broadcast(False)  # the other processes have nothing to do
             stage.cleanup(out)  # idempotent; also cleans up after a killed run
             records.drop(stage.name)  # later stages see the change (their inputs hash it)
             outcomes.append(StageOutcome(stage.name, "disabled", [off]))
@@ -242,12 +280,18 @@ def run(
         fresh, why = records.check(stage, inputs)
         if stage.name in forced:
             fresh, why = False, ["forced with --force"]
+        if stage.distributed and d is not None:
+            distributed.broadcast(not fresh)  # whether the other processes train (follow)
         if fresh:
             console.print(f"[green]✓[/] {stage.name}: up to date, reused")
             outcomes.append(StageOutcome(stage.name, "reused", []))
             continue
         console.rule(f"[bold]{stage.name}[/] — {escape('; '.join(why))}", align="left", style="dim")
-        seconds = _run_recorded(records, stage, inputs, ctx)
+        if stage.distributed and launch is not None:
+            seconds = launch(stage)
+            records = StageRecords(out)  # what the launched processes recorded
+        else:
+            seconds = _run_recorded(records, stage, inputs, ctx)
         outcomes.append(StageOutcome(stage.name, "ran", why, seconds))
     # Gates are checked on every run, reused stages or not: CI must fail while they fail.
     return RunResult(out, outcomes, evaluate_gates(recipe.gates, out))

@@ -51,6 +51,7 @@ class Stage:
     aliases: tuple[str, ...] = ()  # other names --force accepts
     data: bool = False  # keyed on the dataset's file list
     machine: bool = False  # keyed on this machine (GPU, libraries)
+    distributed: bool = False  # runs in every torchrun process (train); others on rank 0 alone
     # Keys of its sections that change how fast it runs, not what it produces.
     ignored_keys: Mapping[str, frozenset[str]] = field(default_factory=dict)
 

@@ -30,6 +30,7 @@ from tlbuild.models.checkpoint import TrainedModel, save_trained
 from tlbuild.models.factory import make_model
 from tlbuild.recipe import Recipe
 from tlbuild.stages.base import Stage, StageContext
+from tlbuild.train import distributed
 from tlbuild.train.loop import TrainResult, fit
 from tlbuild.train.lr_find import plot_lr_find
 from tlbuild.train.metrics import (
@@ -190,8 +191,21 @@ def _write_metrics(
     return metrics
 
 
+def _train_beside_rank0(ctx: StageContext) -> TrainOutputs:
+    """Another torchrun process: scan, build and train like rank 0; print and write nothing."""
+    quiet = StageContext(ctx.recipe, Console(quiet=True), ctx.resume)
+    splits = load_data(quiet.recipe, quiet.console)
+    return TrainOutputs(_fit(quiet, splits)[1], {}, splits)
+
+
 def run(ctx: StageContext) -> TrainOutputs:
-    """Fine-tune the backbone; write model.pt, history, curves, metrics and confusion plots."""
+    """Fine-tune the backbone; write model.pt, history, curves, metrics and confusion plots.
+
+    Under torchrun every process trains (loop.fit) and rank 0 alone writes; the evaluation
+    of the shipped weights below runs on rank 0 only, while the others have finished.
+    """
+    if not distributed.is_main_process():
+        return _train_beside_rank0(ctx)
     splits = load_data(ctx.recipe, ctx.console)
     tm, result = _fit(ctx, splits)
     save_trained(ctx.out / MODEL_PT, tm)
@@ -226,6 +240,7 @@ STAGE = Stage(
     run=run,
     summarise=summarise,
     data=True,
+    distributed=True,
     # How fast it runs, not what it produces. (`fingerprint` is how data changes are seen,
     # not what the data is: see incremental.data_digest.)
     ignored_keys={"data": frozenset({"workers", "fingerprint", "cache_ram_mib"})},

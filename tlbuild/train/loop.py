@@ -6,9 +6,11 @@ import contextlib
 import copy
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, Subset, WeightedRandomSampler
 
 from tlbuild.data.cache import ImageCache, eval_preparer, fill_cache, train_preparer
 from tlbuild.data.dataset import CachedEval, EvalTransform, ImageDataset, train_transform
@@ -27,6 +29,8 @@ from tlbuild.errors import UsageError
 from tlbuild.fileio import atomic_path
 from tlbuild.models.factory import cpu_state_dict
 from tlbuild.recipe import DataConfig, EarlyStoppingConfig, StageConfig, TrainConfig
+from tlbuild.train import distributed
+from tlbuild.train.distributed import Dist, GlobalBatchShards
 from tlbuild.train.lr_find import lr_range_test
 from tlbuild.train.optim import make_optimizer, make_scheduler
 from tlbuild.train.probe import fit_probe, probe_supported
@@ -46,8 +50,13 @@ class TrainResult:
     lr_find: list[dict[str, Any]] = field(default_factory=list)
 
 
-def select_device(spec: str) -> torch.device:
-    """'auto' picks CUDA when present; an explicit 'cuda' without a GPU is a usage error."""
+def select_device(spec: str, d: Dist | None = None) -> torch.device:
+    """'auto' picks CUDA when present; an explicit 'cuda' without a GPU is a usage error.
+
+    Under torchrun (`d`), each process takes its own GPU, cuda:LOCAL_RANK.
+    """
+    if d is not None:
+        return distributed.device_for(spec, d)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
@@ -63,7 +72,8 @@ def select_device(spec: str) -> torch.device:
 def _workers(cfg: DataConfig, device: torch.device) -> int:
     if cfg.workers != "auto":
         return int(cfg.workers)
-    cores = os.cpu_count() or 1
+    # Under torchrun the node's cores are shared by its processes (LOCAL_WORLD_SIZE of them).
+    cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     # On a 2-core CPU box the training math already uses both cores; a decoding worker would
     # only compete with it. With a GPU the CPU does nothing but decode, so use the cores.
     if device.type == "cpu":
@@ -78,8 +88,12 @@ def _loaders(
     data: DataConfig,
     device: torch.device,
     caches: tuple[ImageCache, ImageCache] | None,
-) -> tuple[DataLoader, DataLoader, DataLoader, torch.Generator]:
-    """Augmented training, plain training (for the probe) and validation loaders."""
+    d: Dist | None = None,
+) -> tuple[DataLoader, DataLoader, DataLoader, torch.Generator, DataLoader]:
+    """Augmented training, plain training (probe), validation, and this rank's validation part.
+
+    Under torchrun the training loader yields this rank's part of each global batch.
+    """
     gen = torch.Generator()
     workers = _workers(data, device)
     common: dict[str, Any] = {
@@ -97,20 +111,38 @@ def _loaders(
         counts = np.bincount([s.label for s in splits.train], minlength=len(splits.classes))
         weights = [1.0 / counts[s.label] for s in splits.train]
         sampler = WeightedRandomSampler(weights, len(weights), replacement=True, generator=gen)
-    train = DataLoader(
-        train_ds,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=gen,
-        # BatchNorm cannot train on a batch of one; drop a ragged last batch when there is more.
-        drop_last=len(train_ds) > cfg.batch_size,
-        **common,
-    )
+    # BatchNorm cannot train on a batch of one; drop a ragged last batch when there is more.
+    drop_last = len(train_ds) > cfg.batch_size
+    if d is None:
+        train = DataLoader(
+            train_ds,
+            shuffle=sampler is None,
+            sampler=sampler,
+            generator=gen,
+            drop_last=drop_last,
+            **common,
+        )
+    else:
+        # The order a single process would draw (the same generator, seeded alike on every
+        # rank), cut into the same global batches; this rank trains on its slice of each.
+        order = sampler if sampler is not None else RandomSampler(train_ds, generator=gen)
+        shards = GlobalBatchShards(order, cfg.batch_size, drop_last, d.rank, d.world)
+        per_rank = {k: v for k, v in common.items() if k != "batch_size"}
+        reseed = partial(distributed.reseed_worker, d.rank) if workers else None
+        train = DataLoader(
+            train_ds, batch_sampler=shards, generator=gen, worker_init_fn=reseed, **per_rank
+        )
     # The training images as inference sees them (the probe's features), from the same cache.
     plain = ImageDataset(splits.train, EvalTransform(spec), train_cache)
     val_tf = CachedEval(spec) if val_cache is not None else EvalTransform(spec)
-    val = DataLoader(ImageDataset(splits.val, val_tf, val_cache), shuffle=False, **common)
-    return train, DataLoader(plain, shuffle=False, **common), val, gen
+    val_ds = ImageDataset(splits.val, val_tf, val_cache)
+    val = DataLoader(val_ds, shuffle=False, **common)
+    part = val
+    if d is not None:
+        # Every validation image once over all ranks: no padding, which would count some twice.
+        mine = Subset(val_ds, range(d.rank, len(val_ds), d.world))
+        part = DataLoader(mine, shuffle=False, **common)
+    return train, DataLoader(plain, shuffle=False, **common), val, gen, part
 
 
 def build_caches(
@@ -323,23 +355,59 @@ class _Run:
     console: Console
     ckpt_path: Path
     fingerprint: str
+    dist: Dist | None = None  # torchrun's processes; None in a single process
+    val_part: DataLoader | None = None  # this rank's share of the validation images
+    net: nn.Module | None = None  # what a training step runs: `model`, or a DDP around it
+
+    def __post_init__(self) -> None:
+        if self.net is None:
+            self.net = self.model
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes: a single process, or rank 0."""
+        return self.dist is None or self.dist.main
 
     def step(self, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Any:
-        """One optimizer step; returns (loss, logits). A non-finite loss updates nothing."""
+        """One optimizer step; returns (loss, logits). A non-finite loss updates nothing.
+
+        Under torchrun the loss returned is the mean over all ranks, so every rank skips the
+        same steps (one skipping its backward alone would leave the others waiting in DDP's
+        all-reduce) and the lr range test sees the same curve everywhere.
+        """
         x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
         y = y.to(self.device, non_blocking=True)
+        assert self.net is not None
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
         ):
-            out = self.model(x)
+            out = self.net(x)
             loss = self.criterion(out.float(), y)
-        if not torch.isfinite(loss):
-            return loss, out
+        shown = loss if self.dist is None else distributed.mean_over_ranks(loss, self.dist.world)
+        if not torch.isfinite(shown):
+            return shown, out
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(optimizer)
         self.scaler.update()
-        return loss, out
+        return shown, out
+
+    def enter_stage(self, stage: StageConfig) -> None:
+        """Under torchrun: freeze as `stage` does, then a new DDP over what trains now."""
+        if self.dist is not None:
+            apply_stage(self.model, stage, 1.0)
+            self.net = distributed.wrap(self.model, self.device, self.net)
+
+    def unwrap(self) -> None:
+        """Drop the DDP wrapper and its hooks: the model leaves `fit` as a plain module."""
+        distributed.unwrap(self.net)
+        self.net = self.model
+
+    def all_sum(self, *values: float) -> list[float]:
+        """Sums over all ranks (the values themselves in a single process)."""
+        if self.dist is None:
+            return list(values)
+        return distributed.all_sum(list(values), self.device)
 
 
 def _memory_format(cfg: TrainConfig) -> torch.memory_format:
@@ -362,17 +430,28 @@ def fit(
     """Run every stage of `cfg.stages`; checkpoint each epoch; return the best model by val loss.
 
     `model_key` identifies the model settings (backbone, weights, dropout) so that --resume
-    refuses a checkpoint written for other ones.
+    refuses a checkpoint written for other ones. Under torchrun every process calls it alike;
+    rank 0 alone writes the checkpoint (distributed.py says how the processes agree).
     """
-    device = select_device(cfg.device)
+    d = distributed.join(cfg.device)
+    device = select_device(cfg.device, d)
+    if d is not None:
+        distributed.check_world(cfg.batch_size, d.world, device)
     model.to(device, memory_format=_memory_format(cfg))
     # torch.use_deterministic_algorithms is not set: on CPU it made training 1.25x slower and
     # was not needed for same seed, same machine, same weights (tests/test_train.py checks it).
     fingerprint = _fingerprint(splits, cfg, data, spec, model_key)
-    state = _resume(model, cfg, ckpt_path, fingerprint, console) if resume else TrainState()
+    if d is not None:
+        # The split is computed on every rank from the same files and seed; this checks it.
+        distributed.check_same(fingerprint, "data, splits, recipe or backbone")
+    state = _resume(model, cfg, ckpt_path, fingerprint, console, d) if resume else TrainState()
+    synced = distributed.sync_batchnorm(model, device) if d is not None else {}
+    # Other ranks keep their scratch copy of the decoded images out of the export folder.
+    spill_dir = ckpt_path.parent if d is None or d.main else Path(tempfile.gettempdir())
     caches: tuple[ImageCache, ImageCache] | None = None
+    run: _Run | None = None
     try:
-        caches = build_caches(splits, spec, cfg, data, console, ckpt_path.parent)
+        caches = build_caches(splits, spec, cfg, data, console, spill_dir)
         run = _make_run(
             model,
             splits,
@@ -384,15 +463,19 @@ def fit(
             console=console,
             ckpt_path=ckpt_path,
             fingerprint=fingerprint,
+            dist=d,
         )
         _probe(run, state)
         with _progress(console) as progress:
             for si in range(state.stage, len(cfg.stages)):
                 _run_stage(run, si, state, progress)
     finally:
+        if run is not None:
+            run.unwrap()
         if caches is not None:
             for c in caches:
                 c.close()
+    distributed.undo_sync_batchnorm(model, synced)
     return _finish(model, state, device)
 
 
@@ -423,13 +506,27 @@ def _read_checkpoint(path: Path, fingerprint: str) -> tuple[TrainState, dict[str
         raise _unresumable(path) from e
 
 
+def _load_resumable(path: Path, fingerprint: str) -> tuple[TrainState, dict[str, Any]]:
+    if not path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {path}; run without --resume")
+    return _read_checkpoint(path, fingerprint)
+
+
 def _resume(
-    model: nn.Module, cfg: TrainConfig, ckpt_path: Path, fingerprint: str, console: Console
+    model: nn.Module,
+    cfg: TrainConfig,
+    ckpt_path: Path,
+    fingerprint: str,
+    console: Console,
+    d: Dist | None = None,
 ) -> TrainState:
-    """Load the checkpoint's weights into `model` and return its training state."""
-    if not ckpt_path.is_file():
-        raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume")
-    state, weights = _read_checkpoint(ckpt_path, fingerprint)
+    """Load the checkpoint's weights into `model` and return its training state.
+
+    Under torchrun rank 0 reads the file and sends it to the others, so the export folder
+    need not be on a filesystem every node sees.
+    """
+    load = partial(_load_resumable, ckpt_path, fingerprint)
+    state, weights = load() if d is None else distributed.on_main(load)
     model.load_state_dict(weights)
     console.print(
         f"Resuming after epoch {len(state.history)} "
@@ -450,13 +547,16 @@ def _make_run(
     console: Console,
     ckpt_path: Path,
     fingerprint: str,
+    dist: Dist | None = None,
 ) -> _Run:
     """Loaders, loss and mixed precision for training `model` on `device`."""
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = (
         (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
     )
-    train_loader, plain_loader, val_loader, gen = _loaders(splits, spec, cfg, data, device, caches)
+    train_loader, plain_loader, val_loader, gen, val_part = _loaders(
+        splits, spec, cfg, data, device, caches, dist
+    )
     weight = _class_weights(splits.train, len(splits.classes)) if data.balance == "loss" else None
     criterion = nn.CrossEntropyLoss(
         weight=weight.to(device) if weight is not None else None,
@@ -477,6 +577,8 @@ def _make_run(
         console,
         ckpt_path,
         fingerprint,
+        dist,
+        val_part,
     )
 
 
@@ -497,7 +599,17 @@ def _probe(run: _Run, state: TrainState) -> None:
         return
     head = model.get_classifier()  # type: ignore[operator]
     random_head = copy.deepcopy(head.state_dict())
-    probe = fit_probe(model, run.plain_loader, run.val_loader, run.device, run.memory_format)
+
+    def fit_head() -> tuple[Any, dict[str, torch.Tensor]]:
+        found = fit_probe(model, run.plain_loader, run.val_loader, run.device, run.memory_format)
+        return found, cpu_state_dict(head)
+
+    if run.dist is None:
+        probe = fit_head()[0]
+    else:
+        # Rank 0 fits it on all the images (seconds) and sends the head to the others.
+        probe, fitted = distributed.on_main(fit_head)
+        head.load_state_dict(fitted)
     state.probe = probe.to_dict()
     # The probed model is a candidate like any epoch: if fine-tuning never beats its
     # validation loss, the frozen body with the fitted head is what ships.
@@ -564,6 +676,9 @@ def _range_test(run: _Run, stage: StageConfig, state: TrainState, progress: Prog
         if scaler_state is not None:
             run.scaler.load_state_dict(scaler_state)
     progress.remove_task(task)
+    if run.dist is not None:
+        # Every rank saw the same all-reduced losses; rank 0's curve is the one kept all the same.
+        found = distributed.broadcast(found)
     if found.steps < 3:
         raise UsageError(
             f"stage '{stage.name}': the learning-rate range test diverged within "
@@ -599,6 +714,7 @@ def _run_stage(run: _Run, si: int, state: TrainState, progress: Progress) -> Non
     stage = cfg.stages[si]
     if si > state.stage:
         state.enter_stage(si)
+    run.enter_stage(stage)
     lr = _stage_lr(run, stage, state, progress)
     param_groups, optimizer, scheduler = _stage_optimizer(run, stage, lr, state)
     trainable = sum(p.numel() for g in param_groups for p in g["params"])
@@ -613,6 +729,9 @@ def _run_stage(run: _Run, si: int, state: TrainState, progress: Progress) -> Non
         t0 = time.perf_counter()
         row = _train_epoch(run, stage, e, len(state.history), optimizer, scheduler, progress)
         _validate(run, row, lr, optimizer, t0)
+        if run.dist is not None:
+            # The row decides best and early stopping: rank 0's, so every rank stops together.
+            row = distributed.broadcast(row)
         mark = " [green]best[/]" if state.record_epoch(row, model, cfg.early_stopping) else ""
         state.epoch_in_stage = e + 1
         console.print(
@@ -622,7 +741,9 @@ def _run_stage(run: _Run, si: int, state: TrainState, progress: Progress) -> Non
         )
         state.optimizer, state.scheduler = optimizer.state_dict(), scheduler.state_dict()
         state.scaler = run.scaler.state_dict() if run.scaler.is_enabled() else None
-        save_checkpoint(run.ckpt_path, model, state, run.fingerprint)
+        # No barrier after it: a resumed run gets the file from rank 0 (see _resume).
+        if run.main:
+            save_checkpoint(run.ckpt_path, model, state, run.fingerprint)
         if state.stage_done:
             console.print(
                 f"  early stop: no val-loss improvement for {cfg.early_stopping.patience} epoch(s)"
@@ -643,8 +764,11 @@ def _train_epoch(
 ) -> dict[str, Any]:
     """One pass over the training data: epoch `e` of `stage`, `epoch` of the whole run."""
     # Seeding per epoch (not once) makes a resumed run draw the same augmentations
-    # and batches as an uninterrupted one.
-    torch.manual_seed(run.cfg.seed * 100_003 + epoch)
+    # and batches as an uninterrupted one. The batches' generator is seeded alike on every
+    # rank (the ranks share one order); the augmentations differ per rank (rank 0's are a
+    # single process's).
+    rank = run.dist.rank if run.dist is not None else 0
+    torch.manual_seed(run.cfg.seed * 100_003 + epoch + 1_000_003 * rank)
     run.gen.manual_seed(run.cfg.seed * 100_003 + epoch)
     set_train_mode(run.model, stage)
     t0 = time.perf_counter()
@@ -652,6 +776,7 @@ def _train_epoch(
         f"{stage.name} {e + 1}/{stage.epochs}", total=len(run.train_loader), info=""
     )
     tot_loss, tot_correct, seen = 0.0, 0, 0
+    world = run.dist.world if run.dist is not None else 1
     for x, y in run.train_loader:
         loss, out = run.step(optimizer, x, y)
         if not torch.isfinite(loss):
@@ -664,9 +789,11 @@ def _train_epoch(
         tot_loss += loss.item() * n
         tot_correct += int((out.argmax(1).cpu() == y).sum())
         seen += n
-        rate = seen / (time.perf_counter() - t0)
+        rate = seen * world / (time.perf_counter() - t0)
         progress.update(task, advance=1, info=f"loss {tot_loss / seen:.3f} {rate:.1f} img/s")
     progress.remove_task(task)
+    if run.dist is not None:
+        tot_loss, tot_correct, seen = run.all_sum(tot_loss, tot_correct, seen)
     return {
         "epoch": epoch,
         "stage": stage.name,
@@ -679,18 +806,35 @@ def _validate(
     run: _Run, row: dict[str, Any], lr: float, optimizer: torch.optim.Optimizer, t0: float
 ) -> None:
     """Complete an epoch's history row: validation loss and accuracy, lrs, seconds since t0."""
-    val_loss, val_logits, val_labels = evaluate(
-        run.model, run.val_loader, run.device, run.amp_dtype, run.memory_format
-    )
+    if run.dist is None:
+        val_loss, val_logits, val_labels = evaluate(
+            run.model, run.val_loader, run.device, run.amp_dtype, run.memory_format
+        )
+        val_acc = float((val_logits.argmax(1) == val_labels).mean())
+    else:
+        val_loss, val_acc = _validate_parts(run)
     lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
     row.update(
         val_loss=val_loss,
-        val_acc=float((val_logits.argmax(1) == val_labels).mean()),
+        val_acc=val_acc,
         stage_lr=lr,
         lr_head=lrs.get("head", 0.0),
         lr_body=lrs.get("body", 0.0),
         seconds=time.perf_counter() - t0,
     )
+
+
+def _validate_parts(run: _Run) -> tuple[float, float]:
+    """Validation loss and accuracy: each rank its share of the images, summed over ranks."""
+    assert run.val_part is not None
+    sums = [0.0, 0.0, 0.0]
+    if len(run.val_part.dataset):  # type: ignore[arg-type]
+        loss, logits, labels = evaluate(
+            run.model, run.val_part, run.device, run.amp_dtype, run.memory_format
+        )
+        sums = [loss * len(labels), float((logits.argmax(1) == labels).sum()), len(labels)]
+    loss_sum, correct, n = run.all_sum(*sums)
+    return loss_sum / n, correct / n
 
 
 def save_checkpoint(path: Path, model: nn.Module, state: TrainState, fingerprint: str) -> None:

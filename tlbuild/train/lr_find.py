@@ -101,7 +101,9 @@ def lr_range_test(
     losses: list[float] = []
     avg, best = 0.0, math.inf
     # fork_rng puts the CPU and CUDA generators back afterwards; the seed makes the test repeat.
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    # Only the model's GPUs: touching every GPU's generator would make each torchrun process
+    # open a CUDA context on every GPU of the node.
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         if gen is not None:
