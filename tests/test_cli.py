@@ -22,6 +22,7 @@ runner = CliRunner()
         ["build"],
         ["check"],
         ["backbones"],
+        ["explain"],
         ["data", "synth-defects"],
     ],
 )

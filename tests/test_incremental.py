@@ -47,8 +47,9 @@ def test_a_copied_build_is_fresh_and_each_section_reruns_only_its_stages(
     out = tmp_path / "out" / "tiny"
     model_mtime = (out / "model.pt").stat().st_mtime_ns
 
-    first = runner.run(load_recipe(recipe), QUIET)
-    assert set(_actions(first).values()) == {"reused"}  # nothing to do, even in a new folder
+    first = _actions(runner.run(load_recipe(recipe), QUIET))
+    assert first.pop("decision") == "disabled"  # the tiny recipe has no [decision]
+    assert set(first.values()) == {"reused"}  # nothing to do, even in a new folder
 
     _rewrite(recipe, "min_iters = 5", "min_iters = 6")
     changed = _actions(runner.run(load_recipe(recipe), QUIET))
@@ -58,6 +59,8 @@ def test_a_copied_build_is_fresh_and_each_section_reruns_only_its_stages(
         "quantize": "reused",
         "engines": "reused",
         "bench": "ran",
+        "explain": "reused",  # heat maps follow training alone
+        "decision": "disabled",
         "report": "ran",
     }
     assert json.loads((out / "bench.json").read_text())["settings"]["min_iters"] == 6
@@ -84,7 +87,7 @@ def test_status_says_why_a_stage_is_stale(
     out = tmp_path / "out" / "tiny"
     shutil.copytree(tiny_build, out)
     # Same files elsewhere: the copy has new paths, so training is stale with the reason.
-    res = cli.invoke(app, ["status", str(recipe)])
+    res = cli.invoke(app, ["status", str(recipe)], env={"COLUMNS": "200"})  # one line per row
     assert res.exit_code == 0 and "dataset changed" in res.output
 
     recipe = tiny_recipe(tmp_path, tiny_data)
@@ -264,7 +267,9 @@ def test_each_stage_is_one_module_keyed_on_the_code_it_imports() -> None:
     from tlbuild.incremental import module_closure
 
     package = Path(__file__).parent.parent / "tlbuild"
-    assert [s.name for s in STAGES] == ["train", "export", "quantize", "engines", "bench", "report"]
+    assert [s.name for s in STAGES] == [
+        *("train", "export", "quantize", "engines", "bench", "explain", "decision", "report")
+    ]
     code = {
         s.name: {p.relative_to(package).as_posix() for p in module_closure(s.module)}
         for s in STAGES
@@ -296,6 +301,8 @@ def test_a_stage_whose_code_changed_reruns_alone_when_it_writes_the_same_files(
         "quantize": "ran",
         "engines": "reused",
         "bench": "reused",
+        "explain": "reused",
+        "decision": "disabled",
         "report": "reused",
     }
     out = tmp_path / "out" / "tiny"

@@ -14,6 +14,7 @@ METRICS_JSON = "metrics.json"
 HISTORY_CSV = "history.csv"
 CURVES_PNG = "training_curves.png"
 LR_FIND_PNG = "lr_find.png"
+DUPLICATES_CSV = "duplicates.csv"  # duplicate image pairs found before training
 # What training writes; shipped and hashed in the manifest with the model.
 TRAINING_FILES = (
     MODEL_PT,
@@ -24,6 +25,7 @@ TRAINING_FILES = (
     "confusion_val.png",
     "confusion_test.png",
     LR_FIND_PNG,
+    DUPLICATES_CSV,
 )
 
 

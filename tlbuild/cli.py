@@ -496,6 +496,8 @@ def _print_classify_summary(console: Console, s) -> None:  # noqa: ANN001 - Clas
     if s.error_reasons:
         reasons = ", ".join(f"{k}: {v:,}" for k, v in s.error_reasons.most_common(5))
         console.print(f"Errors by reason: {reasons}")
+    if s.decision:  # a threshold rule, and whether the manifest or --threshold set it
+        console.print(escape(s.decision))
     if s.ok_class is not None:
         console.print(
             f"Defective (not '{s.ok_class}'): {s.defective:,} of {ok_rows:,} readable images"
@@ -605,6 +607,36 @@ def backbones(
         size = "x".join(str(s) for s in cfg.input_size[1:]) if cfg is not None else "?"
         table.add_row(name, size, offline_weights(name) or "-")
     _console().print(table)
+
+
+@app.command()
+def explain(
+    images: Annotated[
+        list[str],
+        typer.Argument(metavar="IMAGE", help="Image files, folders (recursive) or path lists."),
+    ],
+    model: Annotated[
+        Path, typer.Option(help="Export folder with model.pt (Grad-CAM needs PyTorch).")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs and heatmaps.parquet.")] = Path(
+        "heatmaps"
+    ),
+    max_images: Annotated[int, typer.Option(min=1, help="Explain at most this many.")] = 64,
+    topk: Annotated[int, typer.Option(min=1, help="Classes per row in topk_*.")] = 3,
+    grid: Annotated[bool, typer.Option(help="Also write grid.png with every overlay.")] = False,
+) -> None:
+    """Grad-CAM heat maps: one PNG per image and a Parquet row each (label, score, top-k)."""
+    from tlbuild.explain.images import explain_images
+
+    console = _console()
+    r = _guard(lambda: explain_images(images, model, out, console, max_images, topk, grid))
+    for path, reason in r.errors:
+        console.print(f"[yellow]not explained:[/] {escape(path)}: {escape(reason)}")
+    left = f" (the first {max_images}; --max-images)" if r.found > max_images else ""
+    console.print(
+        f"{r.explained} of {r.found} image(s) explained{left}: PNGs in {r.out}, "
+        f"one row per image in {r.parquet}" + (f", grid {r.grid}" if r.grid else "")
+    )
 
 
 @data_app.command("synth-defects")

@@ -47,6 +47,18 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_recorded_json(path: Path, hint: str) -> Any:
+    """A JSON file an earlier stage wrote; a UsageError ending in `hint` if missing or damaged."""
+    from tlbuild.errors import UsageError
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError:
+        raise UsageError(f"no {path}; {hint}") from None
+    except ValueError:
+        raise UsageError(f"{path} is not valid JSON; {hint}") from None
+
+
 def read_json_or_empty(path: Path) -> dict[str, Any]:
     """A JSON file's object, or {} when the file does not exist (yet)."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -71,11 +83,14 @@ def quiet_fastparquet():  # noqa: ANN201 - the fastparquet module, imported lazi
     return fastparquet
 
 
-def write_parquet(path: Path, df: Any) -> None:
-    """Write a pandas DataFrame as one Parquet file (ZSTD), atomically."""
+def write_parquet(path: Path, df: Any, object_encoding: dict[str, str] | str = "infer") -> None:
+    """Write a pandas DataFrame as one Parquet file (ZSTD), atomically.
+
+    `object_encoding`: fastparquet's, per column (`{"topk": "json"}`) where inference from the
+    values could fail (a column of nulls) or guess wrong."""
     import warnings
 
     fastparquet = quiet_fastparquet()
     with warnings.catch_warnings(), atomic_path(path) as tmp:
         warnings.simplefilter("ignore")
-        fastparquet.write(str(tmp), df, compression="ZSTD")
+        fastparquet.write(str(tmp), df, compression="ZSTD", object_encoding=object_encoding)

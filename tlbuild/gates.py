@@ -137,6 +137,34 @@ def _speed_gates(cfg: GatesConfig, bench: dict[str, Any]) -> list[GateResult]:
     return results
 
 
+def _decision_gates(manifest: dict[str, Any]) -> list[GateResult]:
+    """The [decision] target at its threshold: on the FP32 model it was chosen on, and on each
+    shipped ONNX artifact (what classify runs) at the same threshold, all on validation."""
+    d = manifest.get("decision")
+    if not d:
+        return []
+    (key, limit), bound = next(iter(d["target"].items())), d["require_upper_bound"]
+    stat = "escapes" if key == "max_escape_rate" else "false_rejects"
+    parts = "defective parts accepted" if stat == "escapes" else "ok parts rejected"
+    results = []
+    for name, r in [(d["chosen_on"]["artifact"], d["val"]), *d["artifacts"].items()]:
+        x = r[stat]
+        measured = x["wilson"][1] if bound else x["rate"]
+        note = (
+            f"validation: {x['count']} of {x['total']} {parts}, {d['confidence']:.0%} Wilson "
+            f"upper bound {x['wilson'][1]:.2%}" + (" (gated)" if bound else "")
+        )
+        # Where no threshold meets the target, the strictest sensible one is recorded: its own
+        # rate may be within the limit (everything rejected), but the choice still failed.
+        chosen_failed = name == d["chosen_on"]["artifact"] and not d["met"]
+        ok = measured <= limit and not chosen_failed
+        if chosen_failed:
+            note += f"; {d['why_not_met']}"
+        gate = f"decision.{key}[{name}, {d['rule']}]"
+        results.append(GateResult(gate, limit, measured, "passed" if ok else "failed", note))
+    return results
+
+
 def evaluate_gates(cfg: GatesConfig, out: Path) -> list[GateResult]:
     """Every configured gate against metrics.json, manifest.json and bench.json in `out`."""
     val = read_json_or_empty(out / METRICS_JSON).get("val", {})
@@ -148,6 +176,7 @@ def evaluate_gates(cfg: GatesConfig, out: Path) -> list[GateResult]:
         *_int8_drop_gates(cfg, manifest),
         *_failed_run_gates(cfg, bench),
         *_speed_gates(cfg, bench),
+        *_decision_gates(manifest),
     ]
 
 

@@ -107,6 +107,19 @@ class BenchSection(_Entry):
     settings: dict[str, Any] = {}
 
 
+class Decision(_Entry):
+    """The [decision] threshold on p(ok) and what it achieved (tlbuild/stages/decision.py);
+    `tlbuild classify` applies it by default."""
+
+    threshold: float
+    rule: str  # as classify writes it in decided_by, e.g. "p(ok)<0.83"
+    ok_class: str
+    target: dict[str, Any]  # {"max_escape_rate": 0.005}
+    confidence: float
+    require_upper_bound: bool = False
+    met: bool = True
+
+
 class Manifest(BaseModel):
     """The whole manifest.json."""
 
@@ -135,6 +148,8 @@ class Manifest(BaseModel):
     engines: Engines | None = None
     # bench
     bench: BenchSection | None = None
+    # decision
+    decision: Decision | None = None
     artifacts: dict[str, FileHash] = {}
 
     def accepted(self, name: str) -> bool:
@@ -188,6 +203,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "quantize": ("variants", "calibration"),
     "engines": ("engines",),
     "bench": ("bench",),
+    "decision": ("decision",),
 }
 
 

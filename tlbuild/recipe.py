@@ -81,6 +81,21 @@ class DataConfig(_Section):
         description="how incremental builds see data changes: file sizes and modification "
         "times, or content hashes (slower; survives copies that reset times)",
     )
+    duplicates: Literal["warn", "error", "off"] = Field(
+        "warn",
+        description="the same image twice (exact copy or near duplicate) across splits, "
+        "classes or within one: list it, fail the build before training, or skip the check",
+    )
+    # benchmarks/duplicates_threshold.py, 4,000 distinct demo images (8M pairs): at 4 bits 5
+    # false pairs, 82-98% of re-encoded, resized or brightened copies found; at 2: 1 pair,
+    # 64-93%; at 6: 14 pairs, 87-100%; at 10: 234. Distances are even (32 set bits each).
+    near_duplicate_distance: int = Field(
+        4,
+        ge=0,
+        le=10,
+        description="pHash bits (of 64) two images may differ by and count as near "
+        "duplicates; 0: the same hash only",
+    )
 
     _resolve_paths = field_validator("root", "train", "val", "test")(_resolve)
 
@@ -374,6 +389,45 @@ class BenchConfig(_Section):
         return tuple(sorted(set(v)))
 
 
+class ExplainConfig(_Section):
+    """Grad-CAM heat maps of validation images in report.md: misclassified first, per class."""
+
+    max_images: int = Field(
+        16, ge=0, le=1000, description="heat maps per class at most; 0 turns them off"
+    )
+    correct_per_class: int = Field(
+        4, ge=0, description="of those, correctly classified images shown for comparison"
+    )
+
+
+class DecisionConfig(_Section):
+    """The operating point: a threshold on p(ok) chosen on the validation split for one target."""
+
+    max_escape_rate: float | None = Field(
+        None, ge=0.0, lt=1.0, description="defective parts accepted as ok, over all defective"
+    )
+    max_false_reject_rate: float | None = Field(
+        None, ge=0.0, lt=1.0, description="ok parts rejected, over all ok parts"
+    )
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="of the Wilson intervals")
+    # The threshold is chosen on the point estimate by default: with the ~100 defective images
+    # of a typical validation split, even 0 escapes has a 95% upper bound of 3.7%, so requiring
+    # the bound would make any tight target unreachable. The bound is reported (and gated on
+    # request) so that a reviewer sees how much the split can vouch for.
+    require_upper_bound: bool = Field(
+        False, description="the Wilson upper bound, not the point estimate, must meet the target"
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> DecisionConfig:
+        if (self.max_escape_rate is None) == (self.max_false_reject_rate is None):
+            raise ValueError(
+                "give exactly one target: max_escape_rate (e.g. 0.005) or "
+                "max_false_reject_rate (e.g. 0.02)"
+            )
+        return self
+
+
 class GatesConfig(_Section):
     """Thresholds that make `tlbuild run` exit 1; every gate is listed in the report."""
 
@@ -424,9 +478,25 @@ class Recipe(_Section):
     # The TOML section keeps the name users know from `tlbuild build`.
     build: EnginesConfig = EnginesConfig()
     bench: BenchConfig = BenchConfig()
+    explain: ExplainConfig = ExplainConfig()
+    decision: DecisionConfig | None = None  # no [decision]: the argmax rule
     gates: GatesConfig = GatesConfig()
 
     _resolve_out = field_validator("output_dir")(_resolve)
+
+    @field_validator("decision")
+    @classmethod
+    def _decision_needs_ok_class(
+        cls, v: DecisionConfig | None, info: ValidationInfo
+    ) -> DecisionConfig | None:
+        data = info.data.get("data")
+        if v is not None and data is not None and not data.ok_class:
+            raise ValueError(
+                "[decision] sets a threshold on p(ok class) and needs data.ok_class: name the "
+                'good-part class in [data] (ok_class = "ok")'
+            )
+        return v
+
     # The file it was read from: recorded in the manifest so that `tlbuild bench DIR` and
     # `tlbuild build --on-device DIR` use the recipe as it is now when it is at hand.
     _source: Path | None = PrivateAttr(None)

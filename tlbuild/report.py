@@ -1,7 +1,8 @@
 """report.md: the build in one page a person reads in a minute, with its plots beside it.
 
 Reads only files in the export folder (metrics.json, manifest.json, bench.json, gates.json,
-build_state.json), so it can be regenerated at any time and reads well on a code host.
+build_state.json, heatmaps.json, duplicates.csv), so it can be regenerated at any time and
+reads well on a code host.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from typing import Any
 
 from tlbuild.artifacts import CURVES_PNG, LR_FIND_PNG, METRICS_JSON
 from tlbuild.bench.run import BENCH_COLUMNS, bench_cells, short_backend
+from tlbuild.data.duplicates_report import report_section as duplicates_lines
+from tlbuild.decision.report_section import decision_lines
+from tlbuild.explain.summary import heatmap_lines
 from tlbuild.fileio import atomic_path, read_json_or_empty, write_text
 from tlbuild.gates import GateResult
 from tlbuild.manifest import manifest_json
@@ -332,7 +336,10 @@ def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]
     lines = [f"# Build report: {manifest.get('name', out.name)}", ""]
     lines += _verdict_lines(manifest, gates)
     lines += _gates_section(gates)
+    lines += duplicates_lines(out)  # before the accuracy that leaks would inflate
     lines += _validation_section(out, metrics)
+    lines += decision_lines(out, manifest)
+    lines += heatmap_lines(out)
     lines += _variants_section(manifest, bench)
     lines += _engines_section(manifest)
     lines += _bench_section(out, bench)

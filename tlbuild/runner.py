@@ -21,7 +21,7 @@ from tlbuild.gates import GateResult, evaluate_gates
 from tlbuild.incremental import StageRecords
 from tlbuild.manifest import put_section, take_section
 from tlbuild.recipe import Recipe
-from tlbuild.stages import bench, engines, export, quantize, report, train
+from tlbuild.stages import bench, decision, engines, explain, export, quantize, report, train
 from tlbuild.stages.base import Stage, StageContext
 from tlbuild.train import distributed
 
@@ -31,7 +31,7 @@ Launcher = Callable[[Stage], float]
 
 # The build, in order. A new stage is a module under stages/ and one entry here.
 STAGES: tuple[Stage, ...] = tuple(
-    m.STAGE for m in (train, export, quantize, engines, bench, report)
+    m.STAGE for m in (train, export, quantize, engines, bench, explain, decision, report)
 )
 
 
@@ -90,7 +90,8 @@ class _Machine:
 
 
 def _earlier(stage: Stage) -> tuple[Stage, ...]:
-    return STAGES[: STAGES.index(stage)]
+    before = STAGES[: STAGES.index(stage)]
+    return tuple(s for s in before if s.name in stage.upstream) if stage.upstream else before
 
 
 ASIDE = ".aside"  # readers' files while the stage they read from runs

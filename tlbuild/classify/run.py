@@ -22,6 +22,7 @@ from tlbuild.classify.results import ResultsFile
 from tlbuild.classify.rows import Decider, Decoded, RowMaker, chunks, decode_batch, reason_kind
 from tlbuild.classify.storage import default_model_cache, fetch_model, is_url, local_path
 from tlbuild.data.images import IMAGE_EXTENSIONS
+from tlbuild.decision.rule import manifest_threshold
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.manifest import Manifest, read_manifest
 from tlbuild.runtime.base import Predictor
@@ -76,6 +77,7 @@ class ClassifySummary:
     errors: int = 0
     defective: int = 0
     ok_class: str | None = None
+    decision: str = ""  # which threshold decided and where it came from (or "": argmax)
     seconds: float = 0.0
     labels: Counter[str] = field(default_factory=Counter)
     error_reasons: Counter[str] = field(default_factory=Counter)
@@ -118,6 +120,16 @@ def _resolve_ok_class(options: ClassifyOptions, manifest: Manifest, classes: lis
         if not 0.0 < options.threshold <= 1.0:
             raise UsageError(f"--threshold {options.threshold:g} must be in (0, 1]")
     return ok
+
+
+def _resolve_threshold(
+    options: ClassifyOptions, manifest: Manifest, ok: str | None
+) -> tuple[float | None, str]:
+    """--threshold, else the one the manifest's [decision] chose; and a line saying which."""
+    if options.threshold is not None:
+        t = options.threshold
+        return t, f"Decision threshold p({ok}) < {t:g} from --threshold"
+    return manifest_threshold(manifest, ok)
 
 
 def _check_options(options: ClassifyOptions) -> None:
@@ -248,13 +260,14 @@ def _classify(
     manifest = read_manifest(choice.folder)
     classes = manifest.classes
     ok_class = _resolve_ok_class(options, manifest, classes)
+    threshold, decided = _resolve_threshold(options, manifest, ok_class)
     sha = manifest.artifacts[choice.artifact].sha256
-    decider = Decider(classes, options.topk, ok_class, options.threshold)
+    decider = Decider(classes, options.topk, ok_class, threshold)
     identity = {
         "model_sha256": sha,
         "artifact": choice.artifact,
         "ok_class": ok_class,
-        "threshold": options.threshold,
+        "threshold": threshold,  # the effective one: a new manifest threshold is refused too
         "topk": decider.topk,
         "precision": choice.precision,
         "classes": classes,
@@ -262,6 +275,7 @@ def _classify(
         "model_name": manifest.name,
     }
     summary = ClassifySummary(out, choice.artifact, choice.backend, ok_class=ok_class)
+    summary.decision = decided
     summary.engine = options.engine
 
     def warned(msg: str) -> None:

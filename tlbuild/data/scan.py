@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from tlbuild.data.images import ImageReadError, load_rgb
 from tlbuild.errors import DataError
@@ -32,6 +33,8 @@ class Splits:
     val: list[Sample]
     test: list[Sample] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    # Each readable file's fingerprint when the scan was given one (the duplicate check's pHash).
+    fingerprints: dict[Path, int] = field(default_factory=dict)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class per split."""
@@ -72,13 +75,18 @@ def list_class_folders(root: Path, extensions: Sequence[str]) -> dict[str, list[
 
 
 def find_unreadable(
-    paths: Sequence[Path], on_checked: Callable[[int], None] | None = None
+    paths: Sequence[Path],
+    on_checked: Callable[[int], None] | None = None,
+    on_decoded: Callable[[Path, Image.Image], None] | None = None,
 ) -> dict[Path, str]:
-    """Decode every file (JPEG at reduced scale, which still reads all the data) in threads."""
+    """Decode every file (JPEG at reduced scale, which still reads all the data) in threads;
+    `on_decoded(path, image)` sees each readable one (called from those threads)."""
 
     def check(p: Path) -> tuple[Path, str | None]:
         try:
-            load_rgb(p, draft_size=(64, 64))
+            img = load_rgb(p, draft_size=(64, 64))
+            if on_decoded is not None:
+                on_decoded(p, img)
             return p, None
         except ImageReadError as e:
             return p, e.reason
@@ -114,8 +122,16 @@ def stratified_split(
     return train, val_s, test_s
 
 
-def scan_dataset(cfg: DataConfig, on_checked: Callable[[int], None] | None = None) -> Splits:
-    """Scan, check and split the recipe's data; raise DataError naming what to fix."""
+def scan_dataset(
+    cfg: DataConfig,
+    on_checked: Callable[[int], None] | None = None,
+    fingerprint: Callable[[Image.Image], int] | None = None,
+) -> Splits:
+    """Scan, check and split the recipe's data; raise DataError naming what to fix.
+
+    `fingerprint` is computed from the check's own decode of each file (Splits.fingerprints), so
+    the duplicate check reads no file a second time.
+    """
     if cfg.root is not None:
         found = {"root": list_class_folders(cfg.root, cfg.extensions)}
     else:
@@ -143,7 +159,15 @@ def scan_dataset(cfg: DataConfig, on_checked: Callable[[int], None] | None = Non
             )
 
     all_paths = [p for per in found.values() for paths in per.values() for p in paths]
-    bad = find_unreadable(all_paths, on_checked)
+    prints: dict[Path, int] = {}
+    on_decoded = None
+    if fingerprint is not None:
+        look = fingerprint
+
+        def on_decoded(p: Path, img: Image.Image) -> None:
+            prints[p] = look(img)  # from several threads: one dict assignment is atomic
+
+    bad = find_unreadable(all_paths, on_checked, on_decoded)
 
     def usable(split: str) -> list[list[Path]]:
         return [[p for p in found[split].get(c, []) if p not in bad] for c in classes]
@@ -190,4 +214,4 @@ def scan_dataset(cfg: DataConfig, on_checked: Callable[[int], None] | None = Non
         raise DataError(
             f"data.ok_class = '{cfg.ok_class}' is not one of the classes: {', '.join(classes)}"
         )
-    return Splits(classes, train, val, test, skipped=sorted(bad.items()))
+    return Splits(classes, train, val, test, skipped=sorted(bad.items()), fingerprints=prints)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tlbuild.artifacts import SPLITS_JSON
 from tlbuild.data.scan import Sample, Splits
 from tlbuild.errors import UsageError
+from tlbuild.fileio import read_recorded_json
 
 
 def splits_json(splits: Splits) -> dict[str, Any]:
@@ -30,12 +30,7 @@ def splits_json(splits: Splits) -> dict[str, Any]:
 def read_split(folder: Path, split: str, classes: list[str] | None = None) -> list[Sample]:
     """One split recorded in folder/splits.json; with `classes`, checked against the model's."""
     path = folder / SPLITS_JSON
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except OSError:
-        raise UsageError(f"no {path}; run `tlbuild train` first") from None
-    except ValueError:
-        raise UsageError(f"{path} is not valid JSON; run `tlbuild train` again") from None
+    recorded = read_recorded_json(path, "run `tlbuild train` again")
     if classes is not None and recorded.get("classes") != classes:
         raise UsageError(f"{path} names other classes than the model; run `tlbuild train` again")
     return [Sample(Path(p), int(label)) for p, label in recorded.get(split, [])]

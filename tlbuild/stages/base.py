@@ -52,6 +52,9 @@ class Stage:
     data: bool = False  # keyed on the dataset's file list
     machine: bool = False  # keyed on this machine (GPU, libraries)
     distributed: bool = False  # runs in every torchrun process (train); others on rank 0 alone
+    # The earlier stages whose outputs key it; () = every earlier one. A stage that reads only
+    # training's files names it, so a new benchmark does not redo its work.
+    upstream: tuple[str, ...] = ()
     # Keys of its sections that change how fast it runs, not what it produces.
     ignored_keys: Mapping[str, frozenset[str]] = field(default_factory=dict)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tlbuild.artifacts import METRICS_JSON
 from tlbuild.bench.run import BENCH_JSON
+from tlbuild.explain.summary import HEATMAPS_JSON
 from tlbuild.fileio import write_json
 from tlbuild.gates import GATES_JSON, GateResult, evaluate_gates, gates_json
 from tlbuild.incremental import StageRecords
@@ -40,7 +41,7 @@ STAGE = Stage(
     name="report",
     sections=("gates",),
     # It reads the manifest too; every section's change reaches it through its upstream key.
-    inputs=(METRICS_JSON, BENCH_JSON),
+    inputs=(METRICS_JSON, BENCH_JSON, HEATMAPS_JSON),
     outputs=(REPORT_MD, PER_CLASS_PNG, LATENCY_PNG, GATES_JSON),
     run=run,
     summarise=summarise,

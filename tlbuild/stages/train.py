@@ -22,6 +22,7 @@ from tlbuild.artifacts import (
     SPLITS_JSON,
     TRAINING_FILES,
 )
+from tlbuild.data.duplicates_report import check_duplicates, fingerprint_for
 from tlbuild.data.scan import Sample, Splits, scan_dataset
 from tlbuild.data.sizes import size_advice, summarize_sizes
 from tlbuild.data.splits_file import splits_json
@@ -31,6 +32,7 @@ from tlbuild.models.factory import make_model
 from tlbuild.recipe import Recipe
 from tlbuild.stages.base import Stage, StageContext
 from tlbuild.train import distributed
+from tlbuild.train.eval_logits import EVAL_LOGITS, write_eval_logits
 from tlbuild.train.loop import TrainResult, fit
 from tlbuild.train.lr_find import plot_lr_find
 from tlbuild.train.metrics import (
@@ -57,7 +59,9 @@ def load_data(recipe: Recipe, console: Console) -> Splits:
     """Scan and split the recipe's data, reporting counts and skipped files."""
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("Checking images", total=None)
-        splits = scan_dataset(recipe.data, lambda n: progress.advance(task, n))
+        splits = scan_dataset(
+            recipe.data, lambda n: progress.advance(task, n), fingerprint_for(recipe.data)
+        )
     table = Table(title=f"{len(splits.classes)} classes", title_justify="left")
     counts = splits.counts()
     table.add_column("class")
@@ -87,7 +91,7 @@ def _history_csv(history: list[dict[str, Any]]) -> str:
 
 def _evaluate_split(
     tm: TrainedModel, samples: list[Sample], ok_class: str | None, batch: int = 32
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], np.ndarray]:
     from torch.utils.data import DataLoader
 
     from tlbuild.data.dataset import EvalTransform, ImageDataset
@@ -97,7 +101,7 @@ def _evaluate_split(
     loss, logits, labels = evaluate(tm.model, loader, torch.device("cpu"), None)
     m = classification_metrics(labels, logits.argmax(1), tm.classes, ok_class)
     m["loss"] = loss
-    return m
+    return m, logits
 
 
 def _head_only(result: TrainResult, recipe: Recipe) -> dict[str, Any] | None:
@@ -180,14 +184,17 @@ def _write_metrics(
         plot_lr_find(result.lr_find, out / LR_FIND_PNG)
     else:
         (out / LR_FIND_PNG).unlink(missing_ok=True)  # stale, from another run
+    logits: dict[str, tuple[list[Sample], np.ndarray]] = {}
     for split in ("val", "test"):
         samples: list[Sample] = getattr(splits, split)
         if samples:
-            metrics[split] = _evaluate_split(tm, samples, recipe.data.ok_class)
+            metrics[split], split_logits = _evaluate_split(tm, samples, recipe.data.ok_class)
+            logits[split] = (samples, split_logits)
             plot_confusion(metrics[split], out / f"confusion_{split}.png", f"{recipe.name} {split}")
         else:
             (out / f"confusion_{split}.png").unlink(missing_ok=True)  # stale, from another run
     write_json(out / METRICS_JSON, metrics)
+    write_eval_logits(out / EVAL_LOGITS, tm.classes, logits)
     return metrics
 
 
@@ -207,6 +214,7 @@ def run(ctx: StageContext) -> TrainOutputs:
     if not distributed.is_main_process():
         return _train_beside_rank0(ctx)
     splits = load_data(ctx.recipe, ctx.console)
+    check_duplicates(ctx.recipe.data, splits, ctx.out, ctx.console)  # "error" stops it here
     tm, result = _fit(ctx, splits)
     save_trained(ctx.out / MODEL_PT, tm)
     write_json(ctx.out / SPLITS_JSON, splits_json(splits))
@@ -236,7 +244,8 @@ STAGE = Stage(
     name="train",
     sections=("data", "model", "train"),
     inputs=(),
-    outputs=TRAINING_FILES,
+    # eval_logits.json is read by later stages, not shipped: the manifest does not list it.
+    outputs=(*TRAINING_FILES, EVAL_LOGITS),
     run=run,
     summarise=summarise,
     data=True,

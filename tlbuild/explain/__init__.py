@@ -1,0 +1,1 @@
+"""Heat maps of what the network looks at (Grad-CAM): for the report and `tlbuild explain`."""
