@@ -229,7 +229,7 @@ def test_resume_skips_done_inputs_and_refuses_another_model(
     assert _classify(str(half), *base).exit_code == 0
     first = pd.read_parquet(out)
     res = _classify(str(tmp_path / "photos"), *base)
-    assert res.exit_code == 0 and "3 already in the file" in res.output
+    assert res.exit_code == 0 and "3 already in --out" in res.output
     df = pd.read_parquet(out)
     assert len(df) == len(photos) and df.path.is_unique
     assert (

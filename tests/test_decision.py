@@ -313,6 +313,7 @@ def test_classify_applies_the_manifest_threshold_and_threshold_overrides_it(
     r = runner_cli.invoke(app, [*args, "--out", str(tmp_path / "o.parquet"), "--threshold", "0.5"])
     assert r.exit_code == 0, r.output
     assert "Decision threshold p(ok) < 0.5 from --threshold" in r.output
+    assert "Defective (p(ok)<0.5):" in r.output  # the summary names the rule that decided
     df = pd.read_parquet(tmp_path / "o.parquet")
     assert set(df["decided_by"]) == {"p(ok)<0.5"}
     assert (df["defective"] == (df["ok_score"] < 0.5)).all()

@@ -499,12 +499,13 @@ def _print_classify_summary(console: Console, s) -> None:  # noqa: ANN001 - Clas
     if s.decision:  # a threshold rule, and whether the manifest or --threshold set it
         console.print(escape(s.decision))
     if s.ok_class is not None:
-        console.print(
-            f"Defective (not '{s.ok_class}'): {s.defective:,} of {ok_rows:,} readable images"
-        )
+        # Say the rule that decided: with a threshold, an image whose top class is ok can
+        # still be defective.
+        how = f"not '{s.ok_class}'" if s.rule in (None, "argmax") else s.rule
+        console.print(f"Defective ({how}): {s.defective:,} of {ok_rows:,} readable images")
     extra = []
     if s.skipped:
-        extra.append(f"{s.skipped:,} already in the file (resumed)")
+        extra.append(f"{s.skipped:,} already in --out (resumed)")
     if s.ignored_files:
         extra.append(f"{s.ignored_files:,} files with other extensions ignored")
     if s.warnings:

@@ -84,6 +84,7 @@ class ClassifySummary:
     ignored_files: int = 0
     warnings: int = 0
     engine: str = "local"
+    rule: str | None = None  # the defective rule the rows carry in decided_by
     parts: tuple[int, int] | None = None  # part files before and after --compact
 
     def count(self, cols: dict[str, Any]) -> None:
@@ -277,6 +278,7 @@ def _classify(
     summary = ClassifySummary(out, choice.artifact, choice.backend, ok_class=ok_class)
     summary.decision = decided
     summary.engine = options.engine
+    summary.rule = decider.rule
 
     def warned(msg: str) -> None:
         summary.warnings += 1
