@@ -347,3 +347,16 @@ def test_ray_engine_reports_a_bad_model_as_one_message(tiny_build: Path, tmp_pat
     with pytest.raises(UsageError, match="does not match the sha256"):
         classify([str(_images(tmp_path / "in", 2))], model, tmp_path / "r.parquet", options)
     assert not (tmp_path / "r.parquet").exists()
+
+
+def test_a_path_written_in_a_part_is_not_taken_again_in_the_same_run(tmp_path: Path) -> None:
+    # A file named twice (a folder and a list) after its part was written gets one row.
+    from tlbuild.classify.results import COLUMNS
+
+    ds = ResultsDataset(f"{tmp_path}/ds/", {"model_sha256": "x"}, part_rows=1)
+    assert ds.claim("/data/a.jpg")
+    row = {c: [None] for c in COLUMNS} | {"path": ["/data/a.jpg"], "classified_at": [0]}
+    ds.add(row)  # part_rows = 1: written as a part at once
+    assert len(_parts(tmp_path / "ds")) == 1
+    assert not ds.claim("/data/a.jpg") and ds.done("/data/a.jpg")
+    ds.close()

@@ -27,17 +27,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tlbuild.classify.results import (
     COLUMNS,
     IDENTITY_KEYS,
     META_KEY,
+    PathIndex,
     object_encodings,
-    path_key,
+    parquet_keys,
     results_frame,
     signals_deferred,
-    storable,
 )
 from tlbuild.classify.storage import filesystem, is_url
 from tlbuild.errors import UsageError
@@ -110,8 +108,7 @@ class ResultsDataset:
         self.previous_rows = 0
         self.parts_written = 0
         self._run = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-        self._done = np.zeros(0, np.uint64)
-        self._pending: set[int] = set()
+        self.index = PathIndex()
         self._buf: dict[str, list[Any]] = {c: [] for c in COLUMNS}
         self._buf_since = time.monotonic()
         self._lock: Any = None
@@ -221,12 +218,8 @@ class ResultsDataset:
             for name in os.listdir(self.root):
                 if name.startswith(".part-") and name.endswith(".tmp"):
                     os.unlink(self._p(name))
-        keys = [self._done]
         for name in self.parts():
-            got = self._part_keys(name)
-            if got is not None:
-                keys.append(got)
-        self._done = np.unique(np.concatenate(keys))
+            self._read_part_keys(name)
 
     def _read_identity(self) -> dict[str, Any] | None:
         try:
@@ -239,17 +232,11 @@ class ResultsDataset:
             ) from None
         return raw.get("identity", {})
 
-    def _part_keys(self, name: str) -> np.ndarray | None:
-        """Path keys of a readable part; an unreadable one is set aside (its files redone)."""
-        fastparquet = quiet_fastparquet()
-        parts = [np.zeros(0, np.uint64)]
+    def _read_part_keys(self, name: str) -> None:
+        """Index a readable part's paths; an unreadable one is set aside (its files redone)."""
         try:
-            pf = fastparquet.ParquetFile(self._p(name), open_with=self.fs.open)
-            rows = 0
-            for df in pf.iter_row_groups(columns=["path", "error"]):
-                paths = df["path"][df["error"].isna()] if self.retry_errors else df["path"]
-                parts.append(np.fromiter((path_key(p) for p in paths), np.uint64, len(paths)))
-                rows += len(df)
+            pf = quiet_fastparquet().ParquetFile(self._p(name), open_with=self.fs.open)
+            keys, rows = parquet_keys(pf, self.retry_errors)
         except Exception as e:
             self.fs.makedirs(self._p(ASIDE), exist_ok=True)
             self.fs.mv(self._p(name), self._p(f"{ASIDE}/{name}"))
@@ -257,29 +244,18 @@ class ResultsDataset:
                 f"{self.out}/{name} is not a readable Parquet file ({type(e).__name__}); moved "
                 f"to {ASIDE}/ and its files will be classified again"
             )
-            return None
+            return
+        self.index.add(keys)
         self.previous_rows += rows
-        return np.concatenate(parts)
 
     # -- the same calls as ResultsFile ----------------------------------------------------------
-    def _has(self, key: int) -> bool:
-        if key in self._pending:
-            return True
-        k = np.uint64(key)
-        i = int(np.searchsorted(self._done, k))
-        return i < self._done.size and self._done[i] == k
-
     def done(self, path: str) -> bool:
         """True if `path` already has a row."""
-        return self._has(path_key(storable(path)))
+        return self.index.done(path)
 
     def claim(self, path: str) -> bool:
-        """Take `path` for this run: False if it already has a row or was taken this run."""
-        key = path_key(storable(path))
-        if self._has(key):
-            return False
-        self._pending.add(key)
-        return True
+        """Take `path` for this run (see PathIndex.claim)."""
+        return self.index.claim(path)
 
     def add(self, rows: dict[str, list[Any]]) -> None:
         """Buffer one batch; a part is written when it is full or old enough."""
@@ -310,7 +286,7 @@ class ResultsDataset:
             self.parts_written += 1
             self._write_part(f"part-{self._run}-{self.parts_written:05d}.parquet", self._buf)
             self._buf = {c: [] for c in COLUMNS}
-            self._pending.clear()
+            self.index.settle()
         self._renew_lease()
 
     def _write_part(self, name: str, cols: dict[str, list[Any]]) -> None:

@@ -117,6 +117,57 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(received[0])
 
 
+class PathIndex:
+    """Which paths already have a row: 8-byte keys from earlier runs (a sorted array, so memory
+    is flat in the number of rows) plus the keys claimed since the last write (a set)."""
+
+    def __init__(self) -> None:
+        self._done = np.zeros(0, np.uint64)
+        self._pending: set[int] = set()
+
+    def add(self, keys: np.ndarray) -> None:
+        """Mark these keys as having a row."""
+        self._done = np.union1d(self._done, np.asarray(keys, np.uint64))
+
+    def settle(self) -> None:
+        """The claimed keys' rows are written: keep them with the others."""
+        if self._pending:
+            self.add(np.fromiter(self._pending, np.uint64, len(self._pending)))
+            self._pending.clear()
+
+    def _has(self, key: int) -> bool:
+        if key in self._pending:
+            return True
+        k = np.uint64(key)
+        i = int(np.searchsorted(self._done, k))
+        return i < self._done.size and self._done[i] == k
+
+    def done(self, path: str) -> bool:
+        """True if `path` already has a row (from an earlier run, or claimed in this one)."""
+        return self._has(path_key(storable(path)))
+
+    def claim(self, path: str) -> bool:
+        """Take `path` for this run: False if it already has a row or was taken (a folder and
+        a list naming the same file), so it is classified once. One hash per discovered file."""
+        key = path_key(storable(path))
+        if self._has(key):
+            return False
+        self._pending.add(key)
+        return True
+
+
+def parquet_keys(pf: Any, retry_errors: bool) -> tuple[np.ndarray, int]:
+    """Path keys of the rows in a results ParquetFile (without error rows when they are to be
+    retried), and its row count; read a row group at a time."""
+    parts = [np.zeros(0, np.uint64)]
+    rows = 0
+    for df in pf.iter_row_groups(columns=["path", "error"]):
+        paths = df["path"][df["error"].isna()] if retry_errors else df["path"]
+        parts.append(np.fromiter((path_key(p) for p in paths), np.uint64, len(paths)))
+        rows += len(df)
+    return np.concatenate(parts), rows
+
+
 class ResultsFile:
     """Appends rows to `out`; `done(path)` says whether a previous run already classified it."""
 
@@ -137,8 +188,7 @@ class ResultsFile:
         self.commit_seconds = commit_seconds
         self.journal_path = self.out.with_name(self.out.name + ".journal")
         self.previous_rows = 0
-        self._done = np.zeros(0, np.uint64)
-        self._pending: set[int] = set()  # keys claimed since the last commit
+        self.index = PathIndex()
         self._rows_in_file = 0
         self._buf: dict[str, list[Any]] = {c: [] for c in COLUMNS}
         self._last_commit = time.monotonic()
@@ -178,11 +228,10 @@ class ResultsFile:
             self.out.unlink(missing_ok=True)
             self._reset_journal()
             return
-        keys: list[np.ndarray] = []
         if self.out.exists():
             self._check_identity(self._file_identity(), str(self.out))
-            keys.append(self._file_keys())
-        self._done = np.unique(np.concatenate(keys)) if keys else self._done
+            pf = quiet_fastparquet().ParquetFile(str(self.out))
+            self.index.add(parquet_keys(pf, self.retry_errors)[0])
         self._fold_journal()
 
     def _file_identity(self) -> dict[str, Any]:
@@ -214,14 +263,6 @@ class ResultsFile:
                 "Use --overwrite to start over, or another --out."
             )
 
-    def _file_keys(self) -> np.ndarray:
-        parts = [np.zeros(0, np.uint64)]
-        pf = quiet_fastparquet().ParquetFile(str(self.out))
-        for df in pf.iter_row_groups(columns=["path", "error"]):
-            paths = df["path"][df["error"].isna()] if self.retry_errors else df["path"]
-            parts.append(np.fromiter((path_key(p) for p in paths), np.uint64, len(paths)))
-        return np.concatenate(parts)
-
     def _fold_journal(self) -> None:
         """Rows journaled by a run that was killed go into the file before anything new."""
         assert self._journal is not None
@@ -248,34 +289,17 @@ class ResultsFile:
                 self.previous_rows += len(fresh)
                 # With retry_errors, failed files stay to do: their rows are kept all the same.
                 done = [r for r in fresh if not (self.retry_errors and r["error"] is not None)]
-                if done:
-                    self._done = np.unique(
-                        np.concatenate([self._done, [path_key(r["path"]) for r in done]])
-                    )
+                self.index.add(np.fromiter((path_key(r["path"]) for r in done), np.uint64))
         self._commit()
 
     # -- writing ----------------------------------------------------------------------------
-    def _has(self, key: int) -> bool:
-        if key in self._pending:
-            return True
-        if not self._done.size:
-            return False
-        k = np.uint64(key)
-        i = int(np.searchsorted(self._done, k))
-        return i < self._done.size and self._done[i] == k
-
     def done(self, path: str) -> bool:
         """True if `path` already has a row (from an earlier run, or earlier in this one)."""
-        return self._has(path_key(storable(path)))
+        return self.index.done(path)
 
     def claim(self, path: str) -> bool:
-        """Take `path` for this run: False if it already has a row or was taken (a folder and
-        a list naming the same file), so it is classified once. One hash per discovered file."""
-        key = path_key(storable(path))
-        if self._has(key):
-            return False
-        self._pending.add(key)
-        return True
+        """Take `path` for this run (see PathIndex.claim)."""
+        return self.index.claim(path)
 
     def add(self, rows: dict[str, list[Any]]) -> None:
         """Append one batch (columnar, every column of COLUMNS): journaled now, committed soon."""
@@ -333,10 +357,7 @@ class ResultsFile:
                     os.fsync(f.fileno())
             self._rows_in_file += len(df)
             self._buf = {c: [] for c in COLUMNS}
-            if self._pending:
-                keys = np.fromiter(self._pending, np.uint64, len(self._pending))
-                self._done = np.union1d(self._done, keys)
-                self._pending.clear()
+            self.index.settle()
             self._reset_journal()
 
     def _reset_journal(self) -> None:
