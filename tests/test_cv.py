@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.conftest import small_recipe
 from tlbuild.cli import app
 from tlbuild.cv.folds import assign_folds, inner_val
 from tlbuild.cv.label_issues import find_label_issues
@@ -87,15 +88,7 @@ def _colour_data(root: Path, per_class: int) -> list[str]:
 def _recipe(folder: Path, data: Path) -> Path:
     # The linear probe fits the head on frozen features (what finds colours); a short
     # low-lr stage after it gives each fold epochs to checkpoint and resume.
-    text = f"""
-name = "colours"
-output_dir = "out"
-[data]
-root = "{data}"
-split = {{ val = 0.25, seed = 0 }}
-ok_class = "ok"
-[model]
-preprocess = {{ input_size = 48, resize = "resize" }}
+    train = """
 [train]
 batch_size = 8
 head_init = "probe"
@@ -104,9 +97,7 @@ name = "head"
 epochs = 3
 lr = 1e-4
 """
-    path = folder / "colours.toml"
-    path.write_text(text)
-    return path
+    return small_recipe(folder, data, "colours", train, size=48, data_extra='ok_class = "ok"')
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ import numpy as np
 
 from tlbuild.classify.rows import Decider, Decoded, RowMaker, chunks, decode_batch
 from tlbuild.classify.run import ClassifyOptions, ModelChoice, RayOptions, provider_of
-from tlbuild.classify.storage import default_model_cache, fetch_model, is_url
+from tlbuild.classify.storage import default_model_cache, is_url, local_model
 from tlbuild.errors import TlbuildError, UsageError
 
 # Paths per Ray Data dataset. Each round restarts the actor pool (about a second per actor to
@@ -74,22 +74,17 @@ def _arrow_schema() -> Any:
     )
 
 
-def _open_model(
-    source: str, cache: str, artifact: str | None, provider: str, threads: int
-) -> tuple[Path, Any]:
-    """(local folder, Predictor) on this node; a URL is fetched once per node into `cache`."""
+def _open_model(source: str, cache: str, artifact: str | None, provider: str, threads: int) -> Any:
+    """A Predictor on this node; a URL is fetched once per node into `cache`."""
     from tlbuild.runtime.load import load_predictor
 
-    path = fetch_model(source, Path(cache), artifact) if is_url(source) else Path(source)
-    if is_url(source) and artifact:
-        path = path / artifact
-    predictor = load_predictor(path, artifact, provider, threads=threads, spinning=False)
-    return predictor.artifact.parent, predictor
+    path = local_model(source, Path(cache), artifact)
+    return load_predictor(path, artifact, provider, threads=threads, spinning=False)
 
 
 def _probe(source: str, cache: str, artifact: str | None, provider: str) -> dict[str, Any]:
     """Run where an actor would: which artifact and provider start there."""
-    _, predictor = _open_model(source, cache, artifact, provider, threads=1)
+    predictor = _open_model(source, cache, artifact, provider, threads=1)
     return {
         "artifact": predictor.artifact.name,
         "provider": provider_of(predictor.backend, predictor.artifact.name),
@@ -118,7 +113,7 @@ class Classifier:
         self._pa = pa
         self.schema = _arrow_schema()
         # One ORT thread per CPU the actor holds; decode gets the same number of threads.
-        _, predictor = _open_model(source, cache, artifact, provider, threads)
+        predictor = _open_model(source, cache, artifact, provider, threads)
         self.maker = RowMaker(predictor, decider, sha256)
         self.exact = exact
         self.threads = threads

@@ -20,7 +20,7 @@ from tlbuild.classify.dataset_out import PART_ROWS, ResultsDataset, is_dataset_o
 from tlbuild.classify.inputs import InputWalker, check_inputs
 from tlbuild.classify.results import ResultsFile
 from tlbuild.classify.rows import Decider, Decoded, RowMaker, chunks, decode_batch, reason_kind
-from tlbuild.classify.storage import default_model_cache, fetch_model, is_url, local_path
+from tlbuild.classify.storage import default_model_cache, is_url, local_model
 from tlbuild.data.images import IMAGE_EXTENSIONS
 from tlbuild.decision.rule import manifest_threshold
 from tlbuild.errors import BuildError, UsageError
@@ -177,12 +177,7 @@ def provider_of(backend: str, artifact: str) -> str:
 
 
 def _local_model(model: str, options: ClassifyOptions) -> Path:
-    """--model as a local folder or file: a storage URL is fetched (once) into the cache."""
-    if not is_url(model):
-        return Path(local_path(model))
-    cache = options.model_cache or default_model_cache()
-    folder = fetch_model(model, cache, options.artifact)
-    return folder / options.artifact if options.artifact else folder
+    return local_model(model, options.model_cache or default_model_cache(), options.artifact)
 
 
 def _open_results(out: str, identity: dict[str, Any], options: ClassifyOptions, warn):  # noqa: ANN001, ANN202

@@ -72,6 +72,15 @@ def default_model_cache() -> Path:
     return Path(os.environ.get("TLBUILD_MODEL_CACHE") or Path.home() / ".cache/tlbuild/models")
 
 
+def local_model(source: str, cache: Path, artifact: str | None = None) -> Path:
+    """--model on this machine: a local folder or file as it is, a URL fetched (once) into
+    `cache`; with `artifact`, the path of that file in the folder."""
+    if not is_url(source):
+        return Path(local_path(source))
+    folder = fetch_model(source, cache, artifact)
+    return folder / artifact if artifact else folder
+
+
 def fetch_model(url: str, cache: Path, artifact: str | None = None) -> Path:
     """Copy an export folder from storage into `cache` once per machine; returns the local folder.
 
