@@ -72,16 +72,16 @@ def _settings(recipe: Recipe, k: int) -> dict[str, Any]:
     }
 
 
-def _check(recipe: Recipe, samples: list[Sample], classes: list[str], k: int) -> None:
+def _check(samples: list[Sample], classes: list[str], k: int) -> None:
     if k < 2:
         raise UsageError(f"--folds {k}: cross-validation needs at least 2 folds")
     counts = np.bincount([s.label for s in samples], minlength=len(classes))
-    # Each fold's training part needs min_per_class images and one for early stopping.
-    need = k
+    # Stratified folds deal each class round-robin: a class smaller than k leaves a fold
+    # without it, and that fold's scores say nothing about the class.
     for c, n in zip(classes, counts, strict=True):
-        if n < need:
+        if n < k:
             raise DataError(
-                f"class '{c}' has {n} image(s); --folds {k} needs at least {need} per class "
+                f"class '{c}' has {n} image(s); --folds {k} needs at least {k} per class "
                 "(one in every fold): add images or use fewer folds"
             )
 
@@ -167,7 +167,7 @@ def run_cv(recipe: Recipe, k: int, console: Console, fresh: bool = False) -> CVR
     samples = splits.train + splits.val + splits.test
     split_of = ["train"] * len(splits.train) + ["val"] * len(splits.val)
     split_of += ["test"] * len(splits.test)
-    _check(recipe, samples, classes, k)
+    _check(samples, classes, k)
     folds = assign_folds(samples, k, recipe.data.split.seed)
     cv = recipe.out_dir / CV_DIR
     cv.mkdir(parents=True, exist_ok=True)
