@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class TlbuildError(Exception):
     """Base class: a problem the user can fix; never shown as a traceback."""
@@ -27,3 +30,35 @@ class BuildError(TlbuildError):
 
 class DataError(BuildError):
     """The dataset cannot be used as it is (an empty class, too few images, no images at all)."""
+
+
+class DiskFullError(BuildError):
+    """A write failed because its file system is full (or over quota)."""
+
+    def __init__(self, path: object) -> None:
+        super().__init__(f"no space left on the device holding {path}; free some space there")
+        self.path = path
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(e: BaseException) -> str | None:
+    """The one-line message for an error caused by a full disk anywhere in its chain, else None.
+
+    Libraries wrap ENOSPC in their own errors (torch, onnx, fastparquet), so the chain is walked
+    and, where the errno is gone, the C library's own words for it are looked for.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, DiskFullError):
+            return str(cause)
+        if isinstance(cause, OSError) and cause.errno in _FULL:
+            where = cause.filename or "a file it was writing"
+            return str(DiskFullError(where))
+        if any(os.strerror(n) in str(cause) for n in _FULL):
+            return str(DiskFullError("a file it was writing"))
+        cause = cause.__cause__ or cause.__context__
+    return None
