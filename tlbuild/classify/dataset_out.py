@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -38,8 +39,8 @@ from tlbuild.classify.results import (
     signals_deferred,
 )
 from tlbuild.classify.storage import filesystem, is_url
-from tlbuild.errors import UsageError
-from tlbuild.fileio import quiet_fastparquet
+from tlbuild.errors import DiskFullError, UsageError, disk_full
+from tlbuild.fileio import NotRegularFileError, atomic_path, open_regular, quiet_fastparquet
 
 IDENTITY_FILE = "_tlbuild.json"
 LOCK_FILE = "_tlbuild.lock"
@@ -50,6 +51,15 @@ PART_ROWS = 50_000
 # A storage lock not renewed for this long belongs to a run that died (parts are written at
 # least every part_seconds, and each write renews it).
 LEASE_SECONDS = 1800.0
+# What a part file's name may be where the name comes from a file (the compaction plan): one
+# plain name in the folder, so no plan can make a run delete anything else.
+_PART_NAME = re.compile(r"part-[^/\\\x00]+\.parquet")
+# Temporary files of writes a killed run left (atomic_path's, and older versions' `.NAME.tmp`).
+_TEMP_PREFIXES = (".part-", "._tlbuild.", "._compact.")
+
+
+def _rows(n: int) -> str:
+    return f"{n:,} row{'s' * (n != 1)}"
 
 
 def is_dataset_out(out: str) -> bool:
@@ -107,11 +117,13 @@ class ResultsDataset:
         self.warn = warn or (lambda msg: None)
         self.previous_rows = 0
         self.parts_written = 0
+        self.rows_written = 0  # this run's rows in part files
         self._run = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         self.index = PathIndex()
         self._buf: dict[str, list[Any]] = {c: [] for c in COLUMNS}
         self._buf_since = time.monotonic()
         self._lock: Any = None
+        self._made: list[str] = []  # the folder and lock file this run created, newest last
         self._lease_renewed = 0.0
         self._open(overwrite)
 
@@ -120,42 +132,71 @@ class ResultsDataset:
         return f"{self.root}/{name}"
 
     def parts(self) -> list[str]:
-        """Names of the part files in the folder, oldest run first."""
+        """Names of the part files in the folder, oldest run first: regular files only (a named
+        pipe would block the reader, and a folder is not a part)."""
         try:
-            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+            if self.local:
+                with os.scandir(self.root) as it:
+                    names = [e.name for e in it if e.is_file()]
+            else:
+                found = self.fs.ls(self.root, detail=True)
+                names = [e["name"].rsplit("/", 1)[-1] for e in found if e.get("type") == "file"]
         except FileNotFoundError:
             return []
         return sorted(n for n in names if n.endswith(".parquet") and n[0] not in "._")
 
+    def _read(self, name: str) -> bytes:
+        """A small file of the folder (`_tlbuild.json`, the plan); a local one must be regular."""
+        if not self.local:
+            return self.fs.cat_file(self._p(name))
+        try:
+            with open_regular(self._p(name)) as f:
+                return f.read()
+        except NotRegularFileError as e:
+            raise UsageError(f"{self.out}/{name} is {e.reason}; remove it") from None
+
     # -- opening ------------------------------------------------------------------------------
     def _open(self, overwrite: bool) -> None:
-        if self.local and os.path.isfile(self.root):
+        if self.local and os.path.exists(self.root) and not os.path.isdir(self.root):
             raise UsageError(f"--out {self.out}/ names a folder, but {self.out} is a file")
+        if self.local and not os.path.isdir(self.root):
+            self._made.append(self.root)
         try:
             self.fs.makedirs(self.root, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot create the results folder {self.out}: {e}") from None
-        self._take_lock()
         try:
-            self._finish_compaction()
+            self._take_lock()
             self._resume(overwrite)
         except BaseException:
-            self._release_lock()
+            # A refused run leaves the folder as it found it: no lock file, no new folder.
+            self._release_lock(undo=True)
             raise
 
     def _take_lock(self) -> None:
         if self.local:
-            lock = open(self._p(LOCK_FILE), "a+")  # noqa: SIM115 - held open while writing
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            path = self._p(LOCK_FILE)
+            for _ in range(10):
+                made = not os.path.lexists(path)
+                lock = open(path, "a+")  # noqa: SIM115 - held open while writing
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    lock.close()
+                    raise UsageError(
+                        f"another tlbuild classify is writing {self.out}/; wait for it or use "
+                        "another --out"
+                    ) from None
+                # A refused run removes the lock file it made; one opened just before that
+                # is then locked in vain, so the lock counts only if it is still the file's.
+                with contextlib.suppress(OSError):
+                    if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                        self._lock = lock
+                        if made:
+                            self._made.append(path)
+                        return
                 lock.close()
-                raise UsageError(
-                    f"another tlbuild classify is writing {self.out}/; wait for it or use "
-                    "another --out"
-                ) from None
-            self._lock = lock
-            return
+            raise UsageError(f"cannot lock {self.out}/{LOCK_FILE}: it keeps being replaced")
         # Object storage has no advisory locks: a lease object that each part write renews.
         path = self._p(LOCK_FILE)
         with contextlib.suppress(FileNotFoundError):
@@ -177,12 +218,17 @@ class ResultsDataset:
         lease = json.dumps({**self._lock, "renewed": time.time()}).encode("utf-8")
         self.fs.pipe_file(self._p(LOCK_FILE), lease)
 
-    def _release_lock(self) -> None:
-        if self._lock is None:
-            return
+    def _release_lock(self, undo: bool = False) -> None:
+        """Let go of the folder; `undo`: also remove the lock file and folder this run made."""
         if self.local:
-            self._lock.close()
-        else:
+            if undo:
+                # Removed while still locked, newest first: the folder only if left empty.
+                for made in reversed(self._made):
+                    with contextlib.suppress(OSError):
+                        (os.rmdir if made == self.root else os.unlink)(made)
+            if self._lock is not None:
+                self._lock.close()
+        elif self._lock is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self._p(LOCK_FILE))
         self._lock = None
@@ -209,28 +255,34 @@ class ResultsDataset:
                     f"{self.out}/ holds results of another model or settings "
                     f"({'; '.join(diffs)}). Use --overwrite to start over, or another --out."
                 )
-        else:
+        # Only in a folder this run may write: a plan names files to delete.
+        self._finish_compaction()
+        if found is None:
             self._write_bytes(
                 IDENTITY_FILE,
                 json.dumps({"format": FORMAT, "identity": self.identity, "meta": self.meta}),
             )
-        if self.local:  # parts a killed run was writing when it died
+        if self.local:  # files a killed run was writing when it died (the lock says it is dead)
             for name in os.listdir(self.root):
-                if name.startswith(".part-") and name.endswith(".tmp"):
-                    os.unlink(self._p(name))
+                if name.startswith(_TEMP_PREFIXES) and ".tmp" in name:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self._p(name))
         for name in self.parts():
             self._read_part_keys(name)
 
     def _read_identity(self) -> dict[str, Any] | None:
         try:
-            raw = json.loads(self.fs.cat_file(self._p(IDENTITY_FILE)))
+            raw = json.loads(self._read(IDENTITY_FILE))
         except FileNotFoundError:
             return None
         except ValueError:
+            raw = None
+        found = raw.get("identity") if isinstance(raw, dict) else None
+        if not isinstance(found, dict):
             raise UsageError(
                 f"{self.out}/{IDENTITY_FILE} is damaged; use --overwrite to start over"
-            ) from None
-        return raw.get("identity", {})
+            )
+        return found
 
     def _read_part_keys(self, name: str) -> None:
         """Index a readable part's paths; an unreadable one is set aside (its files redone)."""
@@ -238,8 +290,16 @@ class ResultsDataset:
             pf = quiet_fastparquet().ParquetFile(self._p(name), open_with=self.fs.open)
             keys, rows = parquet_keys(pf, self.retry_errors)
         except Exception as e:
-            self.fs.makedirs(self._p(ASIDE), exist_ok=True)
-            self.fs.mv(self._p(name), self._p(f"{ASIDE}/{name}"))
+            try:
+                if self.local and os.path.islink(self._p(ASIDE)):  # it would lead out of the folder
+                    raise OSError(f"{ASIDE} is a symbolic link")
+                self.fs.makedirs(self._p(ASIDE), exist_ok=True)
+                self.fs.mv(self._p(name), self._p(f"{ASIDE}/{name}"))
+            except OSError as moving:
+                raise UsageError(
+                    f"{self.out}/{name} is not a readable Parquet file, and it cannot be moved to "
+                    f"{ASIDE}/ ({moving}); move it out of the folder"
+                ) from None
             self.warn(
                 f"{self.out}/{name} is not a readable Parquet file ({type(e).__name__}); moved "
                 f"to {ASIDE}/ and its files will be classified again"
@@ -269,6 +329,17 @@ class ResultsDataset:
         elif time.monotonic() - self._lease_renewed > LEASE_SECONDS / 4:
             self._renew_lease()
 
+    def kept(self) -> str:
+        """Where this run's rows are now, in words: the last message of a run cut short."""
+        n, lost = self.rows_written, len(self._buf["path"])
+        said = "this run wrote no rows"
+        if n:
+            parts = f"{self.parts_written} part file{'s' * (self.parts_written != 1)}"
+            said = f"the {_rows(n)} this run wrote are in {parts} in {self.out}/"
+        if lost:
+            said += f"; {_rows(lost)} more could not be written (the next run redoes their files)"
+        return said
+
     def close(self) -> None:
         """Write the buffered rows as a last part and let go of the folder; safe to call twice."""
         if self._lock is None:
@@ -283,38 +354,49 @@ class ResultsDataset:
         if not self._buf["path"]:
             return
         with signals_deferred():  # a part is written whole, even on Ctrl-C
+            self._write_part(f"part-{self._run}-{self.parts_written + 1:05d}.parquet", self._buf)
             self.parts_written += 1
-            self._write_part(f"part-{self._run}-{self.parts_written:05d}.parquet", self._buf)
+            self.rows_written += len(self._buf["path"])
             self._buf = {c: [] for c in COLUMNS}
             self.index.settle()
         self._renew_lease()
 
     def _write_part(self, name: str, cols: dict[str, list[Any]]) -> None:
         fastparquet = quiet_fastparquet()
-        final = self._p(name)
-        target = self._p(f".{name}.tmp") if self.local else final
-        with warnings.catch_warnings():
+        frame = results_frame(cols)
+        kwargs = {
+            "object_encoding": object_encodings(),
+            "compression": "ZSTD",
+            "custom_metadata": {META_KEY: json.dumps(self.meta)},
+        }
+        with self._disk_full_named(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fastparquet trips pandas deprecation warnings
-            fastparquet.write(
-                target,
-                results_frame(cols),
-                object_encoding=object_encodings(),
-                compression="ZSTD",
-                custom_metadata={META_KEY: json.dumps(self.meta)},
-                open_with=self.fs.open,
-            )
-        if self.local:
-            with open(target, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(target, final)
+            if not self.local:  # a storage object appears only when its upload completes
+                fastparquet.write(self._p(name), frame, open_with=self.fs.open, **kwargs)
+                return
+            # A fresh temporary name (never a planted symlink), removed if the write fails.
+            with atomic_path(Path(self._p(name))) as tmp:
+                fastparquet.write(str(tmp), frame, **kwargs)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
 
     def _write_bytes(self, name: str, text: str) -> None:
-        if self.local:
-            tmp = self._p(f".{name}.tmp")
-            Path(tmp).write_text(text, encoding="utf-8")
-            os.replace(tmp, self._p(name))
-        else:
-            self.fs.pipe_file(self._p(name), text.encode("utf-8"))
+        with self._disk_full_named():
+            if self.local:
+                with atomic_path(Path(self._p(name))) as tmp:
+                    tmp.write_text(text, encoding="utf-8")
+            else:
+                self.fs.pipe_file(self._p(name), text.encode("utf-8"))
+
+    @contextlib.contextmanager
+    def _disk_full_named(self) -> Any:
+        """A full disk while writing into the folder is a DiskFullError naming the folder."""
+        try:
+            yield
+        except (OSError, RuntimeError, DiskFullError) as e:
+            if disk_full(e) is None:
+                raise
+            raise DiskFullError(f"{self.out}/") from e
 
     # -- compaction ---------------------------------------------------------------------------
     def compact(self, target_rows: int | None = None) -> tuple[int, int]:
@@ -362,11 +444,29 @@ class ResultsDataset:
 
     def _finish_compaction(self) -> None:
         try:
-            plan = json.loads(self.fs.cat_file(self._p(PLAN_FILE)))
+            raw = self._read(PLAN_FILE)
         except FileNotFoundError:
             return
+        try:
+            plan = json.loads(raw)
+        except ValueError:
+            plan = None
+        # The plan names files to delete: only part files of this folder, or nothing at all.
+        if not (
+            isinstance(plan, dict)
+            and all(
+                isinstance(plan.get(key), list)
+                and all(isinstance(n, str) and _PART_NAME.fullmatch(n) for n in plan[key])
+                for key in ("remove", "add")
+            )
+        ):
+            raise UsageError(
+                f"{self.out}/{PLAN_FILE} is damaged or names files that are not part files of "
+                f"the folder, so no file was removed; check the part files, then delete "
+                f"{PLAN_FILE}"
+            )
         # Published: every new part is whole, so the old ones go; otherwise the new ones do.
-        for name in plan["remove"] if plan.get("published") else plan["add"]:
+        for name in plan["remove"] if plan.get("published") is True else plan["add"]:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self._p(name))
         self.fs.rm_file(self._p(PLAN_FILE))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 from tlbuild.classify.storage import exists, filesystem, is_url, local_path
 from tlbuild.data.images import IMAGE_EXTENSIONS
 from tlbuild.errors import UsageError
+from tlbuild.fileio import open_regular
 
 # An input file with one of these suffixes (or "-" for stdin) is a list of image paths.
 LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -70,7 +72,9 @@ class InputWalker:
                 yield from self._walk(os.path.abspath(raw))
             elif raw.lower().endswith(LIST_SUFFIXES):
                 try:
-                    with open(raw, encoding="utf-8") as f:
+                    # A list that is a named pipe (or a device) is refused, not waited on;
+                    # "-" is how a pipe is given on purpose.
+                    with io.TextIOWrapper(open_regular(raw), encoding="utf-8") as f:
                         # abspath, not resolve: the same file must get the same path (and
                         # resume key) whether it comes from a list or a folder.
                         yield from self._list(f, Path(os.path.abspath(raw)).parent)

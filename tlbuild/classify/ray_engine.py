@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import numpy as np
 from tlbuild.classify.rows import Decider, Decoded, RowMaker, chunks, decode_batch
 from tlbuild.classify.run import ClassifyOptions, ModelChoice, RayOptions, provider_of
 from tlbuild.classify.storage import default_model_cache, is_url, local_model
+from tlbuild.data.decode_threads import DecodeThreads
 from tlbuild.errors import TlbuildError, UsageError
 
 # Paths per Ray Data dataset. Each round restarts the actor pool (about a second per actor to
@@ -117,16 +117,18 @@ class Classifier:
         self.maker = RowMaker(predictor, decider, sha256)
         self.exact = exact
         self.threads = threads
-        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self.pool = DecodeThreads(threads) if threads > 1 else None
 
     def _decode(self, paths: list[str]) -> Decoded:
         spec = self.maker.predictor.preprocessing
         if self.pool is None or len(paths) < 2 * self.threads:
             return decode_batch(paths, spec, self.exact)
         size = -(-len(paths) // self.threads)
-        parts = list(
-            self.pool.map(lambda c: decode_batch(c, spec, self.exact), chunks(paths, size))
-        )
+
+        def decode(chunk: list[str]) -> Decoded:
+            return decode_batch(chunk, spec, self.exact)
+
+        parts = list(self.pool.imap(decode, chunks(paths, size), self.threads))
         merged = Decoded([], np.concatenate([d.batch for d in parts]), [], [], [], [], [])
         for d in parts:
             merged.ok += [len(merged.paths) + i for i in d.ok]

@@ -15,22 +15,24 @@ leaves a file no reader can open, and thousands of tiny row groups make every re
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import signal
+import stat
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
-from tlbuild.errors import UsageError
+from tlbuild.errors import DiskFullError, UsageError, disk_full
 from tlbuild.fileio import atomic_path, quiet_fastparquet
 
 # Column -> how it is stored. Documented in README.md ("Classify results schema").
@@ -58,6 +60,42 @@ IDENTITY_KEYS = ("model_sha256", "artifact", "ok_class", "threshold", "topk", "d
 # A row group holds at least commit_rows rows and grows with the file (each commit copies the
 # file, so a fixed size would copy O(rows^2) bytes), up to this many buffered rows (memory).
 MAX_GROUP_ROWS = 65_536
+
+
+def _fits(value: Any, kind: str) -> bool:
+    """Whether a journal value can be stored as a COLUMNS `kind` (None is a null)."""
+    if value is None:
+        return kind != "timestamp"
+    if isinstance(value, bool):
+        return kind == "boolean"
+    if kind == "utf8":
+        return isinstance(value, str)
+    if kind == "json":
+        return isinstance(value, list)
+    if kind == "Float32":
+        return isinstance(value, int | float) and not abs(value) > 3.4e38
+    if isinstance(value, int):
+        limit = {"Int32": 2**31, "Int64": 2**63, "timestamp": 9 * 10**15}.get(kind, 0)
+        return -limit <= value < limit
+    return False
+
+
+def journal_row(line: bytes | str) -> dict[str, Any] | None:
+    """A journal line as a row of every column, or None if it is not one (torn by a kill, or
+    damaged): the journal is read back from disk, so nothing in it is trusted unchecked."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+        return None
+    if not all(c in row and _fits(row[c], kind) for c, kind in COLUMNS.items()):
+        return None
+    return row
+
+
+def _rows(n: int) -> str:
+    return f"{n:,} row{'s' * (n != 1)}"
 
 
 def path_key(path: str) -> int:
@@ -179,6 +217,7 @@ class ResultsFile:
         retry_errors: bool = False,
         commit_rows: int = 4096,
         commit_seconds: float = 15.0,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.out = Path(out)
         self.identity = {k: identity.get(k) for k in IDENTITY_KEYS}
@@ -187,21 +226,27 @@ class ResultsFile:
         self.retry_errors = retry_errors
         self.commit_seconds = commit_seconds
         self.journal_path = self.out.with_name(self.out.name + ".journal")
+        self.warn = warn or (lambda msg: None)
         self.previous_rows = 0
+        self.rows_added = 0  # this run's rows, journaled
+        self.rows_committed = 0  # of those, the ones in the Parquet file
         self.index = PathIndex()
         self._rows_in_file = 0
         self._buf: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+        self._buf_added = 0  # rows in _buf that this run added (the rest were folded in)
         self._last_commit = time.monotonic()
-        self._journal: TextIO | None = None
+        self._journal: Any = None  # an unbuffered binary file: no write is left half-pending
         self._open(overwrite)
 
     # -- opening and resuming -------------------------------------------------------------
     def _open(self, overwrite: bool) -> None:
         if self.out.is_dir():
             raise UsageError(f"--out {self.out} is a folder; name a .parquet file")
+        if self.out.exists() and not self.out.is_file():
+            raise UsageError(f"--out {self.out} is not a regular file; name a .parquet file")
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            journal = open(self.journal_path, "a+", encoding="utf-8")  # noqa: SIM115 - held open
+            journal = self._open_journal()
         except OSError as e:
             raise UsageError(f"cannot write beside {self.out}: {e.strerror}") from None
         try:
@@ -223,6 +268,29 @@ class ResultsFile:
             self._journal = None
             raise
 
+    def _open_journal(self) -> Any:
+        """The journal, opened for reading and appending; a UsageError if it is not a plain file.
+
+        Not followed if it is a symlink (truncating it would truncate whatever it points to),
+        and never a pipe or device, which would block the read that folds it in."""
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(self.journal_path, flags | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise UsageError(
+                f"{self.journal_path} is a symbolic link; tlbuild keeps its journal there as a "
+                "plain file: remove the link, or use another --out"
+            ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UsageError(
+                f"{self.journal_path} is not a regular file; remove it, or use another --out"
+            )
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "a+b", buffering=0)
+
     def _resume(self, overwrite: bool) -> None:
         if overwrite:
             self.out.unlink(missing_ok=True)
@@ -243,13 +311,17 @@ class ResultsFile:
                 "use --overwrite to replace it, or another --out"
             ) from None
         raw = pf.key_value_metadata.get(META_KEY)
-        if raw is None:
+        try:
+            found = json.loads(raw) if raw is not None else None
+        except ValueError:
+            found = None
+        if not isinstance(found, dict):
             raise UsageError(
                 f"{self.out} was not written by tlbuild classify; "
                 "use --overwrite to replace it, or another --out"
             )
         self.previous_rows = self._rows_in_file = int(pf.count())
-        return json.loads(raw)
+        return found
 
     def _check_identity(self, found: dict[str, Any], where: str) -> None:
         diffs = [
@@ -267,20 +339,29 @@ class ResultsFile:
         """Rows journaled by a run that was killed go into the file before anything new."""
         assert self._journal is not None
         self._journal.seek(0)
-        lines = self._journal.read().splitlines()
+        lines = self._journal.read().split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
         if lines:
             try:
                 header = json.loads(lines[0])
-            except json.JSONDecodeError:
+            except ValueError:
                 header = {}
+            header = header if isinstance(header, dict) else {}
             if header.get("journal") == META_KEY:
-                self._check_identity(header.get("identity", {}), str(self.journal_path))
-                rows = []
-                for line in lines[1:]:
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        break  # the line being written when the run was killed
+                identity = header.get("identity")
+                identity = identity if isinstance(identity, dict) else {}
+                self._check_identity(identity, str(self.journal_path))
+                rows = [journal_row(line) for line in lines[1:]]
+                # The last line is torn when a kill came mid-write; any other bad line was
+                # damaged on disk: its file is classified again, like one never journaled.
+                damaged = sum(r is None for r in rows[:-1])
+                if damaged:
+                    self.warn(
+                        f"{self.journal_path}: {damaged} damaged line(s) skipped; their files "
+                        "will be classified again"
+                    )
+                rows = [r for r in rows if r is not None]
                 # A kill between the file's rename and the journal's reset leaves rows twice.
                 fresh = [r for r in rows if not self.done(r["path"])]
                 for r in fresh:
@@ -303,11 +384,11 @@ class ResultsFile:
 
     def add(self, rows: dict[str, list[Any]]) -> None:
         """Append one batch (columnar, every column of COLUMNS): journaled now, committed soon."""
-        assert self._journal is not None
         n = len(rows["path"])
         lines = [json.dumps({c: rows[c][i] for c in COLUMNS}) for i in range(n)]
-        self._journal.write("\n".join(lines) + "\n")
-        self._journal.flush()
+        self._journal_write(("\n".join(lines) + "\n").encode("utf-8"))
+        self.rows_added += n
+        self._buf_added += n
         for c in COLUMNS:
             self._buf[c].extend(rows[c])
         group = min(MAX_GROUP_ROWS, max(self.commit_rows, self._rows_in_file // 8))
@@ -324,7 +405,33 @@ class ResultsFile:
         ):
             self._commit()
 
+    def _journal_write(self, data: bytes) -> None:
+        """Append `data` to the journal whole, or leave the journal as it was and raise (a full
+        disk is a DiskFullError naming the results file)."""
+        assert self._journal is not None
+        fd = self._journal.fileno()
+        before = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as e:
+            # A batch half on disk would be folded in half; the rows in memory decide.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, before)
+            if disk_full(e) is None:
+                raise
+            raise DiskFullError(self.out) from e
+
     def _commit(self) -> None:
+        try:
+            self._commit_buffer()
+        except (OSError, RuntimeError) as e:
+            if disk_full(e) is None:
+                raise
+            raise DiskFullError(self.out) from e
+
+    def _commit_buffer(self) -> None:
         fastparquet = quiet_fastparquet()
         if not self._buf["path"]:
             self._reset_journal()
@@ -356,23 +463,41 @@ class ResultsFile:
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())
             self._rows_in_file += len(df)
+            self.rows_committed += self._buf_added
+            self._buf_added = 0
             self._buf = {c: [] for c in COLUMNS}
             self.index.settle()
             self._reset_journal()
 
     def _reset_journal(self) -> None:
         assert self._journal is not None
-        self._journal.seek(0)
-        self._journal.truncate()
-        self._journal.write(json.dumps({"journal": META_KEY, "identity": self.identity}) + "\n")
-        self._journal.flush()
+        os.ftruncate(self._journal.fileno(), 0)
+        header = json.dumps({"journal": META_KEY, "identity": self.identity}) + "\n"
+        self._journal_write(header.encode("utf-8"))
         self._last_commit = time.monotonic()
 
+    def kept(self) -> str:
+        """Where this run's rows are now, in words: the last message of a run cut short."""
+        n, in_file = self.rows_added, self.rows_committed
+        if n == 0:
+            return "this run wrote no rows"
+        if in_file == n:
+            return f"the {_rows(n)} this run wrote are in {self.out}"
+        journal = f"its journal {self.journal_path}, which the next run with this --out folds in"
+        if in_file == 0:
+            return f"the {_rows(n)} this run wrote are in {journal}"
+        split = f"{in_file:,} are in {self.out} and {n - in_file:,} in {journal}"
+        return f"of the {_rows(n)} this run wrote, {split}"
+
     def close(self) -> None:
-        """Commit what is buffered and remove the journal; safe to call twice."""
+        """Commit what is buffered and remove the journal; safe to call twice.
+
+        If the commit fails the journal stays, with every row not yet in the file."""
         if self._journal is None:
             return
-        self._commit()
-        self.journal_path.unlink(missing_ok=True)
-        self._journal.close()
-        self._journal = None
+        try:
+            self._commit()
+            self.journal_path.unlink(missing_ok=True)
+        finally:
+            self._journal.close()
+            self._journal = None

@@ -8,9 +8,8 @@ and streams their rows back here. Either way this process is the only writer of 
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from tlbuild.classify.inputs import InputWalker, check_inputs
 from tlbuild.classify.results import ResultsFile
 from tlbuild.classify.rows import Decider, Decoded, RowMaker, chunks, decode_batch, reason_kind
 from tlbuild.classify.storage import default_model_cache, is_url, local_model
+from tlbuild.data.decode_threads import DecodeThreads
 from tlbuild.data.images import IMAGE_EXTENSIONS
 from tlbuild.decision.rule import manifest_threshold
 from tlbuild.errors import BuildError, UsageError
@@ -180,6 +180,16 @@ def _local_model(model: str, options: ClassifyOptions) -> Path:
     return local_model(model, options.model_cache or default_model_cache(), options.artifact)
 
 
+class Kept:
+    """What a run has written so far, in words; asked only when the run is cut short."""
+
+    def __init__(self) -> None:
+        self.results: ResultsFile | ResultsDataset | None = None
+
+    def __call__(self) -> str:
+        return "this run wrote no rows" if self.results is None else self.results.kept()
+
+
 def _open_results(out: str, identity: dict[str, Any], options: ClassifyOptions, warn):  # noqa: ANN001, ANN202
     if is_dataset_out(out):
         return ResultsDataset(
@@ -195,7 +205,11 @@ def _open_results(out: str, identity: dict[str, Any], options: ClassifyOptions, 
     if options.compact:
         raise UsageError("--compact merges the part files of a folder --out; this is one file")
     return ResultsFile(
-        Path(out), identity, overwrite=options.overwrite, retry_errors=options.retry_errors
+        Path(out),
+        identity,
+        overwrite=options.overwrite,
+        retry_errors=options.retry_errors,
+        warn=warn,
     )
 
 
@@ -206,8 +220,11 @@ def classify(
     options: ClassifyOptions,
     on_batch: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    kept: Kept | None = None,
 ) -> ClassifySummary:
-    """Classify every image under `inputs` into `out` (a Parquet file or folder); resumable."""
+    """Classify every image under `inputs` into `out` (a Parquet file or folder); resumable.
+
+    `kept`, if given, can say at any moment where this run's rows are (for a run cut short)."""
     _check_options(options)
     model, out = str(model), str(out)
     inputs = check_inputs(inputs) if inputs or not options.compact else []
@@ -237,7 +254,9 @@ def classify(
             tuple(predictor.passed_over),
         )
     try:
-        return _classify(inputs, choice, predictor, engine, out, options, on_batch, warn)
+        return _classify(
+            inputs, choice, predictor, engine, out, options, on_batch, warn, kept or Kept()
+        )
     finally:
         if engine is not None:
             engine.close()
@@ -252,6 +271,7 @@ def _classify(
     options: ClassifyOptions,
     on_batch: Callable[[int], None] | None,
     warn: Callable[[str], None] | None,
+    kept: Kept,
 ) -> ClassifySummary:
     manifest = read_manifest(choice.folder)
     classes = manifest.classes
@@ -280,7 +300,7 @@ def _classify(
         if warn is not None:
             warn(msg)
 
-    results = _open_results(out, identity, options, warned)
+    results = kept.results = _open_results(out, identity, options, warned)
     summary.previous_rows = results.previous_rows
     for reason in choice.passed_over:
         warned(f"passed over {reason}")
@@ -325,16 +345,14 @@ def _run_local(
     """Decode in threads, run the model here; rows go to `write` in input order."""
     workers = options.workers or cpu_cores()
     spec = maker.predictor.preprocessing
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="tlbuild-decode")
-    window: deque[Future[Decoded]] = deque()
-    try:
+
+    def decode(chunk: list[str]) -> Decoded:
+        return decode_batch(chunk, spec, options.exact_decode)
+
+    # Daemon threads: a decode stuck in a read cannot keep Ctrl-C or SIGTERM from ending the
+    # run (the rows written so far are committed by the caller, in this thread).
+    with DecodeThreads(workers) as pool:
         # Keep a few batches decoding ahead of inference: enough to hide decode behind
         # inference, few enough that memory does not depend on how many files there are.
-        for chunk in chunks(paths, options.batch_size):
-            window.append(pool.submit(decode_batch, chunk, spec, options.exact_decode))
-            if len(window) > workers + 1:
-                write(maker.rows(window.popleft().result()))
-        while window:
-            write(maker.rows(window.popleft().result()))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for decoded in pool.imap(decode, chunks(paths, options.batch_size), workers + 1):
+            write(maker.rows(decoded))

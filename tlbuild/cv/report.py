@@ -10,7 +10,7 @@ import numpy as np
 
 from tlbuild.cv.label_issues import self_confidence
 from tlbuild.cv.run import CVResult
-from tlbuild.fileio import atomic_path, write_json, write_parquet, write_text
+from tlbuild.fileio import atomic_path, open_regular, write_json, write_parquet, write_text
 
 OOF_PARQUET = "cv_oof.parquet"
 CV_JSON = "cv.json"
@@ -46,7 +46,7 @@ def _frame(r: CVResult):  # noqa: ANN202 - pandas imported lazily
 def _thumbnail(src: Path, dst: Path) -> None:
     from PIL import Image, ImageOps
 
-    with Image.open(src) as img:
+    with open_regular(src) as f, Image.open(f) as img:
         img = ImageOps.exif_transpose(img).convert("RGB")
         img.thumbnail((THUMB_PX, THUMB_PX))
         with atomic_path(dst) as tmp:

@@ -18,13 +18,13 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from tlbuild.data.decode_threads import DecodeThreads
 from tlbuild.data.images import load_rgb
 from tlbuild.data.preprocess import Preprocessing, resize_for_model
 
@@ -68,7 +68,11 @@ class ImageCache:
             self._used += arr.nbytes
             return
         if self._handle is None:
-            fd, name = tempfile.mkstemp(prefix="tlbuild-cache-", suffix=".u8", dir=self.spill_dir)
+            # Named as fileio's temporary files are, with the pid: a killed run's spill file
+            # (it can be gigabytes) is removed by the next build.
+            fd, name = tempfile.mkstemp(
+                prefix=f".tlbuild-cache.{os.getpid()}-", suffix=".tmp.u8", dir=self.spill_dir
+            )
             self._file, self._handle = Path(name), os.fdopen(fd, "wb")
         self._handle.write(np.ascontiguousarray(arr).tobytes())
         self._spilled[i] = (self._spill_bytes, arr.shape)
@@ -137,15 +141,13 @@ def fill_cache(
     def load(p: Path) -> np.ndarray:
         return np.asarray(prepare(load_rgb(p)), dtype=np.uint8)
 
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        for k, arr in enumerate(pool.map(load, paths)):
+    # On Ctrl-C or a bad file the queued decodes are dropped, and a read that never returns
+    # holds one daemon thread, not the process.
+    with DecodeThreads(workers, "tlbuild-cache") as pool:
+        for k, arr in enumerate(pool.imap(load, paths, 4 * workers)):
             cache.put(k, arr)
             if on_done is not None:
                 on_done()
-    finally:
-        # On Ctrl-C or a bad file, drop the queued decodes instead of finishing them all.
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def train_preparer(

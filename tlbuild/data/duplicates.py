@@ -21,6 +21,7 @@ cheaper.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tlbuild.fileio import sha256_file
+from tlbuild.fileio import open_regular
 
 HASH_BITS = 64
 _SIDE = 32  # pHash's thumbnail: 32x32 grey, of which the 8x8 lowest DCT frequencies are kept
@@ -151,15 +152,29 @@ def exact_groups(paths: Sequence[Path]) -> list[int]:
     of the files whose size another one shares (as fdupes does), so most files are not read."""
     by_size: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(paths):
-        by_size[Path(p).stat().st_size].append(i)
+        try:
+            by_size[Path(p).stat().st_size].append(i)
+        except OSError:
+            continue  # gone since the scan read it: a copy of nothing
     group = list(range(len(paths)))
     for members in by_size.values():
         if len(members) < 2:
             continue
         first: dict[str, int] = {}
         for i in members:
-            group[i] = first.setdefault(sha256_file(Path(paths[i])), i)
+            digest = _sha256(paths[i])
+            if digest is not None:
+                group[i] = first.setdefault(digest, i)
     return group
+
+
+def _sha256(path: Path) -> str | None:
+    """The file's sha256, or None if it is no longer a readable regular file (never blocks)."""
+    try:
+        with open_regular(path) as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)

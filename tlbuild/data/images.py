@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tlbuild.errors import DataError
+from tlbuild.fileio import NotRegularFileError, open_regular
 
 # Every extension tlbuild reads, for training folders and `classify` alike (Pillow decodes
 # all of them; a GIF gives its first frame).
@@ -23,6 +24,12 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 # decode() refuses images over MAX_PIXELS itself, so Pillow's warning for them is noise. Set once
 # here: warnings.catch_warnings() per call is not thread-safe, and decoding runs in threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Damaged EXIF or TIFF tags are common in camera files and do not stop a decode (the tag is
+# dropped); Pillow's UserWarning for each would reach the terminal once per file and place.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+warnings.filterwarnings(
+    "ignore", message="Possibly corrupt EXIF", category=UserWarning, module=r"PIL\."
+)
 
 
 class ImageReadError(DataError):
@@ -84,7 +91,9 @@ def decode(
     """
     path = Path(path) if data is None else path
     try:
-        with Image.open(path if data is None else io.BytesIO(data)) as img:
+        # Only a regular file is opened: a named pipe among the images would block forever.
+        source = open_regular(path) if data is None else io.BytesIO(data)
+        with source, Image.open(source) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageReadError(path, f"image too large ({img.width}x{img.height})")
             orientation = img.getexif().get(0x0112, 1)
@@ -102,10 +111,10 @@ def decode(
             return Decoded(rgb, width, height)
     except ImageReadError:
         raise
+    except NotRegularFileError as e:
+        raise ImageReadError(path, e.reason) from None
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
-    except IsADirectoryError:
-        raise ImageReadError(path, "is a folder, not a file") from None
     except PermissionError:
         raise ImageReadError(path, "permission denied") from None
     except UnidentifiedImageError:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from tlbuild.data.decode_threads import DecodeThreads
 from tlbuild.data.images import ImageReadError, load_rgb
 from tlbuild.errors import DataError
 from tlbuild.recipe import DataConfig
@@ -92,9 +92,11 @@ def find_unreadable(
             return p, e.reason
 
     bad: dict[Path, str] = {}
-    # Pillow releases the GIL while decoding, so threads give real parallelism here.
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        for p, reason in pool.map(check, paths, chunksize=16):
+    # Pillow releases the GIL while decoding, so threads give real parallelism here. Daemon
+    # threads: a read that hangs (a dead network mount) must not make Ctrl-C hang too.
+    workers = min(8, (os.cpu_count() or 2) * 2)
+    with DecodeThreads(workers, "tlbuild-scan") as pool:
+        for p, reason in pool.imap(check, paths, 4 * workers):
             if reason is not None:
                 bad[p] = reason
             if on_checked is not None:

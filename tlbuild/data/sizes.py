@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tlbuild.fileio import open_regular
+
 SAMPLE = 500
 # "auto" makes the input this many times the median short side: small crops are upsampled
 # towards the object scale the ImageNet body was trained at, but no further than the backbone's
@@ -46,7 +48,7 @@ def summarize_sizes(paths: Sequence[Path], sample: int = SAMPLE) -> SizeSummary 
     sizes = []
     for p in list(paths)[::step][:sample]:
         try:
-            with Image.open(p) as im:
+            with open_regular(p) as f, Image.open(f) as im:  # a named pipe must not block
                 sizes.append(im.size)
         except Exception:  # unreadable files are reported by the scan, not here
             continue
