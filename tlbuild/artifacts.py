@@ -15,6 +15,7 @@ HISTORY_CSV = "history.csv"
 CURVES_PNG = "training_curves.png"
 LR_FIND_PNG = "lr_find.png"
 DUPLICATES_CSV = "duplicates.csv"  # duplicate image pairs found before training
+CHECKPOINTS = "checkpoints"  # training's resume checkpoints and decode-cache spill file
 # What training writes; shipped and hashed in the manifest with the model.
 TRAINING_FILES = (
     MODEL_PT,

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tlbuild import __version__
-from tlbuild.errors import TlbuildError
+from tlbuild.errors import TlbuildError, disk_full
 
 app = typer.Typer(
     help="Build edge image classifiers from a TOML recipe: fine-tune, export, verify.",
@@ -38,17 +38,32 @@ def _console() -> Console:
 _RESUME_HINT = "finished files are kept. `--resume` continues training."
 
 
-def _guard(fn: Callable[[], T], interrupted: str = _RESUME_HINT) -> T:
-    """Run `fn`, turning user-facing errors into one message and the documented exit code."""
+def _guard(fn: Callable[[], T], kept: str | Callable[[], str] = _RESUME_HINT) -> T:
+    """Run `fn`, turning user-facing errors into one message and the documented exit code.
+
+    `kept` says what an interrupted (Ctrl-C, SIGTERM) or disk-full run kept; a callable is asked
+    only then, so the message can say what is really on disk at that moment.
+    """
     err = Console(stderr=True, highlight=False)
+
+    def said() -> str:
+        return kept() if callable(kept) else kept
+
     try:
         return fn()
-    except TlbuildError as e:
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted[/]; {escape(said())}")
+        raise typer.Exit(130) from None
+    except Exception as e:
+        # A full disk, however deep a library wrapped it, is one message and what was kept.
+        full = disk_full(e)
+        if full is not None:
+            err.print(f"[bold red]error:[/] {escape(full)}; {escape(said())}", soft_wrap=True)
+            raise typer.Exit(1) from None
+        if not isinstance(e, TlbuildError):
+            raise
         err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        err.print(f"[yellow]interrupted[/]; {escape(interrupted)}")
-        raise typer.Exit(130) from None
 
 
 def _load(recipe: Path):  # noqa: ANN202 - Recipe, imported lazily to keep --help fast
@@ -243,6 +258,7 @@ def build(
     console = _console()
 
     def go() -> None:
+        from tlbuild.folder_lock import folder_lock
         from tlbuild.stages.engines import make_engines, settings_for_folder
 
         if (recipe is None) == (on_device is None):
@@ -253,7 +269,8 @@ def build(
             raise UsageError(f"{on_device} has no manifest.json; copy the whole export folder")
         cfg, max_drop, source = settings_for_folder(on_device)
         console.print("[dim]" + escape(f"Settings [build] {source}") + "[/]")
-        make_engines(on_device, cfg, max_drop, console, None)
+        with folder_lock(on_device):
+            make_engines(on_device, cfg, max_drop, console, None)
 
     _guard(go)
 
@@ -271,6 +288,7 @@ def bench(
 
     def go() -> None:
         from tlbuild.bench.run import bench_folder
+        from tlbuild.folder_lock import folder_lock
         from tlbuild.manifest import read_manifest
         from tlbuild.stages.bench import settings_for_folder, validation_if_here
 
@@ -282,7 +300,8 @@ def bench(
         cfg, source = settings_for_folder(target)
         console.print("[dim]" + escape(f"Settings [bench] {source}") + "[/]")
         # On a device the validation images are usually absent: latency only, no accuracy.
-        bench_folder(target, cfg, console, validation_if_here(target))
+        with folder_lock(target):
+            bench_folder(target, cfg, console, validation_if_here(target))
 
     _guard(go)
 
@@ -401,7 +420,7 @@ def classify(
     from rich.text import Text
 
     from tlbuild.classify.inputs import parse_extensions
-    from tlbuild.classify.run import ClassifyOptions, RayOptions
+    from tlbuild.classify.run import ClassifyOptions, Kept, RayOptions
     from tlbuild.classify.run import classify as run_classify
 
     console = _console()
@@ -414,6 +433,12 @@ def classify(
     from tlbuild.errors import UsageError
 
     ray = RayOptions(ray_address, actors, cpus_per_actor, gpus_per_actor)
+    kept = Kept()
+
+    def said() -> str:
+        # Asked only once the run has stopped, so it says what is on disk then.
+        return f"{kept()}. Run the same command to go on."
+
     # Ray settings with the local engine are a mistake worth saying, not ignoring.
     ray_given = ray != RayOptions() or ray_address is not None
 
@@ -460,9 +485,11 @@ def classify(
             speed_estimate_period=10.0,
         ) as progress:
             task = progress.add_task("classify", total=None)
-            return run_classify(
-                inputs or [], model, out, options, lambda n: progress.advance(task, n), warn
-            )
+
+            def advance(n: int) -> None:
+                progress.advance(task, n)
+
+            return run_classify(inputs or [], model, out, options, advance, warn, kept)
 
     # A scheduler stopping the job (SIGTERM) gets the same clean stop as Ctrl-C.
     def on_term(signum: int, frame: object) -> None:
@@ -470,7 +497,7 @@ def classify(
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        summary = _guard(go, f"rows so far are in {out}. Run the same command to go on.")
+        summary = _guard(go, said)
     finally:
         signal.signal(signal.SIGTERM, previous)
     _print_classify_summary(console, summary)
@@ -535,13 +562,17 @@ def cv(
     from rich.table import Table
 
     from tlbuild.cv.report import write_cv_outputs
-    from tlbuild.cv.run import run_cv
+    from tlbuild.cv.run import CV_DIR, run_cv
+    from tlbuild.folder_lock import folder_lock
 
     console = _console()
 
     def go():  # noqa: ANN202
-        result = run_cv(_load(recipe), folds, console, fresh=fresh)
-        return result, write_cv_outputs(result)
+        r = _load(recipe)
+        # A build of the same recipe may run beside it (cv writes only under cv/), two cv not.
+        with folder_lock(r.out_dir / CV_DIR):
+            result = run_cv(r, folds, console, fresh=fresh)
+            return result, write_cv_outputs(result)
 
     result, report = _guard(go, "finished folds are kept; run the same command to go on.")
     table = Table("metric", "mean", "std", "min", "max", title=f"{folds}-fold cross-validation")
@@ -558,7 +589,14 @@ def cv(
 @app.command()
 def check(recipe: RecipeArg) -> None:
     """Validate RECIPE and print it fully resolved (defaults filled, paths absolute)."""
-    r = _guard(lambda: _load(recipe))
+    from tlbuild.preflight import check_recipe
+
+    def go():  # noqa: ANN202 - Recipe, imported lazily
+        r = _load(recipe)
+        check_recipe(r)
+        return r
+
+    r = _guard(go)
     print(json.dumps({"output": str(r.out_dir), **r.to_jsonable()}, indent=2))
     note = _input_size_note(r)
     if note:

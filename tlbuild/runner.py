@@ -6,9 +6,11 @@ The runner knows no stage by name: it asks each Stage whether it is enabled, key
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,10 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from tlbuild.artifacts import CHECKPOINTS
 from tlbuild.errors import UsageError
+from tlbuild.fileio import dead_temp_files
+from tlbuild.folder_lock import folder_lock
 from tlbuild.gates import GateResult, evaluate_gates
 from tlbuild.incremental import StageRecords
 from tlbuild.manifest import put_section, take_section
@@ -100,9 +105,9 @@ ASIDE = ".aside"  # readers' files while the stage they read from runs
 def _prepare_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A fresh name: two commands starting together must not trip over one probe file.
+        with tempfile.TemporaryFile(dir=out):
+            pass
     except OSError as e:
         raise UsageError(
             f"cannot write to the export folder {out} ({e.strerror}); "
@@ -111,12 +116,26 @@ def _prepare_out_dir(out: Path) -> None:
 
 
 def _remove_leftovers(out: Path) -> None:
-    """What a killed run leaves: temporary files (fileio.atomic_path names them
-    .<stem>.<random>.tmp*) and files set aside (their stages then see them missing and rerun)."""
-    if out.is_dir():
-        for p in out.glob(".*.tmp*"):
+    """What a killed run leaves: temporary files of writers that have exited, and files set
+    aside (their stages then see them missing and rerun). Called with the folder's lock held,
+    so no other build is using .aside/, and another live process's temporary files are kept."""
+    for folder in (out, out / CHECKPOINTS):  # checkpoints/ holds the decode cache's spill
+        for p in dead_temp_files(folder):
             p.unlink(missing_ok=True)
-        shutil.rmtree(out / ASIDE, ignore_errors=True)
+    aside = out / ASIDE
+    if aside.is_symlink() or aside.is_file():  # never follow it: files moved there would leave
+        aside.unlink()
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """The export folder, writable and locked for this command, with a killed run's leftovers
+    removed."""
+    _prepare_out_dir(out)
+    with folder_lock(out):
+        _remove_leftovers(out)
+        yield
 
 
 class _ReadersAside:
@@ -192,18 +211,18 @@ def run_one(recipe: Recipe, console: Console, name: str, resume: bool = False) -
         if stage.distributed:
             stage.run(StageContext(recipe, console, resume))
         return
-    _prepare_out_dir(recipe.out_dir)
-    _remove_leftovers(recipe.out_dir)
-    records = StageRecords(recipe.out_dir)
-    inputs = records.inputs(stage, _earlier(stage), recipe, _Machine()(stage))
-    _run_recorded(records, stage, inputs, StageContext(recipe, console, resume))
+    with _writing(recipe.out_dir):
+        records = StageRecords(recipe.out_dir)
+        inputs = records.inputs(stage, _earlier(stage), recipe, _Machine()(stage))
+        _run_recorded(records, stage, inputs, StageContext(recipe, console, resume))
 
 
 def call_stage(name: str, recipe: Recipe, console: Console, resume: bool = False) -> Any:
     """Run one stage's body without recording it; its typed result (benchmarks, tests)."""
-    if distributed.is_main_process():
-        _prepare_out_dir(recipe.out_dir)
-    return find_stage(name).run(StageContext(recipe, console, resume))
+    if not distributed.is_main_process():
+        return find_stage(name).run(StageContext(recipe, console, resume))
+    with _writing(recipe.out_dir):
+        return find_stage(name).run(StageContext(recipe, console, resume))
 
 
 def stage_status(recipe: Recipe) -> list[StageOutcome]:
@@ -262,8 +281,19 @@ def run(
     forced = _forced(force)
     d = distributed.join(recipe.train.device)
     out = recipe.out_dir
-    _prepare_out_dir(out)
-    _remove_leftovers(out)
+    with _writing(out):
+        return _run_stages(recipe, console, resume, forced, launch, d is not None)
+
+
+def _run_stages(
+    recipe: Recipe,
+    console: Console,
+    resume: bool,
+    forced: set[str],
+    launch: Launcher | None,
+    several: bool,
+) -> RunResult:
+    out = recipe.out_dir
     records = StageRecords(out)
     machine = _Machine()
     ctx = StageContext(recipe, console, resume)
@@ -271,7 +301,7 @@ def run(
     for stage in STAGES:
         off = stage.disabled(recipe)
         if off:
-            if stage.distributed and d is not None:
+            if stage.distributed and several:
                 distributed.broadcast(False)  # the other processes have nothing to do
             stage.cleanup(out)  # idempotent; also cleans up after a killed run
             records.drop(stage.name)  # later stages see the change (their inputs hash it)
@@ -281,7 +311,7 @@ def run(
         fresh, why = records.check(stage, inputs)
         if stage.name in forced:
             fresh, why = False, ["forced with --force"]
-        if stage.distributed and d is not None:
+        if stage.distributed and several:
             distributed.broadcast(not fresh)  # whether the other processes train (follow)
         if fresh:
             console.print(f"[green]✓[/] {stage.name}: up to date, reused")

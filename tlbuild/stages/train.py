@@ -14,6 +14,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from tlbuild.artifacts import (
+    CHECKPOINTS,
     CURVES_PNG,
     HISTORY_CSV,
     LR_FIND_PNG,
@@ -43,7 +44,7 @@ from tlbuild.train.metrics import (
     plot_history,
 )
 
-LAST_CKPT = "checkpoints/last.pt"
+LAST_CKPT = f"{CHECKPOINTS}/last.pt"
 
 
 @dataclass
