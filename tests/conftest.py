@@ -107,3 +107,29 @@ def run_stage(name: str, recipe: Any, console: Console | None = None, resume: bo
     from tlbuild.runner import call_stage
 
     return call_stage(name, recipe, console or Console(quiet=True), resume)
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):  # noqa: ANN201 - a factory of mounted folders
+    """A factory of tmpfs folders of a given size in KiB: a real full disk (ENOSPC) for tests.
+    Needs root (CI runs as root); skips with the reason elsewhere."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def make(kib: int) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -234,7 +234,8 @@ def test_a_fetched_model_is_checked_against_its_manifest(tiny_build: Path, tmp_p
 
     fs = fsspec.filesystem("memory")
     _upload(fs, tiny_build, "/bad/model")
-    fs.pipe_file("/bad/model/model.onnx", b"tampered")
+    size = (tiny_build / "model.onnx").stat().st_size  # same size: the sha256 must catch it
+    fs.pipe_file("/bad/model/model.onnx", b"tampered".ljust(size, b"\0"))
     with pytest.raises(UsageError, match="does not match the sha256"):
         fetch_model("memory://bad/model", tmp_path / "cache")
     assert not any((tmp_path / "cache").glob("*/model.onnx"))  # nothing half-published

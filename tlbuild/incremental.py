@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import tlbuild
 from tlbuild.data.scan import list_class_folders
 from tlbuild.errors import DataError
-from tlbuild.fileio import sha256_file, write_json
+from tlbuild.fileio import open_regular, plain_name, read_record_text, sha256_file, write_json
 from tlbuild.manifest import section_digest
 from tlbuild.recipe import Recipe
 
@@ -131,7 +131,8 @@ def data_digest(recipe: Recipe) -> tuple[str, dict[str, Any]]:
         try:
             st = f.stat()
             if recipe.data.fingerprint == "content":
-                h.update(bytes.fromhex(sha256_file(f)))
+                with open_regular(f) as fh:  # a named pipe among the images must not block
+                    h.update(hashlib.file_digest(fh, "sha256").digest())
             else:
                 h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
         except OSError:  # a broken link or unreadable file: training skips it, and so do we
@@ -157,13 +158,18 @@ class StageRecords:
         self.stages: dict[str, Any] = {}
         self.older = False  # written by a tlbuild before stages were keyed as they are now
         try:
-            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            raw = json.loads(read_record_text(self.path))
         except (OSError, ValueError):
             return
-        if raw.get("format") == FORMAT:
-            self.stages = raw.get("stages", {})
-        else:
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             self.older = True
+            return
+        stages = raw.get("stages")
+        # A damaged record is no record: that stage reruns (never a traceback, and never a
+        # file name that would be hashed from outside the folder).
+        self.stages = {
+            k: v for k, v in (stages if isinstance(stages, dict) else {}).items() if _usable(v)
+        }
 
     def finished(self, name: str) -> dict[str, Any] | None:
         """The record of `name`'s last finished run, or None."""
@@ -200,7 +206,8 @@ class StageRecords:
         if rec is None:
             return False, ["recorded by an older tlbuild" if self.older else "first run here"]
         if "finished" not in rec:
-            return False, [rec.get("why_stale") or f"its run of {rec['started']} did not finish"]
+            started = rec.get("started", "an earlier time")
+            return False, [rec.get("why_stale") or f"its run of {started} did not finish"]
         why: list[str] = []
         before = rec.get("inputs", {})
         if before.get("recipe") != inputs["recipe"]:
@@ -273,6 +280,21 @@ class StageRecords:
     def _save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.path, {"format": FORMAT, "stages": self.stages})
+
+
+def _usable(rec: Any) -> bool:
+    """Whether a stage record read back has the shape this module writes."""
+    if not isinstance(rec, dict):
+        return False
+    if "finished" not in rec:
+        return True  # started, not finished: stale whatever else it holds
+    outputs = rec.get("outputs")
+    files = outputs.get("files") if isinstance(outputs, dict) else None
+    return (
+        isinstance(rec.get("inputs"), dict)
+        and isinstance(files, dict)
+        and all(plain_name(n) for n in files)
+    )
 
 
 def _now() -> str:

@@ -10,20 +10,22 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from tlbuild import __version__
 from tlbuild.errors import UsageError
-from tlbuild.fileio import sha256_file, write_json
+from tlbuild.fileio import plain_name, read_record_text, sha256_file, write_json
 
 if TYPE_CHECKING:
     from tlbuild.recipe import Recipe
 
 MANIFEST_JSON = "manifest.json"
+M = TypeVar("M", bound=BaseModel)
 FORMAT = "tlbuild.manifest/1"
 
 
@@ -119,6 +121,19 @@ class Decision(_Entry):
     require_upper_bound: bool = False
     met: bool = True
 
+    @model_validator(mode="after")
+    def _usable(self) -> Decision:
+        # classify applies this threshold to every image: a NaN would pass every part as ok.
+        if not (math.isfinite(self.threshold) and 0.0 < self.threshold <= 1.0):
+            raise ValueError(f"threshold {self.threshold} is not a probability in (0, 1]")
+        keys = ("max_escape_rate", "max_false_reject_rate")
+        if len(self.target) != 1 or next(iter(self.target)) not in keys:
+            raise ValueError(f"target must be one of {', '.join(keys)}")
+        rate = next(iter(self.target.values()))
+        if not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"target rate {rate!r} is not a fraction")
+        return self
+
 
 class Manifest(BaseModel):
     """The whole manifest.json."""
@@ -151,6 +166,36 @@ class Manifest(BaseModel):
     # decision
     decision: Decision | None = None
     artifacts: dict[str, FileHash] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        # Every reader joins these names to the export folder (and a classify node fetches
+        # them from storage into its cache), so one from a tampered manifest must not be able
+        # to name a path outside it: checked here, once, for every reader.
+        for name in self.file_names():
+            if not plain_name(name):
+                raise ValueError(f"{name!r} is not a plain file name in the export folder")
+        for ok in (self.ok_class, self.decision.ok_class if self.decision else None):
+            if ok is not None and self.classes and ok not in self.classes:
+                raise ValueError(f"ok class {ok!r} is not one of the classes")
+        if self.preprocessing:
+            from tlbuild.data.preprocess import Preprocessing
+
+            try:
+                Preprocessing.from_dict(self.preprocessing)
+            except ValueError as e:
+                raise ValueError(f"preprocessing: {e}") from None
+        return self
+
+    def file_names(self) -> list[object]:
+        """Every file name the manifest points at: artifacts, variants, engines, device batch."""
+        names: list[object] = list(self.artifacts)
+        names += [self.onnx.file] if self.onnx is not None else []
+        names += [v.file for v in self.variants.values()]
+        names += [e["path"] for e in self.engine_entries().values() if "path" in e]
+        if self.device_batch:
+            names.append(self.device_batch.get("file"))
+        return names
 
     def accepted(self, name: str) -> bool:
         """Whether the gates accepted this artifact (a variant or a TensorRT engine)."""
@@ -238,7 +283,7 @@ def read_manifest_if_any(folder: Path) -> Manifest | None:
     """The folder's manifest, None where there is none, a UsageError where it is unreadable."""
     path = folder / MANIFEST_JSON
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(read_record_text(path))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
@@ -249,6 +294,19 @@ def read_manifest_if_any(folder: Path) -> Manifest | None:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
         raise UsageError(f"{path}: {where}: {first['msg']}; run `tlbuild run` again") from None
+
+
+def recorded_settings(model: type[M], data: Any, folder: Path, where: str) -> M:
+    """A recipe section as a stage recorded it in `folder`'s manifest, validated as a recipe's
+    is; a UsageError naming the key where it is damaged."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(x) for x in (where, *first["loc"]))
+        raise UsageError(
+            f"{folder / MANIFEST_JSON}: {key}: {first['msg']}; copy the export folder again"
+        ) from None
 
 
 def manifest_json(folder: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from pydantic import (
 
 from tlbuild.data.images import IMAGE_EXTENSIONS
 from tlbuild.errors import RecipeError
+from tlbuild.fileio import read_record_text
 
 
 class _Section(BaseModel):
@@ -349,10 +350,10 @@ class EnginesConfig(_Section):
     """TensorRT engines compiled from the accepted ONNX variants (where TensorRT exists)."""
 
     variants: tuple[Literal["fp32", "fp16", "int8_trt"], ...] = ("fp16", "int8_trt")
-    min_batch: int = Field(1, ge=1)
-    opt_batch: int = Field(8, ge=1)
-    max_batch: int = Field(32, ge=1)
-    workspace_mib: int = Field(2048, ge=64)
+    min_batch: int = Field(1, ge=1, le=4096)
+    opt_batch: int = Field(8, ge=1, le=4096)
+    max_batch: int = Field(32, ge=1, le=4096)
+    workspace_mib: int = Field(2048, ge=64, le=1 << 20)
     fp32_atol: float = Field(1e-2, gt=0.0, description="max |logit diff| of an FP32 engine")
     on_fail: Literal["error", "reject"] = "error"
 
@@ -371,10 +372,14 @@ class BenchConfig(_Section):
     """Latency / throughput / accuracy of every artifact this machine can run."""
 
     batch_sizes: tuple[int, ...] = Field((1, 8, 32), min_length=1)
-    warmup_iters: int = Field(5, ge=0, description="untimed runs before measuring")
-    min_iters: int = Field(50, ge=5, description="timed runs at least (p99 needs many)")
-    min_seconds: float = Field(1.0, ge=0.0, description="and timed for at least this long")
-    max_seconds: float = Field(5.0, gt=0.0, description="per artifact and batch size, at most")
+    warmup_iters: int = Field(5, ge=0, le=10_000, description="untimed runs before measuring")
+    min_iters: int = Field(50, ge=5, le=100_000, description="timed runs at least (p99 needs many)")
+    min_seconds: float = Field(
+        1.0, ge=0.0, le=3600.0, description="and timed for at least this long"
+    )
+    max_seconds: float = Field(
+        5.0, gt=0.0, le=3600.0, description="per artifact and batch size, at most"
+    )
     threads: int = Field(0, ge=0, description="CPU threads for torch / ONNX Runtime; 0 = all")
     accuracy: bool = Field(True, description="measure each artifact on the validation split")
     timer_check: bool = Field(
@@ -384,8 +389,8 @@ class BenchConfig(_Section):
     @field_validator("batch_sizes")
     @classmethod
     def _positive_sorted(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(b < 1 for b in v):
-            raise ValueError("batch sizes must be at least 1")
+        if any(not 1 <= b <= 4096 for b in v):
+            raise ValueError("batch sizes must be between 1 and 4096")
         return tuple(sorted(set(v)))
 
 
@@ -598,11 +603,18 @@ def _is_union_tag(part: str) -> bool:
 def load_recipe(path: Path | str) -> Recipe:
     """Read, validate and resolve a recipe; raise RecipeError listing every problem."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        tomls = sorted(p.name for p in path.glob("*.toml"))[:5]
+        hint = f" ({', '.join(tomls)})" if tomls else ""
+        raise RecipeError(f"{path} is a folder; name the recipe's .toml file in it{hint}")
+    if not path.exists():
         raise RecipeError(f"recipe not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raw = tomllib.loads(read_record_text(path))
+    except OSError as e:
+        why = getattr(e, "reason", None) or e.strerror or e
+        raise RecipeError(f"{path}: cannot read it ({why})") from None
+    except (tomllib.TOMLDecodeError, ValueError) as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
     # The file name may hold spaces or accents; the export folder name gets a safe form of it.
     raw.setdefault("name", re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._") or "recipe")

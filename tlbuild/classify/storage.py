@@ -9,18 +9,19 @@ FSSPEC_S3_ENDPOINT_URL for MinIO.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from tlbuild.errors import UsageError
-from tlbuild.fileio import sha256_file
+from tlbuild.fileio import MAX_RECORD_BYTES, member, sha256_file
+from tlbuild.manifest import Manifest
 
 # Which extra brings each protocol's fsspec implementation.
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
@@ -93,19 +94,32 @@ def fetch_model(url: str, cache: Path, artifact: str | None = None) -> Path:
     if artifact is None and not root.endswith("manifest.json") and fs.isfile(root):
         root, artifact = root.rsplit("/", 1)
     try:
+        if fs.size(f"{root}/manifest.json") > MAX_RECORD_BYTES:
+            raise UsageError(f"{url}/manifest.json is far larger than any tlbuild manifest")
         manifest_bytes = fs.cat_file(f"{root}/manifest.json")
+    except UsageError:
+        raise
     except FileNotFoundError:
         raise UsageError(f"{url} has no manifest.json; is it a tlbuild export folder?") from None
     except Exception as e:
         raise UsageError(f"cannot read {url}/manifest.json: {type(e).__name__}: {e}") from None
     try:
-        manifest = json.loads(manifest_bytes)
-        listed: dict[str, Any] = manifest["artifacts"]
-    except (ValueError, KeyError, TypeError):
-        raise UsageError(f"{url}/manifest.json is not a tlbuild manifest") from None
+        # Validated as every manifest is: its file names are plain names inside the folder,
+        # so none can make this machine write outside `cache` (the sha256 cannot vouch for
+        # a name: whoever can write the files can write the manifest too).
+        listed = Manifest.model_validate_json(manifest_bytes).artifacts
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise UsageError(
+            f"{url}/manifest.json is not a usable tlbuild manifest ({where}: {first['msg']}); "
+            "re-upload the export folder"
+        ) from None
     key = hashlib.sha256(manifest_bytes).hexdigest()[:20]
     # Only what a Predictor may open: the chosen artifact, or every model file for `auto`.
     wanted = [artifact] if artifact else [n for n in listed if n.endswith((".onnx", ".engine"))]
+    if artifact is not None:
+        member(cache, artifact, "--artifact")
     missing = [n for n in wanted if n not in listed]
     if missing:
         raise UsageError(f"{missing[0]} is not listed in {url}/manifest.json")
@@ -117,23 +131,29 @@ def fetch_model(url: str, cache: Path, artifact: str | None = None) -> Path:
             return folder
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
         try:
-            if folder.is_dir():  # an earlier fetch of fewer artifacts: keep what it has
-                for item in folder.iterdir():
-                    shutil.copy2(item, staging / item.name)
             (staging / "manifest.json").write_bytes(manifest_bytes)
-            for name in wanted:
-                if (staging / name).is_file():
-                    continue
-                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            todo = [n for n in wanted if not (folder / n).is_file()]
+            for name in todo:
+                # The declared size is checked first: a file far larger than its manifest
+                # says would otherwise fill this machine's disk before its sha256 is refused.
+                if fs.size(f"{root}/{name}") != listed[name].bytes:
+                    raise UsageError(
+                        f"{url}/{name} is not the size its manifest gives "
+                        f"({listed[name].bytes} bytes); re-upload the export folder"
+                    )
                 fs.get_file(f"{root}/{name}", str(staging / name))
-                if sha256_file(staging / name) != listed[name].get("sha256"):
+                if sha256_file(staging / name) != listed[name].sha256:
                     raise UsageError(
                         f"{url}/{name} does not match the sha256 in its manifest; re-upload the "
                         "export folder"
                     )
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(folder)
-            os.replace(staging, folder)
+            if folder.is_dir():
+                # An earlier fetch of fewer artifacts is never replaced (another process may be
+                # loading from it): the checked files join it, one rename each.
+                for name in todo:
+                    os.replace(staging / name, folder / name)
+            else:
+                os.replace(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return folder

@@ -13,6 +13,9 @@ from PIL import Image
 
 from tlbuild.data.images import decode, load_rgb
 
+# Far above any recipe's input size (recipes allow 32..2048): the bound a manifest is held to.
+MAX_INPUT_SIDE = 4096
+
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -51,15 +54,45 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        """Inverse of to_dict."""
-        return cls(
-            input_size=tuple(d["input_size"]),  # type: ignore[arg-type]
-            interpolation=d["interpolation"],
-            mean=tuple(d["mean"]),  # type: ignore[arg-type]
-            std=tuple(d["std"]),  # type: ignore[arg-type]
-            resize=d["resize"],
-            crop_pct=float(d["crop_pct"]),
-        )
+        """Inverse of to_dict; a ValueError saying what a damaged record gets wrong.
+
+        The record comes from a manifest, which may have been edited or damaged: every size
+        and factor is bounded here, so none can make a reader allocate without limit."""
+        try:
+            spec = cls(
+                input_size=tuple(int(v) for v in d["input_size"]),  # type: ignore[arg-type]
+                interpolation=str(d["interpolation"]),  # type: ignore[arg-type]
+                mean=tuple(float(v) for v in d["mean"]),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in d["std"]),  # type: ignore[arg-type]
+                resize=str(d["resize"]),  # type: ignore[arg-type]
+                crop_pct=float(d["crop_pct"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"incomplete or mistyped ({type(e).__name__}: {e})") from None
+        problems = [
+            why
+            for bad, why in (
+                (
+                    len(spec.input_size) != 2
+                    or not all(1 <= v <= MAX_INPUT_SIDE for v in spec.input_size),
+                    f"input_size must be two sides of 1..{MAX_INPUT_SIDE} pixels",
+                ),
+                (spec.interpolation not in _RESAMPLE, "unknown interpolation"),
+                (spec.resize not in ("center_crop", "resize"), "unknown resize"),
+                (not 0.0 < spec.crop_pct <= 1.0, "crop_pct must be in (0, 1]"),
+                (
+                    len(spec.mean) != 3
+                    or len(spec.std) != 3
+                    or not all(math.isfinite(v) for v in spec.mean + spec.std)
+                    or min(spec.std) <= 0.0,
+                    "mean and std must be 3 finite values each, std above 0",
+                ),
+            )
+            if bad
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return spec
 
     @property
     def resample(self) -> Image.Resampling:

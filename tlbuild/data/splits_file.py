@@ -31,6 +31,26 @@ def read_split(folder: Path, split: str, classes: list[str] | None = None) -> li
     """One split recorded in folder/splits.json; with `classes`, checked against the model's."""
     path = folder / SPLITS_JSON
     recorded = read_recorded_json(path, "run `tlbuild train` again")
+    if not isinstance(recorded, dict):
+        raise UsageError(f"{path} is not a splits file; run `tlbuild train` again")
     if classes is not None and recorded.get("classes") != classes:
         raise UsageError(f"{path} names other classes than the model; run `tlbuild train` again")
-    return [Sample(Path(p), int(label)) for p, label in recorded.get(split, [])]
+    n = len(recorded.get("classes") or classes or [])
+    entries = recorded.get(split, [])
+    samples = []
+    for entry in entries if isinstance(entries, list) else [None]:
+        # [path, label] with a label of one of the classes; anything else is a damaged file
+        # (a wrong label would make every accuracy computed from it silently wrong).
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and isinstance(entry[0], str)
+            and type(entry[1]) is int
+            and 0 <= entry[1] < n
+        ):
+            raise UsageError(
+                f"{path}: {split} has an entry that is not [path, label] with a label of one "
+                f"of its {n} classes ({entry!r:.80}); run `tlbuild train` again"
+            )
+        samples.append(Sample(Path(entry[0]), entry[1]))
+    return samples

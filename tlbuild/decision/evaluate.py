@@ -90,7 +90,7 @@ def _artifact_p_ok(
     files = [MODEL_ONNX] + [
         v.file
         for v in manifest.variants.values()
-        if v.status == "accepted" and (out / v.file).is_file()
+        if v.status == "accepted" and v.file in _BY_FILE and (out / v.file).is_file()
     ]
     sessions = {f: ort_session(out / f, simulate_qdq=_BY_FILE[f].simulate_qdq) for f in files}
     spec = Preprocessing.from_dict(manifest.preprocessing)

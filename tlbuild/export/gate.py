@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +21,19 @@ def evaluate_variants(
     samples: Sequence[Sample],
     spec: Preprocessing,
     batch: int = 32,
+    files: Mapping[str, Path] | None = None,
 ) -> dict[str, Variant]:
     """Stream the validation images once through FP32 and every variant in `folder`.
 
-    Images are decoded batch by batch, so memory stays flat however large the split.
+    `files`: where a variant's file is, when not yet under its name in `folder` (a candidate
+    that is published only once it passes). Images are decoded batch by batch, so memory
+    stays flat however large the split.
     """
+    files = files or {}
     fp32 = ort_session(folder / "model.onnx")
     sessions = {
-        a.variant: ort_session(folder / a.file, simulate_qdq=a.simulate_qdq) for a in variants
+        a.variant: ort_session(files.get(a.variant, folder / a.file), simulate_qdq=a.simulate_qdq)
+        for a in variants
     }
     labels = np.array([s.label for s in samples])
     ref: list[np.ndarray] = []

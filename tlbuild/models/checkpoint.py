@@ -57,17 +57,21 @@ def load_trained(path: Path) -> TrainedModel:
         raise UsageError(f"{path}: not a readable tlbuild model file ({e})") from None
     if not isinstance(d, dict) or d.get("format") != "tlbuild.model/1":
         raise UsageError(f"{path}: not a tlbuild model file")
-    model = timm.create_model(
-        d["backbone"], pretrained=False, num_classes=len(d["classes"]), drop_rate=d["dropout"]
-    )
-    model.load_state_dict(d["state_dict"])
-    model.eval()
-    return TrainedModel(
-        model=model,
-        backbone=d["backbone"],
-        classes=list(d["classes"]),
-        preprocessing=Preprocessing.from_dict(d["preprocessing"]),
-        weights_source=d["weights_source"],
-        dropout=float(d["dropout"]),
-        meta=dict(d.get("meta", {})),
-    )
+    try:
+        model = timm.create_model(
+            d["backbone"], pretrained=False, num_classes=len(d["classes"]), drop_rate=d["dropout"]
+        )
+        model.load_state_dict(d["state_dict"])
+        model.eval()
+        return TrainedModel(
+            model=model,
+            backbone=d["backbone"],
+            classes=list(d["classes"]),
+            preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+            weights_source=d["weights_source"],
+            dropout=float(d["dropout"]),
+            meta=dict(d.get("meta", {})),
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # damaged, or another format
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+        raise UsageError(f"{path}: a damaged tlbuild model file ({why})") from None

@@ -45,7 +45,8 @@ class NewClassifier:
     weights_source: str
 
 
-def _check_name(backbone: str) -> None:
+def check_backbone(backbone: str) -> None:
+    """A UsageError naming similar models if `backbone` is not a timm model."""
     if not timm.is_model(backbone):
         close = timm.list_models(f"*{backbone.split('_')[0]}*")[:8]
         hint = f" Similar: {', '.join(close)}." if close else ""
@@ -99,7 +100,7 @@ def make_model(
 
     `images` (the training images' sizes) resolves `input_size = "auto"`.
     """
-    _check_name(cfg.backbone)
+    check_backbone(cfg.backbone)
     bundled = bundled_weights_path(cfg.backbone) if cfg.weights == "imagenet" else None
     if cfg.weights == "imagenet" and bundled is None:
         model = _hub_pretrained(cfg, num_classes)

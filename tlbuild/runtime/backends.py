@@ -53,6 +53,14 @@ class OnnxPredictor(Predictor):
         super().__init__(path, classes, spec, precision)
         self._session = ort_session(path, provider, threads, spinning, tensorrt=tensorrt)
         self._input = self._session.get_inputs()[0].name
+        width = self._session.get_outputs()[0].shape[-1]
+        # The manifest's classes name the outputs: a model of another width (a swapped file
+        # and a manifest that vouches for it) would fail mid-run or label every row wrongly.
+        if isinstance(width, int) and width != len(classes):
+            raise UsageError(
+                f"{path.name} outputs {width} scores but its manifest names {len(classes)} "
+                "classes; copy the export folder again"
+            )
 
     @property
     def backend(self) -> str:

@@ -10,7 +10,13 @@ from tlbuild.bench.run import BENCH_JSON, BENCH_PARQUET, bench_folder
 from tlbuild.data.scan import Sample
 from tlbuild.data.splits_file import read_split
 from tlbuild.errors import UsageError
-from tlbuild.manifest import read_manifest, read_manifest_if_any, recipe_here, write_section
+from tlbuild.manifest import (
+    read_manifest,
+    read_manifest_if_any,
+    recipe_here,
+    recorded_settings,
+    write_section,
+)
 from tlbuild.recipe import BenchConfig
 from tlbuild.stages.base import Stage, StageContext
 
@@ -42,7 +48,8 @@ def settings_for_folder(folder: Path) -> tuple[BenchConfig, str]:
     # Folders exported before each stage recorded its own settings carry the whole recipe.
     recorded = recorded or manifest.recipe.get("bench", {})
     if recorded:
-        return BenchConfig.model_validate(recorded), "as recorded in manifest.json"
+        cfg = recorded_settings(BenchConfig, recorded, folder, "bench.settings")
+        return cfg, "as recorded in manifest.json"
     return BenchConfig(), "defaults (manifest.json records no [bench] settings)"
 
 

@@ -9,6 +9,7 @@ is recorded as skipped with the reason; nothing else fails. The command stays `t
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,13 @@ from tlbuild.data.scan import Sample
 from tlbuild.data.splits_file import read_split
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.export.compare import compare_logits
-from tlbuild.manifest import Manifest, read_manifest, recipe_here, write_section
+from tlbuild.manifest import (
+    Manifest,
+    read_manifest,
+    recipe_here,
+    recorded_settings,
+    write_section,
+)
 from tlbuild.recipe import EnginesConfig, Recipe
 from tlbuild.runtime.sessions import ort_session, run_logits
 from tlbuild.runtime.tensorrt import TensorRTEngine, tensorrt_status
@@ -59,9 +66,33 @@ def device_batch(folder: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarr
             f"{folder} carries no validation batch to judge engines on; export it again "
             "with export.device_images > 0 (the default), then copy the folder"
         )
+    path = folder / entry["file"]
     manifest.verify(folder, entry["file"])
-    with np.load(folder / entry["file"]) as z:
-        return z["images"].astype(np.float32), z["labels"], z["fp32_logits"]
+    h, w = Preprocessing.from_dict(manifest.preprocessing).input_size
+    n, k = entry.get("images"), len(manifest.classes)
+    # Shapes are checked in the headers before anything is loaded: the array sizes are the
+    # file's word, and a few hundred bytes can claim terabytes.
+    want = {"images": (n, 3, h, w), "labels": (n,), "fp32_logits": (n, k)}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for key, shape in want.items():
+                with zf.open(f"{key}.npy") as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if major == 1
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    found = read_header(f)[0]
+                if tuple(found) != shape:
+                    raise ValueError(f"{key} has shape {found}, the manifest says {shape}")
+        with np.load(path) as z:
+            return z["images"].astype(np.float32), z["labels"], z["fp32_logits"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise UsageError(
+            f"{path} is not the validation batch its manifest describes ({e}); "
+            "copy the export folder again"
+        ) from None
 
 
 def _one_engine(
@@ -148,6 +179,7 @@ def make_engines(
         if not (folder / a.file).is_file() or not manifest.accepted(a.file):
             engines[variant] = {"status": "skipped", "reason": f"no accepted {a.file}"}
             continue
+        manifest.verify(folder, a.file)  # only the file its gate accepted becomes an engine
         try:
             engines[variant] = _one_engine(folder, variant, cfg, max_drop, data, console)
         except BuildError as e:  # one variant that will not build does not stop the others
@@ -173,15 +205,19 @@ def settings_for_folder(folder: Path) -> tuple[EnginesConfig, float, str]:
         return recipe.build, recipe.quantize.max_drop, f"from {recipe.source}"
     engines, calib = manifest.engines, manifest.calibration
     if engines is not None and engines.settings:
-        cfg = EnginesConfig.model_validate(engines.settings)
+        cfg = recorded_settings(EnginesConfig, engines.settings, folder, "engines.settings")
         drop = engines.max_drop if engines.max_drop is not None else 1.0
         return cfg, drop, "as recorded in manifest.json"
     # Folders exported before each stage recorded its own settings carry the whole recipe.
     old = manifest.recipe
-    drop = float((calib.settings if calib else old.get("quantize", {})).get("max_drop", 1.0))
+    q = calib.settings if calib else old.get("quantize", {})
+    drop = q.get("max_drop", 1.0) if isinstance(q, dict) else 1.0
+    if not isinstance(drop, int | float):
+        raise UsageError(f"{folder / 'manifest.json'}: max_drop {drop!r} is not a number")
     if "build" in old:
-        return EnginesConfig.model_validate(old["build"]), drop, "as recorded in manifest.json"
-    return EnginesConfig(), drop, "defaults (manifest.json records no [build] settings)"
+        cfg = recorded_settings(EnginesConfig, old["build"], folder, "recipe.build")
+        return cfg, float(drop), "as recorded in manifest.json"
+    return EnginesConfig(), float(drop), "defaults (manifest.json records no [build] settings)"
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from tlbuild.errors import BuildError, UsageError
 from tlbuild.export.gate import evaluate_variants
 from tlbuild.export.int8_search import Trial, search_int8
 from tlbuild.export.quantize import cpu_has_vnni, make_fp16, make_int8, trt_qdq_problems
+from tlbuild.fileio import temp_path
 from tlbuild.manifest import Variant, read_manifest_if_any, write_section
 from tlbuild.recipe import QuantizeConfig, Recipe
 from tlbuild.runtime.sessions import ort_session, run_logits
@@ -71,17 +72,18 @@ class HeldOut:
 def _make_int8(
     ctx: StageContext,
     a: OnnxArtifact,
+    dst: Path,
     calib: np.ndarray,
     search: HeldOut | None,
     reduce_range: bool,
 ) -> dict[str, Any] | None:
-    """One INT8 variant, searched when a budget is set; the search's record, if any."""
+    """One INT8 variant into `dst`, searched when a budget is set; the search's record, if any."""
     cfg, out = ctx.recipe.quantize, ctx.out
     flavour = a.variant.removeprefix("int8_")
     if search is None:
         make_int8(
             out / MODEL_ONNX,
-            out / a.file,
+            dst,
             calib,
             flavour,
             cfg.calibration_method,
@@ -101,7 +103,7 @@ def _make_int8(
 
     found = search_int8(
         out / MODEL_ONNX,
-        out / a.file,
+        dst,
         flavour,
         calib,
         search.images,
@@ -123,12 +125,14 @@ def _make_int8(
 def _make_variants(
     ctx: StageContext,
     wanted: list[OnnxArtifact],
+    candidates: dict[str, Path],
     calib: list[Sample],
     search: list[Sample],
     search_source: str,
     spec: Preprocessing,
 ) -> tuple[bool, dict[str, dict[str, Any]]]:
-    """Write each wanted variant file; reduce_range as used for int8_cpu, and INT8 searches."""
+    """Write each wanted variant to its candidate file; reduce_range as used for int8_cpu, and
+    INT8 searches."""
     cfg, out = ctx.recipe.quantize, ctx.out
     reduce_range = not cpu_has_vnni() if cfg.reduce_range == "auto" else bool(cfg.reduce_range)
     searches: dict[str, dict[str, Any]] = {}
@@ -144,15 +148,15 @@ def _make_variants(
     with Progress(console=ctx.console, transient=True) as progress:
         task = progress.add_task("Making variants", total=len(wanted))
         for a in wanted:
+            dst = candidates[a.variant]
             if a.precision == "fp16":
-                make_fp16(out / MODEL_ONNX, out / a.file)
+                make_fp16(out / MODEL_ONNX, dst)
             else:
                 assert images is not None
-                record = _make_int8(ctx, a, images, held_out, reduce_range)
+                record = _make_int8(ctx, a, dst, images, held_out, reduce_range)
                 if record is not None:
                     searches[a.variant] = record
-                if a.variant == "int8_trt" and (problems := trt_qdq_problems(out / a.file)):
-                    (out / a.file).unlink()
+                if a.variant == "int8_trt" and (problems := trt_qdq_problems(dst)):
                     raise BuildError(
                         f"{a.file} is not in the QDQ form TensorRT accepts: "
                         + "; ".join(problems[:5])
@@ -161,17 +165,22 @@ def _make_variants(
     return reduce_range, searches
 
 
-def _apply_gate(ctx: StageContext, results: dict[str, Variant]) -> None:
-    """Reject variants over max_drop: renamed so they never look shippable; fail if asked."""
+def _publish(ctx: StageContext, results: dict[str, Variant], candidates: dict[str, Path]) -> None:
+    """Give each gated candidate its name: its own if accepted, the rejected name (never
+    mistaken for one that ships) if not. Nothing has a shippable name before its gate."""
     cfg = ctx.recipe.quantize
-    failed = [r for r in results.values() if r.drop_points > cfg.max_drop]
-    for r in failed:
-        r.status = "rejected"
+    for r in results.values():
+        if r.drop_points > cfg.max_drop:
+            r.status = "rejected"
+            r.file = VARIANTS[r.variant].rejected_file
+        candidates[r.variant].replace(ctx.out / r.file)
     _print_variants(ctx.console, results, cfg.max_drop)
-    for r in failed:
-        src = ctx.out / r.file
-        r.file = VARIANTS[r.variant].rejected_file
-        src.replace(ctx.out / r.file)
+
+
+def _gate_verdict(ctx: StageContext, results: dict[str, Variant]) -> None:
+    """With on_fail = "error", a BuildError for the first rejected variant."""
+    cfg = ctx.recipe.quantize
+    failed = [r for r in results.values() if r.status == "rejected"]
     if failed and cfg.on_fail == "error":
         r = failed[0]
         raise BuildError(
@@ -213,11 +222,22 @@ def run(ctx: StageContext) -> dict[str, Variant]:
     search, search_source = search_samples(train, calib, cfg.search_images, cfg.seed)
     wanted = [VARIANTS[v] for v in cfg.variants]
     _remove_variants(out)
-    reduce_range, searches = _make_variants(ctx, wanted, calib, search, search_source, spec)
-    results = evaluate_variants(out, wanted, val, spec)
-    for name, record in searches.items():
-        results[name].search = record
-    _apply_gate(ctx, results)
+    # Made and gated under temporary names (a killed run's are removed by the next build),
+    # so no variant is ever under a name that ships before its gate has passed.
+    candidates = {a.variant: temp_path(out / a.file) for a in wanted}
+    try:
+        reduce_range, searches = _make_variants(
+            ctx, wanted, candidates, calib, search, search_source, spec
+        )
+        results = evaluate_variants(out, wanted, val, spec, files=candidates)
+        for name, record in searches.items():
+            results[name].search = record
+        _publish(ctx, results, candidates)
+    finally:
+        for p in candidates.values():
+            p.unlink(missing_ok=True)
+    # Recorded before the verdict: the manifest then describes every file in the folder,
+    # including a rejected variant kept for inspection.
     write_section(
         out,
         "quantize",
@@ -227,6 +247,7 @@ def run(ctx: StageContext) -> dict[str, Variant]:
         },
         [r.file for r in results.values()],
     )
+    _gate_verdict(ctx, results)
     return results
 
 
