@@ -411,3 +411,16 @@ def test_a_damaged_model_file_is_one_message(tmp_path: Path) -> None:
     torch.save({"format": "tlbuild.model/1", "backbone": "resnet18"}, tmp_path / "model.pt")
     with pytest.raises(UsageError, match="a damaged tlbuild model file"):
         load_trained(tmp_path / "model.pt")
+
+
+def test_a_lock_file_planted_as_a_link_is_never_written_through(tmp_path: Path) -> None:
+    from tlbuild.folder_lock import folder_lock
+
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".tlbuild.lock").symlink_to(target)
+    with pytest.raises(UsageError, match="symbolic link"), folder_lock(out):
+        pass
+    assert target.read_text() == "keep me"

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
 import secrets
 import socket
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,21 +66,36 @@ def folder_lock(folder: Path) -> Iterator[None]:
     path = Path(folder) / LOCK_FILE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole block
+        # Never through a link (the holder's details are written into it: a planted link
+        # would have tlbuild overwrite its target) and never a pipe.
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(path, flags, 0o666)
     except OSError as e:
-        raise UsageError(f"cannot lock {folder} ({e.strerror}); is it writable?") from None
-    with f:
+        why = "it is a symbolic link; remove it" if e.errno == errno.ELOOP else e.strerror
+        raise UsageError(f"cannot lock {folder} with {path.name} ({why})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"cannot lock {folder}: {path} is not a regular file; remove it")
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "r+", encoding="utf-8") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             holder = _holder(f)
-            if _inherited(path, holder):
-                yield  # our parent (or this process, further out) holds it for us
-                return
-            raise FolderBusyError(
-                f"{folder} is being written by another tlbuild ({describe(holder)}); wait for "
-                "it to finish, or give this recipe another output_dir"
-            ) from None
+            if not _inherited(path, holder):
+                raise FolderBusyError(
+                    f"{folder} is being written by another tlbuild ({describe(holder)}); wait "
+                    "for it to finish, or give this recipe another output_dir"
+                ) from None
+            locked = False  # our parent (or this process, further out) holds it for us
+        except OSError:
+            # A file system without locks (some network mounts: ENOLCK, EOPNOTSUPP): the build
+            # goes on unguarded rather than not at all.
+            locked = False
+        if not locked:
+            yield
+            return
         token = secrets.token_hex(8)
         f.seek(0)
         f.truncate()
