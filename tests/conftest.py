@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,26 +111,31 @@ def run_stage(name: str, recipe: Any, console: Console | None = None, resume: bo
 
 
 @pytest.fixture()
-def small_disk(tmp_path: Path):  # noqa: ANN201 - a factory of mounted folders
-    """A factory of tmpfs folders of a given size in KiB: a real full disk (ENOSPC) for tests.
-    Needs root (CI runs as root); skips with the reason elsewhere."""
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """A real full disk (ENOSPC) for tests: mounts a tmpfs of the given size in KiB (called
+    again, resizes it); unmounted afterwards. Needs root (CI runs as root); skips elsewhere."""
     import subprocess
 
-    mounted: list[Path] = []
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = False
 
-    def make(kib: int) -> Path:
-        folder = tmp_path / f"disk{len(mounted)}"
-        folder.mkdir()
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
-            capture_output=True,
-            text=True,
-        )
+    def mount(kib: int) -> Path:
+        nonlocal mounted
+        opts = f"remount,size={kib}k" if mounted else f"size={kib}k"
+        try:
+            done = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)],
+                capture_output=True,
+                text=True,
+            )
+        except FileNotFoundError:
+            pytest.skip("no `mount` here; the disk-full tests mount a small tmpfs")
         if done.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
-        mounted.append(folder)
-        return folder
+            pytest.skip(f"cannot mount a small tmpfs (needs root): {done.stderr.strip()}")
+        mounted = True
+        return mnt
 
-    yield make
-    for folder in mounted:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+    yield mount
+    if mounted:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -325,38 +325,11 @@ def test_decode_threads_keep_input_order_and_a_bounded_window() -> None:
         for value in pool.imap(work, items(), 5):
             got.append(value)
             assert len(submitted) - len(got) <= 5  # never more than the window ahead
-    assert got == [i * i for i in range(40)] and running["most"] <= 4
+    # In order, and really in parallel (a pool that ran one at a time would pass the rest).
+    assert got == [i * i for i in range(40)] and running["most"] >= 2
 
 
 # -- 3. a full disk is one message, and no journaled or committed row is lost ---------------------
-
-
-@pytest.fixture()
-def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
-    """Mounts a tmpfs of the given size in KiB (again to resize it); unmounted afterwards."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    mounted = False
-
-    def mount(kib: int) -> Path:
-        nonlocal mounted
-        opts = f"remount,size={kib}k" if mounted else f"size={kib}k"
-        try:
-            done = subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)],
-                capture_output=True,
-                text=True,
-            )
-        except FileNotFoundError:
-            pytest.skip("no `mount` here; the disk-full tests mount a small tmpfs")
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs (needs root): {done.stderr.strip()}")
-        mounted = True
-        return mnt
-
-    yield mount
-    if mounted:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def _written(message: str) -> int:
@@ -524,9 +497,13 @@ def test_classify_writes_through_no_planted_link_and_opens_no_pipe(
 
     folder = tmp_path / "ds"
     folder.mkdir()
-    os.symlink(victim, folder / "._tlbuild.json.tmp")  # where the identity used to be staged
+    planted = tmp_path / "made-outside"
+    os.symlink(planted, folder / "_tlbuild.lock")  # the lock must not be opened through it
+    with pytest.raises(UsageError, match="symbolic link"):
+        ResultsDataset(f"{folder}/", IDENT)
+    assert not planted.exists()
+    (folder / "_tlbuild.lock").unlink()
     ResultsDataset(f"{folder}/", IDENT).close()
-    assert victim.read_text() == "precious"
     assert json.loads((folder / "_tlbuild.json").read_text())["identity"] == IDENT
 
     pipes(folder / "part-planted.parquet")

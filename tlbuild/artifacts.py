@@ -16,6 +16,9 @@ CURVES_PNG = "training_curves.png"
 LR_FIND_PNG = "lr_find.png"
 DUPLICATES_CSV = "duplicates.csv"  # duplicate image pairs found before training
 CHECKPOINTS = "checkpoints"  # training's resume checkpoints and decode-cache spill file
+# A stage's files before they are judged (quantize's candidate variants), under their own names
+# so messages name them plainly; never shipped, and removed by the next build if left.
+SCRATCH = ".scratch"
 # What training writes; shipped and hashed in the manifest with the model.
 TRAINING_FILES = (
     MODEL_PT,

@@ -35,10 +35,11 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
+_KEPT = "files finished before are kept; run the same command to go on."
 _RESUME_HINT = "finished files are kept. `--resume` continues training."
 
 
-def _guard(fn: Callable[[], T], kept: str | Callable[[], str] = _RESUME_HINT) -> T:
+def _guard(fn: Callable[[], T], kept: str | Callable[[], str] = _KEPT) -> T:
     """Run `fn`, turning user-facing errors into one message and the documented exit code.
 
     `kept` says what an interrupted (Ctrl-C, SIGTERM) or disk-full run kept; a callable is asked
@@ -133,7 +134,7 @@ def run(
     if not is_main_process():
         # Another torchrun process: it trains when rank 0 says so and builds nothing else.
         try:
-            _guard(lambda: runner.follow(_load(recipe), console, resume=resume))
+            _guard(lambda: runner.follow(_load(recipe), console, resume=resume), _RESUME_HINT)
         finally:
             _leave_process_group()
         return
@@ -149,7 +150,8 @@ def run(
                 resume=resume,
                 force=tuple(force or ()),
                 launch=_train_launcher(recipe, resume, nproc_per_node),
-            )
+            ),
+            _RESUME_HINT,
         )
     finally:
         _leave_process_group()
@@ -208,7 +210,8 @@ def _stage_command(stage: str, recipe: Path, resume: bool = False) -> None:
     from tlbuild import runner
 
     console = _console()
-    _guard(lambda: runner.run_one(_load(recipe), console, stage, resume=resume))
+    kept = _RESUME_HINT if stage == "train" else _KEPT
+    _guard(lambda: runner.run_one(_load(recipe), console, stage, resume=resume), kept)
 
 
 @app.command()
@@ -220,14 +223,18 @@ def train(
     """Fine-tune the recipe's backbone; writes model.pt, metrics and plots."""
 
     def go() -> None:
+        from tlbuild.folder_lock import folder_lock
+
         launch = _train_launcher(recipe, resume, nproc_per_node)
         if launch is not None:
-            launch()  # rank 0 of the N processes records the stage and writes
+            # Held here, so a busy folder is refused before N processes start; they inherit it.
+            with folder_lock(_load(recipe).out_dir):
+                launch()  # rank 0 of the N processes records the stage and writes
         else:
             _stage_command("train", recipe, resume)
 
     try:
-        _guard(go)
+        _guard(go, _RESUME_HINT)
     finally:
         _leave_process_group()
 

@@ -43,22 +43,28 @@ class DiskFullError(BuildError):
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+def _chain(e: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cause: BaseException | None = e
+    while cause is not None and all(cause is not c for c in seen):
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return seen
+
+
 def disk_full(e: BaseException) -> str | None:
     """The one-line message for an error caused by a full disk anywhere in its chain, else None.
 
-    Libraries wrap ENOSPC in their own errors (torch, onnx, fastparquet), so the chain is walked
-    and, where the errno is gone, the C library's own words for it are looked for.
-    """
-    seen: set[int] = set()
-    cause: BaseException | None = e
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
+    Libraries wrap ENOSPC in their own errors (torch, onnx, fastparquet): the chain is searched
+    for the errno (and its file name) first; only where none carries it, for the C library's
+    words in a library's message (never in tlbuild's own messages, which name their file)."""
+    chain = _chain(e)
+    for cause in chain:
         if isinstance(cause, DiskFullError):
             return str(cause)
         if isinstance(cause, OSError) and cause.errno in _FULL:
-            where = cause.filename or "a file it was writing"
-            return str(DiskFullError(where))
-        if any(os.strerror(n) in str(cause) for n in _FULL):
+            return str(DiskFullError(cause.filename or "a file it was writing"))
+    for cause in chain:
+        if not isinstance(cause, TlbuildError) and any(os.strerror(n) in str(cause) for n in _FULL):
             return str(DiskFullError("a file it was writing"))
-        cause = cause.__cause__ or cause.__context__
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,9 +22,9 @@ _TEMP = re.compile(r"^\..*\.(\d+)-[^.]+\.tmp(\.[^.]*)?$")
 _OLD_TEMP = re.compile(r"^\..+\.[a-z0-9_]+\.tmp(\.[^.]*)?$")
 
 
-def temp_path(path: Path) -> Path:
+def _temp_path(path: Path) -> Path:
     """A new empty file beside `path` with a temporary name (a killed writer's is removed by the
-    next build); rename it onto `path` to publish it."""
+    next build)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder so os.replace is a rename on one filesystem; the suffix is kept because
@@ -45,18 +46,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     A full disk inside the block is a DiskFullError naming `path`."""
     path = Path(path)
-    tmp_path = temp_path(path)
+    tmp_path = _temp_path(path)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     except Exception as e:
         from tlbuild.errors import DiskFullError, disk_full
 
-        # Writers wrap ENOSPC in their own errors (found in the chain) or drop the errno
-        # (torch.save: "unexpected pos"): a failed write on a file system with next to nothing
-        # left is taken as the full disk it almost surely is.
+        # Writers wrap ENOSPC in their own errors (found in the chain), and torch.save drops
+        # the errno ("unexpected pos ..."): that failure on a file system with next to nothing
+        # left is the full disk it almost surely is. Nothing else is guessed at.
         full = disk_full(e) is not None or (
-            isinstance(e, OSError | RuntimeError) and _nearly_full(path.parent)
+            isinstance(e, RuntimeError) and "unexpected pos" in str(e) and _nearly_full(path.parent)
         )
         inner_temp = isinstance(e, DiskFullError) and _TEMP.match(Path(str(e.path)).name)
         if (isinstance(e, DiskFullError) and not inner_temp) or not full:
@@ -194,18 +195,6 @@ def plain_name(name: object) -> bool:
     )
 
 
-def member(folder: Path, name: object, source: object) -> Path:
-    """`folder / name` for a name read from `source`; a UsageError if it would leave the folder."""
-    if not plain_name(name):
-        from tlbuild.errors import UsageError
-
-        raise UsageError(
-            f"{source} names {name!r}, which is not a plain file name in its folder; "
-            "refusing to read or write it (a damaged or tampered file)"
-        )
-    return Path(folder) / str(name)
-
-
 class NotRegularFileError(OSError):
     """Not a regular file (a pipe, a device, a socket, a folder); `reason` says which."""
 
@@ -228,6 +217,27 @@ def _refuse_unless_regular(path: Path | str, mode: int) -> None:
     if not stat.S_ISREG(mode):
         kind = next((name for test, name in _KINDS if test(mode)), "an unknown kind of file")
         raise NotRegularFileError(path, kind)
+
+
+def open_own_file(path: Path | str, append: bool = False) -> BinaryIO:
+    """Open (creating it) a file tlbuild keeps beside its outputs, a lock or a journal, for
+    reading and writing: a UsageError, naming it, if it is a link or not a regular file.
+
+    Never through a link (what is written would land in its target, wherever that is) and
+    never a pipe or device (the first read would block)."""
+    from tlbuild.errors import UsageError
+
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags | (os.O_APPEND if append else 0), 0o666)
+    except OSError as e:
+        why = "is a symbolic link" if e.errno == errno.ELOOP else f"cannot be opened ({e.strerror})"
+        raise UsageError(f"{path} {why}; remove it, or write somewhere else") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{path} is not a regular file; remove it, or write somewhere else")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a+b" if append else "r+b", buffering=0)
 
 
 def open_regular(path: Path | str) -> BinaryIO:

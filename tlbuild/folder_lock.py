@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
 import fcntl
 import json
 import os
 import secrets
 import socket
-import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tlbuild.errors import UsageError
+from tlbuild.fileio import open_own_file
 
 LOCK_FILE = ".tlbuild.lock"
 # Set while a lock is held, for the processes this one starts (the torchrun training of
@@ -39,7 +38,7 @@ class FolderBusyError(UsageError):
 def _holder(f: Any) -> dict[str, Any]:
     f.seek(0)
     try:
-        found = json.loads(f.read() or "{}")
+        found = json.loads(f.read().decode("utf-8") or "{}")
     except ValueError:
         return {}
     return found if isinstance(found, dict) else {}
@@ -66,18 +65,10 @@ def folder_lock(folder: Path) -> Iterator[None]:
     path = Path(folder) / LOCK_FILE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Never through a link (the holder's details are written into it: a planted link
-        # would have tlbuild overwrite its target) and never a pipe.
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-        fd = os.open(path, flags, 0o666)
     except OSError as e:
-        why = "it is a symbolic link; remove it" if e.errno == errno.ELOOP else e.strerror
-        raise UsageError(f"cannot lock {folder} with {path.name} ({why})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UsageError(f"cannot lock {folder}: {path} is not a regular file; remove it")
-    os.set_blocking(fd, True)
-    with os.fdopen(fd, "r+", encoding="utf-8") as f:
+        raise UsageError(f"cannot make {folder} ({e.strerror})") from None
+    # The holder's details are written into it: never through a planted link, never a pipe.
+    with open_own_file(path) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             locked = True
@@ -108,9 +99,8 @@ def folder_lock(folder: Path) -> Iterator[None]:
                     "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
                     "token": token,
                 }
-            )
+            ).encode("utf-8")
         )
-        f.flush()
         before = os.environ.get(INHERITED)
         os.environ[INHERITED] = f"{path.resolve()}={token}"
         try:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import tlbuild
 from tlbuild.data.scan import list_class_folders
 from tlbuild.errors import DataError
-from tlbuild.fileio import open_regular, plain_name, read_record_text, sha256_file, write_json
+from tlbuild.fileio import plain_name, read_record_text, sha256_file, write_json
 from tlbuild.manifest import section_digest
 from tlbuild.recipe import Recipe
 
@@ -131,8 +131,7 @@ def data_digest(recipe: Recipe) -> tuple[str, dict[str, Any]]:
         try:
             st = f.stat()
             if recipe.data.fingerprint == "content":
-                with open_regular(f) as fh:  # a named pipe among the images must not block
-                    h.update(hashlib.file_digest(fh, "sha256").digest())
+                h.update(bytes.fromhex(sha256_file(f)))  # regular files only: never blocks
             else:
                 h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
         except OSError:  # a broken link or unreadable file: training skips it, and so do we

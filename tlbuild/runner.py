@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from tlbuild.artifacts import CHECKPOINTS
+from tlbuild.artifacts import CHECKPOINTS, SCRATCH
 from tlbuild.errors import UsageError
 from tlbuild.fileio import dead_temp_files
 from tlbuild.folder_lock import folder_lock
@@ -116,16 +116,18 @@ def _prepare_out_dir(out: Path) -> None:
 
 
 def _remove_leftovers(out: Path) -> None:
-    """What a killed run leaves: temporary files of writers that have exited, and files set
-    aside (their stages then see them missing and rerun). Called with the folder's lock held,
-    so no other build is using .aside/, and another live process's temporary files are kept."""
+    """What a killed run leaves: temporary files of writers that have exited, files set aside
+    (their stages then see them missing and rerun) and unjudged candidates in .scratch/.
+    Called with the folder's lock held, so no other build is using .aside/ or .scratch/, and
+    another live process's temporary files are kept."""
     for folder in (out, out / CHECKPOINTS):  # checkpoints/ holds the decode cache's spill
         for p in dead_temp_files(folder):
             p.unlink(missing_ok=True)
-    aside = out / ASIDE
-    if aside.is_symlink() or aside.is_file():  # never follow it: files moved there would leave
-        aside.unlink()
-    shutil.rmtree(aside, ignore_errors=True)
+    for name in (ASIDE, SCRATCH):
+        box = out / name
+        if box.is_symlink() or box.is_file():  # never follow it: files moved there would leave
+            box.unlink()
+        shutil.rmtree(box, ignore_errors=True)
 
 
 @contextlib.contextmanager

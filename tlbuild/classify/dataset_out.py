@@ -33,6 +33,7 @@ from tlbuild.classify.results import (
     IDENTITY_KEYS,
     META_KEY,
     PathIndex,
+    count_rows,
     object_encodings,
     parquet_keys,
     results_frame,
@@ -40,7 +41,14 @@ from tlbuild.classify.results import (
 )
 from tlbuild.classify.storage import filesystem, is_url
 from tlbuild.errors import DiskFullError, UsageError, disk_full
-from tlbuild.fileio import NotRegularFileError, atomic_path, open_regular, quiet_fastparquet
+from tlbuild.fileio import (
+    NotRegularFileError,
+    atomic_path,
+    dead_temp_files,
+    open_own_file,
+    quiet_fastparquet,
+    read_record_text,
+)
 
 IDENTITY_FILE = "_tlbuild.json"
 LOCK_FILE = "_tlbuild.lock"
@@ -54,12 +62,6 @@ LEASE_SECONDS = 1800.0
 # What a part file's name may be where the name comes from a file (the compaction plan): one
 # plain name in the folder, so no plan can make a run delete anything else.
 _PART_NAME = re.compile(r"part-[^/\\\x00]+\.parquet")
-# Temporary files of writes a killed run left (atomic_path's, and older versions' `.NAME.tmp`).
-_TEMP_PREFIXES = (".part-", "._tlbuild.", "._compact.")
-
-
-def _rows(n: int) -> str:
-    return f"{n:,} row{'s' * (n != 1)}"
 
 
 def is_dataset_out(out: str) -> bool:
@@ -145,13 +147,12 @@ class ResultsDataset:
             return []
         return sorted(n for n in names if n.endswith(".parquet") and n[0] not in "._")
 
-    def _read(self, name: str) -> bytes:
+    def _read(self, name: str) -> bytes | str:
         """A small file of the folder (`_tlbuild.json`, the plan); a local one must be regular."""
         if not self.local:
             return self.fs.cat_file(self._p(name))
         try:
-            with open_regular(self._p(name)) as f:
-                return f.read()
+            return read_record_text(Path(self._p(name)))
         except NotRegularFileError as e:
             raise UsageError(f"{self.out}/{name} is {e.reason}; remove it") from None
 
@@ -178,7 +179,7 @@ class ResultsDataset:
             path = self._p(LOCK_FILE)
             for _ in range(10):
                 made = not os.path.lexists(path)
-                lock = open(path, "a+")  # noqa: SIM115 - held open while writing
+                lock = open_own_file(path)  # held open while writing
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
@@ -262,11 +263,9 @@ class ResultsDataset:
                 IDENTITY_FILE,
                 json.dumps({"format": FORMAT, "identity": self.identity, "meta": self.meta}),
             )
-        if self.local:  # files a killed run was writing when it died (the lock says it is dead)
-            for name in os.listdir(self.root):
-                if name.startswith(_TEMP_PREFIXES) and ".tmp" in name:
-                    with contextlib.suppress(OSError):
-                        os.unlink(self._p(name))
+        if self.local:  # files a killed run was writing when it died
+            for p in dead_temp_files(Path(self.root)):
+                p.unlink(missing_ok=True)
         for name in self.parts():
             self._read_part_keys(name)
 
@@ -335,9 +334,11 @@ class ResultsDataset:
         said = "this run wrote no rows"
         if n:
             parts = f"{self.parts_written} part file{'s' * (self.parts_written != 1)}"
-            said = f"the {_rows(n)} this run wrote are in {parts} in {self.out}/"
+            said = f"the {count_rows(n)} this run wrote are in {parts} in {self.out}/"
         if lost:
-            said += f"; {_rows(lost)} more could not be written (the next run redoes their files)"
+            said += (
+                f"; {count_rows(lost)} more could not be written (the next run redoes their files)"
+            )
         return said
 
     def close(self) -> None:

@@ -15,14 +15,12 @@ leaves a file no reader can open, and thousands of tiny row groups make every re
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import signal
-import stat
 import threading
 import time
 import warnings
@@ -33,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from tlbuild.errors import DiskFullError, UsageError, disk_full
-from tlbuild.fileio import atomic_path, quiet_fastparquet
+from tlbuild.fileio import atomic_path, open_own_file, quiet_fastparquet
 
 # Column -> how it is stored. Documented in README.md ("Classify results schema").
 COLUMNS: dict[str, str] = {
@@ -94,7 +92,8 @@ def journal_row(line: bytes | str) -> dict[str, Any] | None:
     return row
 
 
-def _rows(n: int) -> str:
+def count_rows(n: int) -> str:
+    """'1 row', '1,204 rows'."""
     return f"{n:,} row{'s' * (n != 1)}"
 
 
@@ -269,27 +268,9 @@ class ResultsFile:
             raise
 
     def _open_journal(self) -> Any:
-        """The journal, opened for reading and appending; a UsageError if it is not a plain file.
-
-        Not followed if it is a symlink (truncating it would truncate whatever it points to),
-        and never a pipe or device, which would block the read that folds it in."""
-        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
-        try:
-            fd = os.open(self.journal_path, flags | os.O_NOFOLLOW, 0o666)
-        except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise
-            raise UsageError(
-                f"{self.journal_path} is a symbolic link; tlbuild keeps its journal there as a "
-                "plain file: remove the link, or use another --out"
-            ) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise UsageError(
-                f"{self.journal_path} is not a regular file; remove it, or use another --out"
-            )
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "a+b", buffering=0)
+        """The journal, for reading and appending: never through a link (truncating it would
+        truncate whatever it points to), never a pipe (folding it in would block)."""
+        return open_own_file(self.journal_path, append=True)
 
     def _resume(self, overwrite: bool) -> None:
         if overwrite:
@@ -424,14 +405,6 @@ class ResultsFile:
             raise DiskFullError(self.out) from e
 
     def _commit(self) -> None:
-        try:
-            self._commit_buffer()
-        except (OSError, RuntimeError) as e:
-            if disk_full(e) is None:
-                raise
-            raise DiskFullError(self.out) from e
-
-    def _commit_buffer(self) -> None:
         fastparquet = quiet_fastparquet()
         if not self._buf["path"]:
             self._reset_journal()
@@ -482,12 +455,12 @@ class ResultsFile:
         if n == 0:
             return "this run wrote no rows"
         if in_file == n:
-            return f"the {_rows(n)} this run wrote are in {self.out}"
+            return f"the {count_rows(n)} this run wrote are in {self.out}"
         journal = f"its journal {self.journal_path}, which the next run with this --out folds in"
         if in_file == 0:
-            return f"the {_rows(n)} this run wrote are in {journal}"
+            return f"the {count_rows(n)} this run wrote are in {journal}"
         split = f"{in_file:,} are in {self.out} and {n - in_file:,} in {journal}"
-        return f"of the {_rows(n)} this run wrote, {split}"
+        return f"of the {count_rows(n)} this run wrote, {split}"
 
     def close(self) -> None:
         """Commit what is buffered and remove the journal; safe to call twice.

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tlbuild.errors import UsageError
-from tlbuild.fileio import MAX_RECORD_BYTES, member, sha256_file
+from tlbuild.fileio import MAX_RECORD_BYTES, sha256_file
 from tlbuild.manifest import Manifest
 
 # Which extra brings each protocol's fsspec implementation.
@@ -117,9 +117,8 @@ def fetch_model(url: str, cache: Path, artifact: str | None = None) -> Path:
         ) from None
     key = hashlib.sha256(manifest_bytes).hexdigest()[:20]
     # Only what a Predictor may open: the chosen artifact, or every model file for `auto`.
+    # Every name fetched is one the manifest lists, so a plain name (checked above).
     wanted = [artifact] if artifact else [n for n in listed if n.endswith((".onnx", ".engine"))]
-    if artifact is not None:
-        member(cache, artifact, "--artifact")
     missing = [n for n in wanted if n not in listed]
     if missing:
         raise UsageError(f"{missing[0]} is not listed in {url}/manifest.json")

@@ -21,7 +21,6 @@ cheaper.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tlbuild.fileio import open_regular
+from tlbuild.fileio import sha256_file
 
 HASH_BITS = 64
 _SIDE = 32  # pHash's thumbnail: 32x32 grey, of which the 8x8 lowest DCT frequencies are kept
@@ -171,8 +170,7 @@ def exact_groups(paths: Sequence[Path]) -> list[int]:
 def _sha256(path: Path) -> str | None:
     """The file's sha256, or None if it is no longer a readable regular file (never blocks)."""
     try:
-        with open_regular(path) as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return sha256_file(path)
     except OSError:
         return None
 

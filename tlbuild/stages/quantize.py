@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from tlbuild.artifacts import MODEL_ONNX, SPLITS_JSON, VARIANTS, OnnxArtifact
+from tlbuild.artifacts import MODEL_ONNX, SCRATCH, SPLITS_JSON, VARIANTS, OnnxArtifact
 from tlbuild.data.preprocess import Preprocessing, load_batch
 from tlbuild.data.scan import Sample
 from tlbuild.data.splits_file import read_split
@@ -20,7 +21,6 @@ from tlbuild.errors import BuildError, UsageError
 from tlbuild.export.gate import evaluate_variants
 from tlbuild.export.int8_search import Trial, search_int8
 from tlbuild.export.quantize import cpu_has_vnni, make_fp16, make_int8, trt_qdq_problems
-from tlbuild.fileio import temp_path
 from tlbuild.manifest import Variant, read_manifest_if_any, write_section
 from tlbuild.recipe import QuantizeConfig, Recipe
 from tlbuild.runtime.sessions import ort_session, run_logits
@@ -222,9 +222,12 @@ def run(ctx: StageContext) -> dict[str, Variant]:
     search, search_source = search_samples(train, calib, cfg.search_images, cfg.seed)
     wanted = [VARIANTS[v] for v in cfg.variants]
     _remove_variants(out)
-    # Made and gated under temporary names (a killed run's are removed by the next build),
-    # so no variant is ever under a name that ships before its gate has passed.
-    candidates = {a.variant: temp_path(out / a.file) for a in wanted}
+    # Made and gated in a scratch folder (a killed run's is removed by the next build), so no
+    # variant is ever under a name that ships before its gate has passed.
+    work = out / SCRATCH / STAGE.name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    candidates = {a.variant: work / a.file for a in wanted}
     try:
         reduce_range, searches = _make_variants(
             ctx, wanted, candidates, calib, search, search_source, spec
@@ -234,8 +237,7 @@ def run(ctx: StageContext) -> dict[str, Variant]:
             results[name].search = record
         _publish(ctx, results, candidates)
     finally:
-        for p in candidates.values():
-            p.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
     # Recorded before the verdict: the manifest then describes every file in the folder,
     # including a rejected variant kept for inspection.
     write_section(
