@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 from dataclasses import dataclass
@@ -238,6 +239,8 @@ def run(ctx: StageContext) -> dict[str, Variant]:
         _publish(ctx, results, candidates)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            work.parent.rmdir()  # .scratch/ itself, when no other stage's work is in it
     # Recorded before the verdict: the manifest then describes every file in the folder,
     # including a rejected variant kept for inspection.
     write_section(
