@@ -211,27 +211,35 @@ def test_calibration_batches_are_equal() -> None:
 
 
 def test_a_library_failure_in_quantize_is_one_message(tmp_path: Path) -> None:
-    from tlbuild.export.quantize import make_int8
+    from tlbuild.artifacts import VARIANTS
+    from tlbuild.export.quantize import Int8Job, Int8Settings, make_int8
 
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"not an onnx model")
     with pytest.raises(BuildError, match="could not|model.onnx"):
         make_int8(
-            bad,
-            tmp_path / "q.onnx",
-            np.zeros((2, 3, 8, 8), np.float32),
-            "cpu",
-            "entropy",
-            [],
-            False,
+            Int8Job(
+                bad,
+                tmp_path / "q.onnx",
+                np.zeros((2, 3, 8, 8), np.float32),
+                VARIANTS["int8_cpu"],
+                Int8Settings("entropy"),
+            )
         )
 
 
 def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
     tiny_build: Path, tmp_path: Path
 ) -> None:
+    from tlbuild.artifacts import VARIANTS
     from tlbuild.data.preprocess import Preprocessing, load_batch
-    from tlbuild.export.int8_search import layer_sensitivity, search_int8
+    from tlbuild.export.int8_search import (
+        SearchGoal,
+        SearchImages,
+        layer_sensitivity,
+        search_int8,
+    )
+    from tlbuild.export.quantize import Int8Job, Int8Settings
 
     man = json.loads((tiny_build / "manifest.json").read_text())
     spec = Preprocessing.from_dict(man["preprocessing"])
@@ -240,21 +248,11 @@ def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
     y = np.array([label for _, label in split["train"]])
     dst = tmp_path / "model.int8.cpu.onnx"
     # An unreachable target: the search spends its whole budget and keeps the best trial.
+    settings = Int8Settings("minmax", ("first_conv", "classifier"), True, 99.9)
     found = search_int8(
-        tiny_build / "model.onnx",
-        dst,
-        "cpu",
-        x[:19],
-        x[19:],
-        y[19:],
-        "test images",
-        method="minmax",
-        keep_float=["first_conv", "classifier"],
-        reduce_range=True,
-        percentile=99.9,
-        target_points=-1.0,
-        budget=5,
-        floor=False,
+        Int8Job(tiny_build / "model.onnx", dst, x[:19], VARIANTS["int8_cpu"], settings),
+        SearchImages(x[19:], y[19:], "test images"),
+        SearchGoal(-1.0, 5, floor=False),
     )
     assert [t.method for t in found.trials[:3]] == ["minmax", "entropy", "percentile"]
     assert len(found.trials) == 5 and not found.within_target
@@ -264,28 +262,17 @@ def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
     ranked = layer_sensitivity(dst, x[:4])
     assert ranked and all(a[1] <= b[1] for a, b in zip(ranked, ranked[1:], strict=False))
 
-    def search(flavour: str, target: float):  # noqa: ANN202
-        return search_int8(
-            tiny_build / "model.onnx",
-            dst,
-            flavour,
-            x[:16],
-            x[16:],
-            y[16:],
-            "test images",
-            method="minmax",
-            keep_float=[],
-            reduce_range=False,
-            percentile=99.9,
-            target_points=target,
-            budget=5,
+    def search(variant: str, target: float):  # noqa: ANN202
+        job = Int8Job(
+            tiny_build / "model.onnx", dst, x[:16], VARIANTS[variant], Int8Settings("minmax")
         )
+        return search_int8(job, SearchImages(x[16:], y[16:], "test images"), SearchGoal(target, 5))
 
     # A reachable target stops at the first trial.
-    easy = search("trt", 100.0)
+    easy = search("int8_trt", 100.0)
     assert len(easy.trials) == 1 and easy.within_target and easy.extra_float == []
     # A target finer than one search image is met at one image's worth.
-    one = search("cpu", 0.0)
+    one = search("int8_cpu", 0.0)
     assert one.tolerance_points == pytest.approx(100 / len(x[16:]), abs=1e-3)
 
 

@@ -34,6 +34,27 @@ TRAINING_FILES = (
 
 
 @dataclass(frozen=True)
+class Int8Scheme:
+    """How an INT8 variant is quantized for the runtime it targets, as data: quantize, the
+    accuracy search and the form checks read this instead of branching on a variant's name."""
+
+    activations: str  # "int8" (S8S8) or "uint8" (U8S8): the activation type
+    symmetric: bool  # activation and weight zero points all 0
+    int32_bias: bool  # bias quantized to int32 (TensorRT's explicit quantization takes none)
+    reduce_range: bool  # follows quantize.reduce_range (7-bit weights for AVX2 without VNNI)
+    float_parts_follow_trt_float: bool  # its float parts take quantize.trt_float's precision
+    tensorrt_form: bool  # checked against the QDQ form TensorRT accepts before it ships
+
+
+# TensorRT: symmetric S8S8, per-channel weights, no int32 bias, float parts FP16 by default:
+# the settings NVIDIA ModelOpt passes to ONNX Runtime's quantizer.
+TENSORRT_INT8 = Int8Scheme("int8", True, False, False, True, True)
+# x86/ARM CPUs: U8 activations, S8 weights, int32 bias, reduce_range where VNNI is missing
+# (ONNX Runtime's guidance, against saturation in the 16-bit sums of AVX2 kernels).
+CPU_INT8 = Int8Scheme("uint8", False, True, True, False, False)
+
+
+@dataclass(frozen=True)
 class OnnxArtifact:
     """One ONNX precision variant: its file, precision and where ONNX Runtime runs it."""
 
@@ -44,6 +65,7 @@ class OnnxArtifact:
     engine_label: str | None  # the precision in its TensorRT engine's name; None: no engine
     simulate_qdq: bool  # gated with Q/DQ run as written (its target is TensorRT, not this CPU)
     not_here: str  # why bench skips it where its provider is missing
+    int8: Int8Scheme | None = None  # how an INT8 variant is quantized; None for float ones
 
     @property
     def rejected_file(self) -> str:
@@ -73,8 +95,9 @@ ONNX_ARTIFACTS: dict[str, OnnxArtifact] = {
             "int8-trt",
             True,
             "runs on TensorRT; its engine is benchmarked where TensorRT exists",
+            TENSORRT_INT8,
         ),
-        OnnxArtifact("int8_cpu", "model.int8.cpu.onnx", "int8", "cpu", None, False, ""),
+        OnnxArtifact("int8_cpu", "model.int8.cpu.onnx", "int8", "cpu", None, False, "", CPU_INT8),
     )
 }
 # The variants quantize makes (everything but the FP32 original).

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from tlbuild.errors import BuildError, TlbuildError
-from tlbuild.export.quantize import make_int8
+from tlbuild.export.quantize import Int8Job, make_int8
 from tlbuild.fileio import atomic_path
 from tlbuild.runtime.sessions import ort_session, run_logits
 
@@ -140,34 +140,40 @@ def layer_sensitivity(qdq_path: Path, images: np.ndarray) -> list[tuple[str, flo
     return sorted(worst.items(), key=lambda kv: kv[1])
 
 
-def search_int8(
-    src: Path,
-    dst: Path,
-    flavour: str,
-    calibration: np.ndarray,
-    search: np.ndarray,
-    labels: np.ndarray,
-    search_source: str,
-    *,
-    method: str,
-    keep_float: list[str],
-    reduce_range: bool,
-    percentile: float,
-    trt_float: str = "fp16",
-    target_points: float,
-    budget: int,
-    on_trial: Callable[[Trial], None] | None = None,
-    floor: bool = True,
-    fp32_top1: np.ndarray | None = None,
-) -> SearchResult:
-    """Write `dst`, the first trial within `target_points` (else the best one seen).
+@dataclass(frozen=True)
+class SearchImages:
+    """The search's images (held-out training images, preprocessed), their labels, where they
+    come from, and FP32's answers on them when the caller has them (one pass serves every
+    variant; computed here otherwise)."""
 
-    `fp32_top1`: FP32's answers on `search`, when the caller has them (one pass serves every
-    variant); computed here otherwise.
-    """
+    images: np.ndarray
+    labels: np.ndarray
+    source: str
+    fp32_top1: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class SearchGoal:
+    """What the search aims at: at most `target_points` lost against FP32, in `budget` trials.
+    `floor`: a target finer than one search image counts as one image's worth."""
+
+    target_points: float
+    budget: int
+    floor: bool = True
+
+
+def search_int8(
+    job: Int8Job,
+    search: SearchImages,
+    goal: SearchGoal,
+    on_trial: Callable[[Trial], None] | None = None,
+) -> SearchResult:
+    """Write `job.dst`: the first trial within the goal's target (else the best one seen)."""
     t0 = time.perf_counter()
-    simulate = flavour == "trt"
-    ref = _logits(src, search, False).argmax(1) if fp32_top1 is None else fp32_top1
+    src, images, labels = job.src, search.images, search.labels
+    target_points, budget = goal.target_points, goal.budget
+    method, keep_float = job.settings.method, list(job.settings.keep_float)
+    ref = _logits(src, images, False).argmax(1) if search.fp32_top1 is None else search.fp32_top1
     ref_acc = float((ref == labels).mean())
     trials: list[Trial] = []
     files: dict[int, Path] = {}
@@ -177,18 +183,9 @@ def search_int8(
         def trial(m: str, extra: list[str]) -> Trial:
             t = time.perf_counter()
             path = tmp / f"trial{len(trials)}.onnx"
-            make_int8(
-                src,
-                path,
-                calibration,
-                flavour,
-                m,
-                keep_float + extra,
-                reduce_range,
-                percentile,
-                trt_float,
-            )
-            got = _logits(path, search, simulate).argmax(1)
+            settings = replace(job.settings, method=m, keep_float=(*keep_float, *extra))
+            make_int8(replace(job, dst=path, settings=settings))
+            got = _logits(path, images, job.artifact.simulate_qdq).argmax(1)
             drop = round(100 * (ref_acc - float((got == labels).mean())), 4)
             done = Trial(m, extra, drop, round(100 * float((got != ref).mean()), 4), 0.0)
             done.seconds = round(time.perf_counter() - t, 2)
@@ -201,7 +198,7 @@ def search_int8(
         # One image of the search set is the finest step it can measure: with 84 images a
         # single changed answer is 1.19 points, and a 1-point target could never be met (the
         # demo spent its whole budget on a variant that loses nothing on validation).
-        tolerance = max(target_points, 100.0 / len(search)) if floor else target_points
+        tolerance = max(target_points, 100.0 / len(images)) if goal.floor else target_points
 
         def ok(t: Trial) -> bool:
             return t.drop_points <= tolerance
@@ -219,7 +216,7 @@ def search_int8(
                     break
         if not ok(best) and len(trials) < budget:
             base = files[trials.index(best)]
-            sensitivity = layer_sensitivity(base, search[:SENSITIVITY_IMAGES])
+            sensitivity = layer_sensitivity(base, images[:SENSITIVITY_IMAGES])
             ranked = [name for name, _ in sensitivity]
             k = 1
             while len(trials) < budget and k <= len(ranked):
@@ -229,7 +226,7 @@ def search_int8(
                 if ok(best):
                     break
                 k *= 2
-        with atomic_path(dst) as out:
+        with atomic_path(job.dst) as out:
             shutil.copyfile(files[trials.index(best)], out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -241,8 +238,8 @@ def search_int8(
         disagreement_points=best.disagreement_points,
         target_points=target_points,
         tolerance_points=round(tolerance, 4),
-        images=len(search),
-        images_source=search_source,
+        images=len(images),
+        images_source=search.source,
         trials=trials,
         sensitivity=[{"node": n, "sqnr_db": round(s, 2)} for n, s in sensitivity if n in chosen],
         seconds=round(time.perf_counter() - t0, 2),

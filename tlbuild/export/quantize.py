@@ -1,6 +1,6 @@
 """Precision variants of model.onnx: FP16, INT8 QDQ for TensorRT, INT8 QDQ for x86 CPUs.
 
-Precision lives in the ONNX graph (DESIGN.md): TensorRT 10 strongly typed / TensorRT 11 networks
+Precision lives in the ONNX graph: TensorRT 10 strongly typed and TensorRT 11 networks
 take their precision from it, so these files are what gets compiled and shipped.
 """
 
@@ -11,12 +11,14 @@ import io
 import logging
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from tlbuild.artifacts import OnnxArtifact
 from tlbuild.errors import BuildError
 from tlbuild.fileio import atomic_path
 
@@ -105,26 +107,32 @@ class _Batches:
         pass
 
 
-def make_int8(
-    src: Path,
-    dst: Path,
-    calibration: np.ndarray,
-    flavour: str,
-    method: str,
-    keep_float: list[str],
-    reduce_range: bool,
-    percentile: float = 99.999,
-    trt_float: str = "fp16",
-) -> None:
-    """Static QDQ quantization calibrated on `calibration` (preprocessed NCHW float32 images).
+@dataclass(frozen=True)
+class Int8Settings:
+    """The [quantize] settings one INT8 variant is made with (reduce_range resolved for this
+    machine)."""
 
-    flavour "trt": symmetric S8S8, per-channel weights, no int32 bias: the settings NVIDIA
-    ModelOpt passes to ORT, the form TensorRT's explicit quantization accepts; with
-    `trt_float` "fp16" (ModelOpt's `high_precision_dtype` default) everything left in float,
-    Q/DQ scales included, is FP16, which a strongly typed TensorRT network needs for speed.
-    flavour "cpu": U8 activations, S8 per-channel weights, reduce_range on CPUs without VNNI
-    (ORT's guidance, to avoid saturation in the 16-bit intermediate sums of AVX2 kernels).
-    """
+    method: str  # calibration: minmax, entropy or percentile
+    keep_float: tuple[str, ...] = ()
+    reduce_range: bool = False
+    percentile: float = 99.999
+    trt_float: str = "fp16"
+
+
+@dataclass(frozen=True)
+class Int8Job:
+    """One INT8 variant to make: from which model into which file, calibrated on which
+    preprocessed NCHW float32 images, for which artifact (its Int8Scheme), with which settings."""
+
+    src: Path
+    dst: Path
+    calibration: np.ndarray
+    artifact: OnnxArtifact
+    settings: Int8Settings
+
+
+def make_int8(job: Int8Job) -> None:
+    """Static QDQ quantization of `job.src` into `job.dst` in the artifact's Int8Scheme."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -132,6 +140,10 @@ def make_int8(
         quantize_static,
     )
 
+    src, dst, calibration, cfg = job.src, job.dst, job.calibration, job.settings
+    scheme = job.artifact.int8
+    assert scheme is not None, f"{job.artifact.variant} is not an INT8 variant"
+    method = cfg.method
     methods = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
@@ -139,29 +151,20 @@ def make_int8(
     }
     extra: dict[str, object] = {}
     if method == "percentile":
-        extra["CalibPercentile"] = percentile
-    if flavour == "trt":
-        kwargs = {
-            "activation_type": QuantType.QInt8,
-            "weight_type": QuantType.QInt8,
-            "reduce_range": False,
-        }
-        extra.update(
-            ActivationSymmetric=True,
-            WeightSymmetric=True,
-            QuantizeBias=False,
-            QDQDisableWeightAdjustForInt32Bias=True,
-        )
-    else:
-        kwargs = {
-            "activation_type": QuantType.QUInt8,
-            "weight_type": QuantType.QInt8,
-            "reduce_range": reduce_range,
-        }
+        extra["CalibPercentile"] = cfg.percentile
+    if scheme.symmetric:
+        extra.update(ActivationSymmetric=True, WeightSymmetric=True)
+    if not scheme.int32_bias:
+        extra.update(QuantizeBias=False, QDQDisableWeightAdjustForInt32Bias=True)
+    kwargs = {
+        "activation_type": QuantType.QInt8 if scheme.activations == "int8" else QuantType.QUInt8,
+        "weight_type": QuantType.QInt8,
+        "reduce_range": cfg.reduce_range and scheme.reduce_range,
+    }
     with atomic_path(dst) as tmp, _quiet():
         try:
             input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
-            excluded = float_node_names(src, keep_float)
+            excluded = float_node_names(src, list(cfg.keep_float))
             quantize_static(
                 str(src),
                 str(tmp),
@@ -173,7 +176,7 @@ def make_int8(
                 extra_options=extra,
                 **kwargs,
             )
-            if flavour == "trt" and trt_float == "fp16":
+            if scheme.float_parts_follow_trt_float and cfg.trt_float == "fp16":
                 try:
                     _float_parts_to_fp16(tmp)
                 except Exception as e:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,15 @@ from tlbuild.data.scan import Sample
 from tlbuild.data.splits_file import read_split
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.export.gate import evaluate_variants
-from tlbuild.export.int8_search import Trial, search_int8
-from tlbuild.export.quantize import cpu_has_vnni, make_fp16, make_int8, trt_qdq_problems
+from tlbuild.export.int8_search import SearchGoal, SearchImages, Trial, search_int8
+from tlbuild.export.quantize import (
+    Int8Job,
+    Int8Settings,
+    cpu_has_vnni,
+    make_fp16,
+    make_int8,
+    trt_qdq_problems,
+)
 from tlbuild.manifest import Variant, read_manifest_if_any, write_section
 from tlbuild.recipe import QuantizeConfig, Recipe
 from tlbuild.runtime.sessions import ort_session, run_logits
@@ -59,68 +65,24 @@ def search_samples(
     return calib, "the calibration images (fewer than 32 training images left over)"
 
 
-@dataclass(frozen=True)
-class HeldOut:
-    """The INT8 search's images: preprocessed, labelled, and FP32's answers on them (computed
-    once for every variant)."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    source: str
-    fp32_top1: np.ndarray
-
-
 def _make_int8(
-    ctx: StageContext,
-    a: OnnxArtifact,
-    dst: Path,
-    calib: np.ndarray,
-    search: HeldOut | None,
-    reduce_range: bool,
+    ctx: StageContext, job: Int8Job, search: SearchImages | None
 ) -> dict[str, Any] | None:
-    """One INT8 variant into `dst`, searched when a budget is set; the search's record, if any."""
-    cfg, out = ctx.recipe.quantize, ctx.out
-    flavour = a.variant.removeprefix("int8_")
+    """One INT8 variant, searched when a budget is set; the search's record, if any."""
+    cfg = ctx.recipe.quantize
     if search is None:
-        make_int8(
-            out / MODEL_ONNX,
-            dst,
-            calib,
-            flavour,
-            cfg.calibration_method,
-            list(cfg.keep_float),
-            reduce_range,
-            cfg.percentile,
-            cfg.trt_float,
-        )
+        make_int8(job)
         return None
 
     def show(t: Trial) -> None:
         extra = f", {len(t.extra_float)} more layer(s) in float" if t.extra_float else ""
         ctx.console.print(
-            f"  {a.variant}: {t.method}{extra}: {t.drop_points:+.2f} points against FP32, "
-            f"{t.disagreement_points:.2f} points of answers changed ({t.seconds:.1f}s)"
+            f"  {job.artifact.variant}: {t.method}{extra}: {t.drop_points:+.2f} points against "
+            f"FP32, {t.disagreement_points:.2f} points of answers changed ({t.seconds:.1f}s)"
         )
 
-    found = search_int8(
-        out / MODEL_ONNX,
-        dst,
-        flavour,
-        calib,
-        search.images,
-        search.labels,
-        search.source,
-        method=cfg.calibration_method,
-        keep_float=list(cfg.keep_float),
-        reduce_range=reduce_range,
-        percentile=cfg.percentile,
-        trt_float=cfg.trt_float,
-        target_points=cfg.max_drop,
-        budget=cfg.search_budget,
-        on_trial=show,
-        fp32_top1=search.fp32_top1,
-    )
-    return found.to_dict()
+    goal = SearchGoal(cfg.max_drop, cfg.search_budget)
+    return search_int8(job, search, goal, on_trial=show).to_dict()
 
 
 def _make_variants(
@@ -145,7 +107,10 @@ def _make_variants(
         fp32 = ort_session(out / MODEL_ONNX)
         top1 = np.concatenate([run_logits(fp32, x[i : i + 32]) for i in range(0, len(x), 32)])
         labels = np.array([sm.label for sm in search])
-        held_out = HeldOut(x, labels, search_source, top1.argmax(1))
+        held_out = SearchImages(x, labels, search_source, top1.argmax(1))
+    settings = Int8Settings(
+        cfg.calibration_method, tuple(cfg.keep_float), reduce_range, cfg.percentile, cfg.trt_float
+    )
     with Progress(console=ctx.console, transient=True) as progress:
         task = progress.add_task("Making variants", total=len(wanted))
         for a in wanted:
@@ -153,11 +118,13 @@ def _make_variants(
             if a.precision == "fp16":
                 make_fp16(out / MODEL_ONNX, dst)
             else:
-                assert images is not None
-                record = _make_int8(ctx, a, dst, images, held_out, reduce_range)
+                assert images is not None and a.int8 is not None
+                record = _make_int8(
+                    ctx, Int8Job(out / MODEL_ONNX, dst, images, a, settings), held_out
+                )
                 if record is not None:
                     searches[a.variant] = record
-                if a.variant == "int8_trt" and (problems := trt_qdq_problems(dst)):
+                if a.int8.tensorrt_form and (problems := trt_qdq_problems(dst)):
                     raise BuildError(
                         f"{a.file} is not in the QDQ form TensorRT accepts: "
                         + "; ".join(problems[:5])
