@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from tlbuild.classify.options import ClassifyOptions, ModelChoice, RayOptions, provider_of
 from tlbuild.classify.rows import Decider, Decoded, RowMaker, chunks, decode_batch
-from tlbuild.classify.run import ClassifyOptions, ModelChoice, RayOptions, provider_of
 from tlbuild.classify.storage import default_model_cache, is_url, local_model
 from tlbuild.data.decode_threads import DecodeThreads
 from tlbuild.errors import TlbuildError, UsageError
@@ -149,11 +149,9 @@ class Classifier:
 class RayEngine:
     """Connects to (or starts) Ray, picks the model where it runs, streams result rows back."""
 
-    def __init__(
-        self, ray_options: RayOptions, options: ClassifyOptions, warn: Callable[[str], None] | None
-    ) -> None:
+    def __init__(self, options: ClassifyOptions, warn: Callable[[str], None] | None = None) -> None:
         self.ray = _import_ray()
-        self.r = ray_options
+        self.r = options.ray or RayOptions()
         self.options = options
         self.warn = warn or (lambda msg: None)
         self.cache = str(options.model_cache or default_model_cache())

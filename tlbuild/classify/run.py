@@ -7,61 +7,56 @@ and streams their rows back here. Either way this process is the only writer of 
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from tlbuild.bench.environment import cpu_cores
-from tlbuild.classify.dataset_out import PART_ROWS, ResultsDataset, is_dataset_out
+from tlbuild.classify.dataset_out import ResultsDataset, is_dataset_out
 from tlbuild.classify.inputs import InputWalker, check_inputs
+from tlbuild.classify.options import (
+    ClassifyOptions,
+    ModelChoice,
+    RayOptions,
+    local_model_path,
+)
 from tlbuild.classify.results import ResultsFile
-from tlbuild.classify.rows import Decider, Decoded, RowMaker, chunks, decode_batch, reason_kind
-from tlbuild.classify.storage import default_model_cache, is_url, local_model
-from tlbuild.data.decode_threads import DecodeThreads
-from tlbuild.data.images import IMAGE_EXTENSIONS
+from tlbuild.classify.rows import Decider, reason_kind
+from tlbuild.classify.storage import is_url
 from tlbuild.decision.rule import manifest_threshold
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.manifest import Manifest, read_manifest
-from tlbuild.runtime.base import Predictor
-from tlbuild.runtime.load import load_predictor
 
-ENGINES = ("local", "ray")
+# Re-exported: the options are what callers of classify() build.
+__all__ = ["ClassifyOptions", "ClassifySummary", "Kept", "RayOptions", "classify"]
 
-
-@dataclass(frozen=True)
-class RayOptions:
-    """Where and how wide the Ray engine runs."""
-
-    address: str | None = None  # None: $RAY_ADDRESS if set (ray job submit), else "local"
-    actors: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
+# Engine name -> "module:class". Imported on use: the Ray engine needs the `ray` extra, and
+# the local one never imports Ray. Each has choose_model(source, local), rows(...) and close().
+ENGINES = {
+    "local": "tlbuild.classify.local_engine:LocalEngine",
+    "ray": "tlbuild.classify.ray_engine:RayEngine",
+}
 
 
-@dataclass(frozen=True)
-class ClassifyOptions:
-    """Everything `tlbuild classify` can be told besides inputs, model and output."""
+class Engine(Protocol):
+    """Where decode and inference run; this process writes what `rows` yields."""
 
-    artifact: str | None = None
-    provider: str = "auto"
-    batch_size: int = 32
-    workers: int = 0  # decode threads; 0 = one per core
-    topk: int = 3
-    ok_class: str | None = None  # None: the model's ok_class from its manifest, if any
-    threshold: float | None = None
-    exact_decode: bool = False
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
-    overwrite: bool = False
-    retry_errors: bool = False
-    max_error_rate: float | None = None
-    engine: str = "local"  # local | ray
-    ray: RayOptions | None = None
-    model_cache: Path | None = None  # where a --model URL is fetched; None: the default cache
-    part_rows: int = PART_ROWS  # rows per part file when --out is a folder
-    compact: bool = False  # merge small part files after the run
+    def choose_model(self, source: str, local: Path) -> ModelChoice: ...
+
+    def rows(
+        self, paths: Iterator[str], choice: ModelChoice, decider: Decider, sha256: str
+    ) -> Iterator[dict[str, list[Any]]]: ...
+
+    def close(self) -> None: ...
+
+
+def open_engine(options: ClassifyOptions, warn: Callable[[str], None] | None) -> Engine:
+    """The engine `options.engine` names, started."""
+    module, name = ENGINES[options.engine].split(":")
+    return getattr(importlib.import_module(module), name)(options, warn)
 
 
 @dataclass
@@ -156,30 +151,6 @@ def _check_options(options: ClassifyOptions) -> None:
             raise UsageError("--cpus-per-actor must be above 0 and --gpus-per-actor 0 or more")
 
 
-@dataclass(frozen=True)
-class ModelChoice:
-    """The artifact that will write the rows, as chosen where the model runs."""
-
-    folder: Path  # a local copy: the manifest is read from it
-    source: str  # what --model named (a URL is fetched again by each Ray node)
-    artifact: str
-    provider: str
-    precision: str
-    backend: str
-    passed_over: tuple[str, ...] = ()
-
-
-def provider_of(backend: str, artifact: str) -> str:
-    """The --provider value that opens `artifact` on the backend a Predictor reported."""
-    if artifact.endswith(".engine") or "Tensorrt" in backend:
-        return "tensorrt"
-    return "cuda" if "CUDA" in backend or backend.endswith(":cuda") else "cpu"
-
-
-def _local_model(model: str, options: ClassifyOptions) -> Path:
-    return local_model(model, options.model_cache or default_model_cache(), options.artifact)
-
-
 class Kept:
     """What a run has written so far, in words; asked only when the run is cut short."""
 
@@ -228,45 +199,18 @@ def classify(
     _check_options(options)
     model, out = str(model), str(out)
     inputs = check_inputs(inputs) if inputs or not options.compact else []
-    cores = cpu_cores()
-    predictor: Predictor | None = None
-    engine = None
-    if options.engine == "ray":
-        from tlbuild.classify.ray_engine import RayEngine
-
-        engine = RayEngine(options.ray or RayOptions(), options, warn)
-        choice = engine.choose_model(model, _local_model(model, options))
-    else:
-        predictor = load_predictor(
-            _local_model(model, options),
-            options.artifact,
-            options.provider,
-            threads=cores,
-            spinning=False,
-        )
-        choice = ModelChoice(
-            predictor.artifact.parent,
-            model,
-            predictor.artifact.name,
-            provider_of(predictor.backend, predictor.artifact.name),
-            predictor.precision,
-            predictor.backend,
-            tuple(predictor.passed_over),
-        )
+    engine = open_engine(options, warn)
     try:
-        return _classify(
-            inputs, choice, predictor, engine, out, options, on_batch, warn, kept or Kept()
-        )
+        choice = engine.choose_model(model, local_model_path(model, options))
+        return _classify(inputs, choice, engine, out, options, on_batch, warn, kept or Kept())
     finally:
-        if engine is not None:
-            engine.close()
+        engine.close()
 
 
 def _classify(
     inputs: list[str],
     choice: ModelChoice,
-    predictor: Predictor | None,
-    engine: Any,
+    engine: Engine,
     out: str,
     options: ClassifyOptions,
     on_batch: Callable[[int], None] | None,
@@ -321,12 +265,8 @@ def _classify(
 
     t0 = time.perf_counter()
     try:
-        if engine is not None:
-            for cols in engine.rows(todo(), choice, decider, sha):
-                write(cols)
-        else:
-            assert predictor is not None
-            _run_local(todo(), RowMaker(predictor, decider, sha), options, write)
+        for cols in engine.rows(todo(), choice, decider, sha):
+            write(cols)
         if options.compact:
             summary.parts = results.compact()
     finally:
@@ -334,25 +274,3 @@ def _classify(
         summary.seconds = time.perf_counter() - t0
         summary.ignored_files = walker.ignored
     return summary
-
-
-def _run_local(
-    paths: Iterator[str],
-    maker: RowMaker,
-    options: ClassifyOptions,
-    write: Callable[[dict[str, Any]], None],
-) -> None:
-    """Decode in threads, run the model here; rows go to `write` in input order."""
-    workers = options.workers or cpu_cores()
-    spec = maker.predictor.preprocessing
-
-    def decode(chunk: list[str]) -> Decoded:
-        return decode_batch(chunk, spec, options.exact_decode)
-
-    # Daemon threads: a decode stuck in a read cannot keep Ctrl-C or SIGTERM from ending the
-    # run (the rows written so far are committed by the caller, in this thread).
-    with DecodeThreads(workers) as pool:
-        # Keep a few batches decoding ahead of inference: enough to hide decode behind
-        # inference, few enough that memory does not depend on how many files there are.
-        for decoded in pool.imap(decode, chunks(paths, options.batch_size), workers + 1):
-            write(maker.rows(decoded))
