@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tlbuild import __version__
+from tlbuild.classify.options import ClassifyOptions, RayOptions, help_of
 from tlbuild.errors import TlbuildError, disk_full
 
 app = typer.Typer(
@@ -313,6 +314,18 @@ def bench(
     _guard(go)
 
 
+# classify's options: their defaults and help are the options types' own (classify/options.py).
+_CO, _RO = ClassifyOptions(), RayOptions()
+
+
+def _co(name: str) -> typer.models.OptionInfo:
+    return typer.Option(help=help_of(ClassifyOptions, name))
+
+
+def _ro(name: str) -> typer.models.OptionInfo:
+    return typer.Option(help=help_of(RayOptions, name))
+
+
 @app.command()
 def classify(
     inputs: Annotated[
@@ -339,86 +352,27 @@ def classify(
             show_default=False,
         ),
     ] = "",
-    artifact: Annotated[
-        str | None, typer.Option(help="Artifact of the folder to use, e.g. model.onnx.")
-    ] = None,
-    provider: Annotated[
-        str,
-        typer.Option(
-            help="auto (fastest that starts here: TensorRT, CUDA, CPU), cpu, cuda, tensorrt."
-        ),
-    ] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 32,
-    workers: Annotated[int, typer.Option(help="Decode threads; 0 = one per core.")] = 0,
-    topk: Annotated[int, typer.Option(help="Labels kept per image in topk_labels.")] = 3,
-    ok_class: Annotated[
-        str | None, typer.Option(help="The good class; default: the model's ok_class.")
-    ] = None,
-    threshold: Annotated[
-        float | None,
-        typer.Option(help="Defective when p(ok class) is below this (default: argmax rule)."),
-    ] = None,
-    ext: Annotated[
-        str,
-        typer.Option(
-            help="Extensions taken from folders, comma-separated (default: every image type "
-            "training reads, GIF included)."
-        ),
-    ] = "",
-    exact_decode: Annotated[
-        bool, typer.Option(help="Full-resolution JPEG decode (slower, bit-identical).")
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option(help="Start --out over instead of resuming it.")
-    ] = False,
-    retry_errors: Annotated[
-        bool,
-        typer.Option(
-            help="Classify again files whose earlier row is an error (a new row is added)."
-        ),
-    ] = False,
-    max_error_rate: Annotated[
-        float | None,
-        typer.Option(help="Exit 1 if more than this fraction of inputs fail (e.g. 0.01)."),
-    ] = None,
-    engine: Annotated[
-        str,
-        typer.Option(
-            help="local (this process) or ray (actors on a Ray cluster; pip install "
-            "'tlbuild[ray]')."
-        ),
-    ] = "local",
-    ray_address: Annotated[
-        str | None,
-        typer.Option(
-            help="Ray cluster: auto (the running one), local (a private one for this run) or "
-            "ray://host:10001. Default: $RAY_ADDRESS if set, else local."
-        ),
-    ] = None,
-    actors: Annotated[
-        int | None,
-        typer.Option(help="Ray actors, each holding the model; default: what the cluster fits."),
-    ] = None,
-    cpus_per_actor: Annotated[
-        float, typer.Option(help="CPUs per Ray actor (ONNX Runtime and decode threads).")
-    ] = 1.0,
-    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per Ray actor.")] = 0.0,
-    model_cache: Annotated[
-        Path | None,
-        typer.Option(
-            help="Where an s3:// / gs:// --model is fetched (default: $TLBUILD_MODEL_CACHE or "
-            "~/.cache/tlbuild/models)."
-        ),
-    ] = None,
-    part_rows: Annotated[
-        int, typer.Option(help="Rows per part file when --out is a folder.")
-    ] = 50_000,
-    compact: Annotated[
-        bool,
-        typer.Option(
-            help="After the run, merge a folder --out's small part files (INPUTS optional)."
-        ),
-    ] = False,
+    artifact: Annotated[str | None, _co("artifact")] = _CO.artifact,
+    provider: Annotated[str, _co("provider")] = _CO.provider,
+    batch_size: Annotated[int, _co("batch_size")] = _CO.batch_size,
+    workers: Annotated[int, _co("workers")] = _CO.workers,
+    topk: Annotated[int, _co("topk")] = _CO.topk,
+    ok_class: Annotated[str | None, _co("ok_class")] = _CO.ok_class,
+    threshold: Annotated[float | None, _co("threshold")] = _CO.threshold,
+    # The command line takes the extensions as one comma-separated string ('' = all).
+    ext: Annotated[str, _co("extensions")] = "",
+    exact_decode: Annotated[bool, _co("exact_decode")] = _CO.exact_decode,
+    overwrite: Annotated[bool, _co("overwrite")] = _CO.overwrite,
+    retry_errors: Annotated[bool, _co("retry_errors")] = _CO.retry_errors,
+    max_error_rate: Annotated[float | None, _co("max_error_rate")] = _CO.max_error_rate,
+    engine: Annotated[str, _co("engine")] = _CO.engine,
+    ray_address: Annotated[str | None, _ro("address")] = _RO.address,
+    actors: Annotated[int | None, _ro("actors")] = _RO.actors,
+    cpus_per_actor: Annotated[float, _ro("cpus_per_actor")] = _RO.cpus_per_actor,
+    gpus_per_actor: Annotated[float, _ro("gpus_per_actor")] = _RO.gpus_per_actor,
+    model_cache: Annotated[Path | None, _co("model_cache")] = _CO.model_cache,
+    part_rows: Annotated[int, _co("part_rows")] = _CO.part_rows,
+    compact: Annotated[bool, _co("compact")] = _CO.compact,
 ) -> None:
     """Classify image folders into a Parquet file: streaming, resumable, bad files kept as rows."""
     import signal
@@ -427,7 +381,7 @@ def classify(
     from rich.text import Text
 
     from tlbuild.classify.inputs import parse_extensions
-    from tlbuild.classify.run import ClassifyOptions, Kept, RayOptions
+    from tlbuild.classify.run import Kept
     from tlbuild.classify.run import classify as run_classify
 
     console = _console()

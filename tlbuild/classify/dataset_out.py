@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from tlbuild.classify.options import PART_ROWS
 from tlbuild.classify.results import (
     COLUMNS,
     IDENTITY_KEYS,
@@ -55,7 +56,6 @@ LOCK_FILE = "_tlbuild.lock"
 PLAN_FILE = "_compact.json"
 ASIDE = "_unreadable"
 FORMAT = "tlbuild.classify.dataset/1"
-PART_ROWS = 50_000
 # A storage lock not renewed for this long belongs to a run that died (parts are written at
 # least every part_seconds, and each write renews it).
 LEASE_SECONDS = 1800.0

@@ -17,15 +17,10 @@ from typing import Any, Protocol
 
 from tlbuild.classify.dataset_out import ResultsDataset, is_dataset_out
 from tlbuild.classify.inputs import InputWalker, check_inputs
-from tlbuild.classify.options import (
-    ClassifyOptions,
-    ModelChoice,
-    RayOptions,
-    local_model_path,
-)
+from tlbuild.classify.options import ClassifyOptions, ModelChoice, RayOptions
 from tlbuild.classify.results import ResultsFile
 from tlbuild.classify.rows import Decider, reason_kind
-from tlbuild.classify.storage import is_url
+from tlbuild.classify.storage import default_model_cache, is_url, local_model
 from tlbuild.decision.rule import manifest_threshold
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.manifest import Manifest, read_manifest
@@ -201,7 +196,8 @@ def classify(
     inputs = check_inputs(inputs) if inputs or not options.compact else []
     engine = open_engine(options, warn)
     try:
-        choice = engine.choose_model(model, local_model_path(model, options))
+        local = local_model(model, options.model_cache or default_model_cache(), options.artifact)
+        choice = engine.choose_model(model, local)
         return _classify(inputs, choice, engine, out, options, on_batch, warn, kept or Kept())
     finally:
         engine.close()

@@ -11,12 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tlbuild.data.extensions import IMAGE_EXTENSIONS  # noqa: F401 - re-exported
 from tlbuild.errors import DataError
 from tlbuild.fileio import NotRegularFileError, open_regular
-
-# Every extension tlbuild reads, for training folders and `classify` alike (Pillow decodes
-# all of them; a GIF gives its first frame).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 # Pillow's own default (about 89 Mpx) raises for larger images, which is what we want:
 # a production folder must not be able to exhaust memory with one crafted file.
