@@ -146,3 +146,33 @@ def test_cv_mistakes_get_one_message(tmp_path: Path) -> None:
     done = runner.invoke(app, ["cv", str(recipe), "--folds", "5"])
     assert done.exit_code == 1 and "needs at least 5 per class" in done.output
     assert "Traceback" not in done.output
+
+
+def test_cv_folds_and_the_train_stage_share_one_training_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    from tests.conftest import run_stage
+    from tlbuild.cv.run import run_cv
+    from tlbuild.recipe import load_recipe
+    from tlbuild.train import from_recipe
+
+    _colour_data(tmp_path / "data", 8)
+    recipe = load_recipe(_recipe(tmp_path, tmp_path / "data"))
+    reached: list[int] = []
+
+    class Reached(Exception):
+        pass
+
+    def changed_once(model, splits, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        # One change to how a model is trained: both commands must see it.
+        reached.append(len(splits.train))
+        raise Reached
+
+    monkeypatch.setattr(from_recipe, "fit", changed_once)
+    with pytest.raises(Reached):
+        run_stage("train", recipe, Console(quiet=True))
+    with pytest.raises(Reached):
+        run_cv(recipe, 2, Console(quiet=True), fresh=True)
+    assert len(reached) == 2

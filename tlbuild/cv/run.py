@@ -117,13 +117,9 @@ def _train_fold(
     from torch.utils.data import DataLoader
 
     from tlbuild.data.dataset import EvalTransform, ImageDataset
-    from tlbuild.data.sizes import summarize_sizes
-    from tlbuild.models.factory import make_model
-    from tlbuild.train.loop import evaluate, fit
+    from tlbuild.train.from_recipe import train_from_recipe
+    from tlbuild.train.loop import evaluate
 
-    torch.manual_seed(recipe.train.seed)
-    np.random.seed(recipe.train.seed)
-    built = make_model(recipe.model, len(classes), summarize_sizes([s.path for s in train]))
     ckpt = work / "last.pt"
     key_file = work / "key"
     resume = ckpt.is_file() and key_file.is_file() and key_file.read_text() == key
@@ -134,16 +130,8 @@ def _train_fold(
     else:
         console.print(f"  resuming from {ckpt}")
     try:
-        result = fit(
-            built.model,
-            Splits(classes, train, val),
-            built.preprocessing,
-            recipe.train,
-            recipe.data,
-            ckpt,
-            console,
-            resume=resume,
-            model_key=recipe.model.model_dump_json(),
+        built, result = train_from_recipe(
+            recipe, Splits(classes, train, val), ckpt, console, resume=resume
         )
     except UsageError:
         if not resume:
@@ -159,7 +147,7 @@ def _train_fold(
 
 def run_cv(recipe: Recipe, k: int, console: Console, fresh: bool = False) -> CVResult:
     """Cross-validate `recipe` with `k` folds into <export>/cv/; finished folds are reused."""
-    from tlbuild.stages.train import load_data
+    from tlbuild.data.load import load_data
     from tlbuild.train.metrics import classification_metrics
 
     splits = load_data(recipe, console)

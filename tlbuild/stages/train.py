@@ -10,8 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
 
 from tlbuild.artifacts import (
     CHECKPOINTS,
@@ -23,18 +21,20 @@ from tlbuild.artifacts import (
     SPLITS_JSON,
     TRAINING_FILES,
 )
-from tlbuild.data.duplicates_report import check_duplicates, fingerprint_for
-from tlbuild.data.scan import Sample, Splits, scan_dataset
-from tlbuild.data.sizes import size_advice, summarize_sizes
+from tlbuild.data.duplicates_report import check_duplicates
+from tlbuild.data.load import load_data
+from tlbuild.data.scan import Sample, Splits
+from tlbuild.data.sizes import SizeSummary, size_advice
 from tlbuild.data.splits_file import splits_json
 from tlbuild.fileio import write_json, write_text
 from tlbuild.models.checkpoint import TrainedModel, save_trained
-from tlbuild.models.factory import make_model
+from tlbuild.models.factory import NewClassifier
 from tlbuild.recipe import Recipe
 from tlbuild.stages.base import Stage, StageContext
 from tlbuild.train import distributed
 from tlbuild.train.eval_logits import EVAL_LOGITS, write_eval_logits
-from tlbuild.train.loop import TrainResult, fit
+from tlbuild.train.from_recipe import train_from_recipe
+from tlbuild.train.loop import TrainResult
 from tlbuild.train.lr_find import plot_lr_find
 from tlbuild.train.metrics import (
     best_label,
@@ -54,31 +54,6 @@ class TrainOutputs:
     result: TrainResult
     metrics: dict[str, Any]
     splits: Splits
-
-
-def load_data(recipe: Recipe, console: Console) -> Splits:
-    """Scan and split the recipe's data, reporting counts and skipped files."""
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("Checking images", total=None)
-        splits = scan_dataset(
-            recipe.data, lambda n: progress.advance(task, n), fingerprint_for(recipe.data)
-        )
-    table = Table(title=f"{len(splits.classes)} classes", title_justify="left")
-    counts = splits.counts()
-    table.add_column("class")
-    for split in counts:
-        table.add_column(split, justify="right")
-    for c in splits.classes:
-        mark = " (ok)" if c == recipe.data.ok_class else ""
-        table.add_row(c + mark, *(str(counts[s][c]) for s in counts))
-    console.print(table)
-    if splits.skipped:
-        console.print(f"[yellow]Skipped {len(splits.skipped)} unreadable file(s):[/]")
-        for p, why in splits.skipped[:20]:
-            console.print(f"  {p}: {why}")
-        if len(splits.skipped) > 20:
-            console.print(f"  ... and {len(splits.skipped) - 20} more (listed in {SPLITS_JSON})")
-    return splits
 
 
 def _history_csv(history: list[dict[str, Any]]) -> str:
@@ -122,37 +97,25 @@ def _head_only(result: TrainResult, recipe: Recipe) -> dict[str, Any] | None:
 def _fit(ctx: StageContext, splits: Splits) -> tuple[TrainedModel, TrainResult]:
     """Build the backbone with its new head and fine-tune it; the best weights, with metadata."""
     recipe, console = ctx.recipe, ctx.console
-    # Seed before building: the new head's initial weights are part of reproducibility.
-    torch.manual_seed(recipe.train.seed)
-    np.random.seed(recipe.train.seed)
-    images = summarize_sizes([s.path for s in splits.train])
-    built = make_model(recipe.model, len(splits.classes), images)
-    default_side = max(built.model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
-    advice = size_advice(images, built.preprocessing.input_size, default_side)
-    if advice and recipe.model.preprocess.input_size != "auto":
-        console.print(f"[yellow]Note: {advice}[/]")
-    console.print(
-        f"Backbone {recipe.model.backbone}, weights {built.weights_source}, input "
-        f"{built.preprocessing.input_size[0]}x{built.preprocessing.input_size[1]} "
-        f"({built.preprocessing.resize}, {built.preprocessing.interpolation})"
-    )
     ckpt = ctx.out / LAST_CKPT
-    if not ctx.resume and ckpt.is_file():
+
+    def built_here(built: NewClassifier, images: SizeSummary | None) -> None:
+        default_side = max(built.model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+        advice = size_advice(images, built.preprocessing.input_size, default_side)
+        if advice and recipe.model.preprocess.input_size != "auto":
+            console.print(f"[yellow]Note: {advice}[/]")
         console.print(
-            f"[yellow]Starting over; an earlier checkpoint ({ckpt}) is replaced. "
-            "Use --resume to continue it instead.[/]"
+            f"Backbone {recipe.model.backbone}, weights {built.weights_source}, input "
+            f"{built.preprocessing.input_size[0]}x{built.preprocessing.input_size[1]} "
+            f"({built.preprocessing.resize}, {built.preprocessing.interpolation})"
         )
-    result = fit(
-        built.model,
-        splits,
-        built.preprocessing,
-        recipe.train,
-        recipe.data,
-        ckpt,
-        console,
-        resume=ctx.resume,
-        model_key=recipe.model.model_dump_json(),
-    )
+        if not ctx.resume and ckpt.is_file():
+            console.print(
+                f"[yellow]Starting over; an earlier checkpoint ({ckpt}) is replaced. "
+                "Use --resume to continue it instead.[/]"
+            )
+
+    built, result = train_from_recipe(recipe, splits, ckpt, console, ctx.resume, built_here)
     tm = TrainedModel(
         result.model,
         recipe.model.backbone,
