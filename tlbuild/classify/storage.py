@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from tlbuild.errors import UsageError
 from tlbuild.fileio import MAX_RECORD_BYTES, sha256_file
-from tlbuild.manifest import Manifest
+from tlbuild.manifest import FileHash, Manifest
 
 # Which extra brings each protocol's fsspec implementation.
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
@@ -82,21 +82,15 @@ def local_model(source: str, cache: Path, artifact: str | None = None) -> Path:
     return folder / artifact if artifact else folder
 
 
-def fetch_model(url: str, cache: Path, artifact: str | None = None) -> Path:
-    """Copy an export folder from storage into `cache` once per machine; returns the local folder.
-
-    The folder is keyed by the manifest's own sha256, so a new export at the same URL is fetched
-    again and an unchanged one never is. Every file is checked against the manifest's sha256
-    before the folder is published (renamed into place), and a lock makes the processes of one
-    machine (Ray actors) wait for the first one's download instead of each fetching it.
-    """
-    fs, root = filesystem(url.rstrip("/"))
-    if artifact is None and not root.endswith("manifest.json") and fs.isfile(root):
-        root, artifact = root.rsplit("/", 1)
+def _remote_manifest(fs: Any, root: str, url: str) -> tuple[bytes, dict[str, FileHash]]:
+    """The manifest's bytes at `root` and its artifact entries, validated as every manifest is:
+    its file names are plain names inside the folder, so none can make this machine write
+    outside its cache (the sha256 cannot vouch for a name: whoever can write the files can
+    write the manifest too)."""
     try:
         if fs.size(f"{root}/manifest.json") > MAX_RECORD_BYTES:
             raise UsageError(f"{url}/manifest.json is far larger than any tlbuild manifest")
-        manifest_bytes = fs.cat_file(f"{root}/manifest.json")
+        raw = fs.cat_file(f"{root}/manifest.json")
     except UsageError:
         raise
     except FileNotFoundError:
@@ -104,10 +98,7 @@ def fetch_model(url: str, cache: Path, artifact: str | None = None) -> Path:
     except Exception as e:
         raise UsageError(f"cannot read {url}/manifest.json: {type(e).__name__}: {e}") from None
     try:
-        # Validated as every manifest is: its file names are plain names inside the folder,
-        # so none can make this machine write outside `cache` (the sha256 cannot vouch for
-        # a name: whoever can write the files can write the manifest too).
-        listed = Manifest.model_validate_json(manifest_bytes).artifacts
+        return raw, Manifest.model_validate_json(raw).artifacts
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
@@ -115,9 +106,38 @@ def fetch_model(url: str, cache: Path, artifact: str | None = None) -> Path:
             f"{url}/manifest.json is not a usable tlbuild manifest ({where}: {first['msg']}); "
             "re-upload the export folder"
         ) from None
+
+
+def _download_checked(fs: Any, root: str, url: str, entry: FileHash, name: str, dst: Path) -> None:
+    """One listed file into `dst`, its size checked before (a file far larger than its manifest
+    says would fill this machine's disk before its sha256 is refused) and its sha256 after."""
+    if fs.size(f"{root}/{name}") != entry.bytes:
+        raise UsageError(
+            f"{url}/{name} is not the size its manifest gives ({entry.bytes} bytes); "
+            "re-upload the export folder"
+        )
+    fs.get_file(f"{root}/{name}", str(dst))
+    if sha256_file(dst) != entry.sha256:
+        raise UsageError(
+            f"{url}/{name} does not match the sha256 in its manifest; re-upload the export folder"
+        )
+
+
+def fetch_model(url: str, cache: Path, artifact: str | None = None) -> Path:
+    """Copy an export folder from storage into `cache` once per machine; returns the local folder.
+
+    The folder is keyed by the manifest's own sha256, so a new export at the same URL is fetched
+    again and an unchanged one never is. Every file is checked against the manifest's size and
+    sha256 before it is published (renamed into place), and a lock makes the processes of one
+    machine (Ray actors) wait for the first one's download instead of each fetching it.
+    """
+    fs, root = filesystem(url.rstrip("/"))
+    if artifact is None and not root.endswith("manifest.json") and fs.isfile(root):
+        root, artifact = root.rsplit("/", 1)
+    manifest_bytes, listed = _remote_manifest(fs, root, url)
     key = hashlib.sha256(manifest_bytes).hexdigest()[:20]
     # Only what a Predictor may open: the chosen artifact, or every model file for `auto`.
-    # Every name fetched is one the manifest lists, so a plain name (checked above).
+    # Every name fetched is one the manifest lists, so a plain name.
     wanted = [artifact] if artifact else [n for n in listed if n.endswith((".onnx", ".engine"))]
     missing = [n for n in wanted if n not in listed]
     if missing:
@@ -126,26 +146,14 @@ def fetch_model(url: str, cache: Path, artifact: str | None = None) -> Path:
     folder = cache / key
     with open(cache / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, a crash included
-        if all((folder / n).is_file() for n in wanted):
+        todo = [n for n in wanted if not (folder / n).is_file()]
+        if not todo:
             return folder
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
         try:
             (staging / "manifest.json").write_bytes(manifest_bytes)
-            todo = [n for n in wanted if not (folder / n).is_file()]
             for name in todo:
-                # The declared size is checked first: a file far larger than its manifest
-                # says would otherwise fill this machine's disk before its sha256 is refused.
-                if fs.size(f"{root}/{name}") != listed[name].bytes:
-                    raise UsageError(
-                        f"{url}/{name} is not the size its manifest gives "
-                        f"({listed[name].bytes} bytes); re-upload the export folder"
-                    )
-                fs.get_file(f"{root}/{name}", str(staging / name))
-                if sha256_file(staging / name) != listed[name].sha256:
-                    raise UsageError(
-                        f"{url}/{name} does not match the sha256 in its manifest; re-upload the "
-                        "export folder"
-                    )
+                _download_checked(fs, root, url, listed[name], name, staging / name)
             if folder.is_dir():
                 # An earlier fetch of fewer artifacts is never replaced (another process may be
                 # loading from it): the checked files join it, one rename each.
