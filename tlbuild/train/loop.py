@@ -412,7 +412,7 @@ class _Run:
 
 def _memory_format(cfg: TrainConfig) -> torch.memory_format:
     # Channels-last pays on CPUs too: oneDNN's depthwise and 1x1 convolutions ran 1.2x faster
-    # for a Lite0 training step at 128 px on the 2-core dev machine (DESIGN.md section 4).
+    # for a Lite0 training step at 128 px on a 2-core AVX2 machine without AVX-512.
     return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
