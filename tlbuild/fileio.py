@@ -233,9 +233,11 @@ def open_own_file(path: Path | str, append: bool = False) -> BinaryIO:
     except OSError as e:
         why = "is a symbolic link" if e.errno == errno.ELOOP else f"cannot be opened ({e.strerror})"
         raise UsageError(f"{path} {why}; remove it, or write somewhere else") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        _refuse_unless_regular(path, os.fstat(fd).st_mode)
+    except NotRegularFileError as e:
         os.close(fd)
-        raise UsageError(f"{path} is not a regular file; remove it, or write somewhere else")
+        raise UsageError(f"{path} is {e.reason}; remove it, or write somewhere else") from None
     os.set_blocking(fd, True)
     return os.fdopen(fd, "a+b" if append else "r+b", buffering=0)
 
