@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from tlbuild.data.images import IMAGE_EXTENSIONS
+from tlbuild.data.extensions import IMAGE_EXTENSIONS
 from tlbuild.errors import RecipeError
 from tlbuild.fileio import read_record_text
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from tlbuild.classify.storage import exists, filesystem, is_url, local_path
-from tlbuild.data.images import IMAGE_EXTENSIONS
+from tlbuild.data.extensions import IMAGE_EXTENSIONS
 from tlbuild.errors import UsageError
 from tlbuild.fileio import open_regular
 

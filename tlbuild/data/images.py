@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tlbuild.data.extensions import IMAGE_EXTENSIONS  # noqa: F401 - re-exported
 from tlbuild.errors import DataError
 from tlbuild.fileio import NotRegularFileError, open_regular
 

@@ -18,7 +18,7 @@ from rich.progress import Progress
 from tlbuild.artifacts import MODEL_PT
 from tlbuild.classify.inputs import InputWalker, check_inputs
 from tlbuild.classify.storage import is_url
-from tlbuild.data.images import IMAGE_EXTENSIONS
+from tlbuild.data.extensions import IMAGE_EXTENSIONS
 from tlbuild.errors import UsageError
 from tlbuild.explain.maps import FileMap, explain_files, overlay_of, pick_device
 from tlbuild.explain.overlay import Tile, save_grid, save_tile, tile_title
