@@ -47,7 +47,7 @@ val = "{data / "val"}"
 cache = {str(cache).lower()}
 [model]
 preprocess = {{ input_size = {size}, resize = "resize" }}
-[[train.stages]]
+[[train.phases]]
 name = "finetune"
 epochs = 2
 lr = 2e-3

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tlbuild.recipe import ModelConfig, StageConfig, TrainConfig, load_recipe
+from tlbuild.recipe import ModelConfig, PhaseConfig, TrainConfig, load_recipe
 from tlbuild.runner import call_stage
 
 
@@ -26,10 +26,10 @@ def main(recipe_path: str) -> None:
     console = Console(highlight=False, soft_wrap=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        epochs = sum(s.epochs for s in recipe.train.stages)
-        all_layers = StageConfig(name="all", epochs=epochs, lr=1e-3, unfreeze="all", body_lr_mult=1)
+        epochs = sum(p.epochs for p in recipe.train.phases)
+        all_layers = PhaseConfig(name="all", epochs=epochs, lr=1e-3, unfreeze="all", body_lr_mult=1)
         train_all = TrainConfig.model_validate(
-            {**recipe.train.model_dump(), "stages": [all_layers.model_dump()]}
+            {**recipe.train.model_dump(), "phases": [all_layers.model_dump()]}
         )
         runs = {
             "imagenet": ("imagenet", recipe.train),

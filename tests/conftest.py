@@ -26,11 +26,11 @@ seed = 0
 batch_size = 8
 augment = {{ crop_scale = [0.8, 1.0], hflip = 0.5, rotation = 10, color_jitter = 0.1 }}
 early_stopping = {{ patience = 5 }}
-[[train.stages]]
+[[train.phases]]
 name = "head"
 epochs = {head}
 lr = 3e-3
-[[train.stages]]
+[[train.phases]]
 name = "finetune"
 epochs = {ft}
 lr = 1e-3

@@ -87,12 +87,12 @@ def _colour_data(root: Path, per_class: int) -> list[str]:
 
 def _recipe(folder: Path, data: Path) -> Path:
     # The linear probe fits the head on frozen features (what finds colours); a short
-    # low-lr stage after it gives each fold epochs to checkpoint and resume.
+    # low-lr phase after it gives each fold epochs to checkpoint and resume.
     train = """
 [train]
 batch_size = 8
 head_init = "probe"
-[[train.stages]]
+[[train.phases]]
 name = "head"
 epochs = 3
 lr = 1e-4
@@ -156,7 +156,7 @@ def test_cv_folds_and_the_train_stage_share_one_training_path(
     from tests.conftest import run_stage
     from tlbuild.cv.run import run_cv
     from tlbuild.recipe import load_recipe
-    from tlbuild.train import from_recipe
+    from tlbuild.train.trainer import Trainer
 
     _colour_data(tmp_path / "data", 8)
     recipe = load_recipe(_recipe(tmp_path, tmp_path / "data"))
@@ -165,12 +165,12 @@ def test_cv_folds_and_the_train_stage_share_one_training_path(
     class Reached(Exception):
         pass
 
-    def changed_once(model, splits, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def changed_once(self: Trainer):  # noqa: ANN202
         # One change to how a model is trained: both commands must see it.
-        reached.append(len(splits.train))
+        reached.append(len(self.settings.splits.train))
         raise Reached
 
-    monkeypatch.setattr(from_recipe, "fit", changed_once)
+    monkeypatch.setattr(Trainer, "fit", changed_once)
     with pytest.raises(Reached):
         run_stage("train", recipe, Console(quiet=True))
     with pytest.raises(Reached):

@@ -20,24 +20,25 @@ from tlbuild.cli import app
 from tlbuild.errors import UsageError
 from tlbuild.recipe import load_recipe
 from tlbuild.train import distributed
+from tlbuild.train.device import select_device
 from tlbuild.train.distributed import Dist, GlobalBatchShards
 
 AUDIT_SITE = Path(__file__).parent / "rank_audit"
 
-# No augmentation and no dropout: in the head-only stage (body frozen, BatchNorm in eval) two
+# No augmentation and no dropout: in the head-only phase (body frozen, BatchNorm in eval) two
 # processes then compute the single process's steps exactly, up to float rounding. Early
-# stopping with min_delta 10 stops each 3-epoch stage after its second epoch.
+# stopping with min_delta 10 stops each 3-epoch phase after its second epoch.
 RECIPE = """dropout = 0.0
 [train]
 seed = 0
 batch_size = 8
 augment = { crop_scale = [1.0, 1.0], crop_ratio = [1.0, 1.0], hflip = 0.0 }
 early_stopping = { patience = 1, min_delta = 10.0 }
-[[train.stages]]
+[[train.phases]]
 name = "head"
 epochs = 3
 lr = 3e-3
-[[train.stages]]
+[[train.phases]]
 name = "finetune"
 epochs = 3
 lr = 1e-3
@@ -85,10 +86,10 @@ def test_launch_and_device_errors_are_usage_errors(monkeypatch: pytest.MonkeyPat
     with pytest.raises(UsageError, match="1 GPU"):
         distributed.check_launch(8, "auto", 2)
     with pytest.raises(UsageError, match="names one GPU"):
-        distributed.device_for("cuda:1", Dist(1, 2, 1))
+        select_device("cuda:1", Dist(1, 2, 1))
     with pytest.raises(UsageError, match="LOCAL_RANK 1"):
-        distributed.device_for("cuda", Dist(1, 2, 1))
-    assert distributed.device_for("cpu", Dist(1, 2, 1)) == torch.device("cpu")
+        select_device("cuda", Dist(1, 2, 1))
+    assert select_device("cpu", Dist(1, 2, 1)) == torch.device("cpu")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(UsageError, match="already runs under it"):
@@ -185,7 +186,7 @@ def test_two_processes_train_like_one_and_only_rank0_writes(
     out = two_process_run / "out" / "two"
     one = run_stage("train", load_recipe(small_recipe(tmp_path, tiny_data, "one", RECIPE, size=64)))
     h1, h2 = _history(tmp_path / "out" / "one"), _history(out)
-    # Early stopping ended each stage after 2 of its 3 epochs, on both ranks alike.
+    # Early stopping ended each phase after 2 of its 3 epochs, on both ranks alike.
     assert [r["stage"] for r in h2] == ["head", "head", "finetune", "finetune"]
     assert _log(two_process_run / "audit", "epochs", 0) == ["0", "1", "2", "3"]
     assert _log(two_process_run / "audit", "epochs", 1) == ["0", "1", "2", "3"]
@@ -224,7 +225,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(
 ) -> None:
     recipe = small_recipe(tmp_path, tiny_data, "two", RECIPE, size=64)
     out = tmp_path / "out" / "two"
-    # `run` under torchrun itself; rank 0 dies after its first checkpoint (epoch 1 of stage 1).
+    # `run` under torchrun itself; rank 0 dies after its first checkpoint (epoch 1 of phase 1).
     killed = _launch(
         ["run", str(recipe)],
         tmp_path,

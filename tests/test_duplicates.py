@@ -81,7 +81,7 @@ val = "{data / "val"}"
 duplicates = "{mode}"
 [model]
 preprocess = {{ input_size = 64, resize = "resize" }}
-[[train.stages]]
+[[train.phases]]
 name = "finetune"
 epochs = 1
 """,

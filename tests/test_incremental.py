@@ -278,9 +278,9 @@ def test_each_stage_is_one_module_keyed_on_the_code_it_imports() -> None:
         assert s.module == f"tlbuild.stages.{s.name}"
         others = {f"stages/{o.name}.py" for o in STAGES if o is not s}
         assert f"stages/{s.name}.py" in code[s.name] and not code[s.name] & others
-    assert "data/synth.py" not in code["train"] and "train/loop.py" in code["train"]
-    assert not {"train/loop.py", "export/quantize.py"} & code["export"]
-    assert "export/quantize.py" in code["quantize"] and "train/loop.py" not in code["quantize"]
+    assert "data/synth.py" not in code["train"] and "train/trainer.py" in code["train"]
+    assert not {"train/trainer.py", "export/quantize.py"} & code["export"]
+    assert "export/quantize.py" in code["quantize"] and "train/trainer.py" not in code["quantize"]
 
 
 def test_a_stage_whose_code_changed_reruns_alone_when_it_writes_the_same_files(
@@ -333,7 +333,7 @@ def test_each_stage_writes_only_its_own_manifest_section(
 def test_bench_dir_and_build_on_device_use_current_settings_not_a_stale_copy(
     tiny_build: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
-    from tlbuild.stages.engines import settings_for_folder as engine_settings
+    from tlbuild.export.engines import settings_for_folder as engine_settings
 
     recipe = _copy_of_build(tiny_build, tiny_data, tmp_path)
     out = tmp_path / "out" / "tiny"

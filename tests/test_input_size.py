@@ -65,7 +65,7 @@ split = {{ val = 0.34 }}
 preprocess = {{ resize = "resize" }}
 [train]
 batch_size = 4
-[[train.stages]]
+[[train.phases]]
 name = "all"
 epochs = 1
 unfreeze = "all"

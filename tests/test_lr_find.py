@@ -13,7 +13,7 @@ from torch import nn
 
 from tests.conftest import run_stage, small_recipe
 from tlbuild.recipe import load_recipe
-from tlbuild.train.lr_find import lr_range_test, valley
+from tlbuild.train.lr_find import RangeTest, lr_range_test, valley
 
 
 def test_valley_picks_a_rate_on_the_falling_slope_before_the_minimum() -> None:
@@ -49,9 +49,8 @@ def _find(model: nn.Module, loader: torch.utils.data.DataLoader):  # noqa: ANN20
         return float(loss.detach())
 
     groups = [{"params": list(model.parameters()), "lr": 1.0}]
-    return lr_range_test(
-        model, groups, lambda g: torch.optim.AdamW(g), loader, step, 60, seed=3, stage="s"
-    )
+    test = RangeTest(phase="s", steps=60, seed=3)
+    return lr_range_test(model, groups, lambda g: torch.optim.AdamW(g), loader, step, test)
 
 
 def test_range_test_restores_the_model_and_is_deterministic() -> None:
@@ -76,7 +75,7 @@ parity_images = 4
 [train]
 batch_size = 8
 lr_find_steps = 12
-[[train.stages]]
+[[train.phases]]
 name = "all"
 epochs = 1
 lr = "auto"

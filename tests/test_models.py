@@ -8,8 +8,8 @@ from PIL import Image
 from tlbuild.data.preprocess import preprocess
 from tlbuild.errors import UsageError
 from tlbuild.models.factory import body_groups, head_parameters, make_model
-from tlbuild.recipe import ModelConfig, StageConfig
-from tlbuild.train.stages import apply_stage, set_train_mode
+from tlbuild.recipe import ModelConfig, PhaseConfig
+from tlbuild.train.phases import apply_phase, set_train_mode
 
 
 def test_bundled_imagenet_weights_are_real() -> None:
@@ -70,13 +70,13 @@ def test_weights_file_by_name(tmp_path) -> None:
         make_model(bad, num_classes=3)
 
 
-def test_frozen_stage_trains_only_the_head_and_freezes_bn_statistics() -> None:
+def test_frozen_phase_trains_only_the_head_and_freezes_bn_statistics() -> None:
     model = make_model(ModelConfig(weights="none"), num_classes=4).model
-    groups = apply_stage(model, StageConfig(name="head", epochs=1, unfreeze=0), 1e-3)
+    groups = apply_phase(model, PhaseConfig(name="head", epochs=1, unfreeze=0), 1e-3)
     assert [g["name"] for g in groups] == ["head"]
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in head_parameters(model)}
-    set_train_mode(model, StageConfig(name="head", epochs=1))
+    set_train_mode(model, PhaseConfig(name="head", epochs=1))
     before = model.bn1.running_mean.clone()
     model(torch.randn(4, 3, 64, 64) * 3 + 1)
     assert torch.equal(before, model.bn1.running_mean)  # statistics did not move
@@ -84,15 +84,15 @@ def test_frozen_stage_trains_only_the_head_and_freezes_bn_statistics() -> None:
 
 def test_unfreeze_top_groups_uses_discriminative_rates() -> None:
     model = make_model(ModelConfig(weights="none"), num_classes=4).model
-    stage = StageConfig(name="ft", epochs=1, lr=1e-3, unfreeze=2, body_lr_mult=0.1)
-    groups = apply_stage(model, stage, 1e-3)
+    phase = PhaseConfig(name="ft", epochs=1, lr=1e-3, unfreeze=2, body_lr_mult=0.1)
+    groups = apply_phase(model, phase, 1e-3)
     assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
     top2 = {id(p) for g in body_groups(model)[-2:] for p in g}
     assert {id(p) for p in groups[1]["params"]} == top2
     assert not any(p.requires_grad for p in body_groups(model)[0])
-    set_train_mode(model, stage)
+    set_train_mode(model, phase)
     assert model.bn2.training and not model.bn1.training
-    all_groups = apply_stage(model, StageConfig(name="all", epochs=1, unfreeze="all"), 1e-3)
+    all_groups = apply_phase(model, PhaseConfig(name="all", epochs=1, unfreeze="all"), 1e-3)
     n_body = sum(p.numel() for g in body_groups(model) for p in g)
     assert sum(p.numel() for p in all_groups[1]["params"]) == n_body
     assert np.isclose(all_groups[1]["lr"], 1e-4)

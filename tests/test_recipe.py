@@ -17,8 +17,9 @@ def test_minimal_recipe_fills_defaults_and_resolves_paths(tmp_path: Path) -> Non
     assert r.name == "demo"  # from the file name
     assert r.data.root == (tmp_path / "imgs").resolve()
     assert r.model.backbone == "tf_efficientnet_lite0" and r.model.weights == "imagenet"
-    (stage,) = r.train.stages  # one stage, every layer, one rate: README "Why these defaults"
-    assert stage.name == "finetune" and stage.unfreeze == "all" and stage.body_lr_mult == 1.0
+    # One phase, every layer, one rate: docs/recipe.md "Why these defaults".
+    (phase,) = r.train.phases
+    assert phase.name == "finetune" and phase.unfreeze == "all" and phase.body_lr_mult == 1.0
     assert r.train.schedule == "onecycle" and r.train.label_smoothing == 0.0
 
 
@@ -33,7 +34,7 @@ dropout = 1.5
 [train]
 batch_size = "big"
 optimizer = "adam"
-[[train.stages]]
+[[train.phases]]
 name = "head"
 epochs = 0
 """
@@ -45,7 +46,7 @@ epochs = 0
     assert "model.dropout" in msg and "1.5" in msg and "less than 1" in msg
     assert "train.batch_size" in msg and '"big"' in msg
     assert "train.optimizer" in msg and "'adamw'" in msg
-    assert "train.stages.0.epochs" in msg
+    assert "train.phases.0.epochs" in msg
 
 
 def test_missing_paths_and_layouts_are_rejected(tmp_path: Path) -> None:
@@ -101,17 +102,74 @@ def test_keys_accepting_several_forms_get_one_message_each(tmp_path: Path) -> No
     )
 
 
-def test_stage_lr_is_a_rate_or_auto(tmp_path: Path) -> None:
+def test_phase_lr_is_a_rate_or_auto(tmp_path: Path) -> None:
     (tmp_path / "imgs").mkdir()
-    stage = '[data]\nroot = "imgs"\n[[train.stages]]\nname = "s"\nepochs = 1\nlr = {}\n'
+    phase = '[data]\nroot = "imgs"\n[[train.phases]]\nname = "s"\nepochs = 1\nlr = {}\n'
     assert (
-        load_recipe(write_recipe(tmp_path / "a.toml", stage.format('"auto"'))).train.stages[0].lr
+        load_recipe(write_recipe(tmp_path / "a.toml", phase.format('"auto"'))).train.phases[0].lr
         == "auto"
     )
     for bad, why in (('"fast"', "literal['auto']"), ("0", "between 0 and 10")):
         with pytest.raises(RecipeError) as e:
-            load_recipe(write_recipe(tmp_path / "b.toml", stage.format(bad)))
-        assert "train.stages.0.lr" in str(e.value) and why in str(e.value)
+            load_recipe(write_recipe(tmp_path / "b.toml", phase.format(bad)))
+        assert "train.phases.0.lr" in str(e.value) and why in str(e.value)
+
+
+PHASES = """
+[[train.{key}]]
+name = "head"
+epochs = 2
+[[train.{key}]]
+name = "all"
+epochs = 0
+unfreeze = "all"
+"""
+
+
+def test_train_stages_is_still_read_as_phases_with_a_notice(tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    head = '[data]\nroot = "imgs"\n'
+    fixed = PHASES.format(key="phases").replace("epochs = 0", "epochs = 1")
+    new = load_recipe(write_recipe(tmp_path / "new.toml", head + fixed))
+    old_path = write_recipe(tmp_path / "old.toml", head + fixed.replace("phases", "stages"))
+    with pytest.warns(
+        FutureWarning, match=r"\[\[train.stages\]\] is now \[\[train.phases\]\]"
+    ) as w:
+        old = load_recipe(old_path)
+    # One notice, pointing at the recipe's first [[train.stages]] line.
+    assert len(w) == 1 and w[0].filename == str(old_path) and w[0].lineno == 4
+    assert old.train == new.train and [p.name for p in old.train.phases] == ["head", "all"]
+    # Checkpoint fingerprints and cv fold keys hash the settings as they were before the rename.
+    assert new.train.stable_json()["stages"][1]["name"] == "all"
+    assert "phases" not in new.train.stable_json()
+    # A mistake under the old key is reported under the key the recipe uses.
+    with pytest.raises(RecipeError, match=r"train\.stages\.1\.epochs"):
+        load_recipe(write_recipe(tmp_path / "bad.toml", head + PHASES.format(key="stages")))
+
+
+def test_the_command_line_says_the_old_key_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    fixed = PHASES.format(key="stages").replace("epochs = 0", "epochs = 1")
+    recipe = write_recipe(tmp_path / "old.toml", '[data]\nroot = "imgs"\n' + fixed)
+    done = subprocess.run(
+        [sys.executable, "-m", "tlbuild", "status", str(recipe)], capture_output=True, text=True
+    )
+    notices = [s for s in done.stderr.splitlines() if "train.stages" in s]
+    assert notices == [
+        f"{recipe}:4: notice: [[train.stages]] is now [[train.phases]] (a stage is a step of "
+        "the build); the old name still works"
+    ], done.stderr
+
+
+def test_train_stages_and_train_phases_together_are_an_error(tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    text = '[data]\nroot = "imgs"\n' + PHASES.format(key="phases") + PHASES.format(key="stages")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write_recipe(tmp_path / "r.toml", text))
+    assert "[[train.phases]] and [[train.stages]]" in str(e.value)
 
 
 def test_name_defaults_to_a_safe_form_of_the_file_name(tmp_path: Path) -> None:

@@ -73,11 +73,11 @@ def test_training_is_reproducible_and_resume_matches_uninterrupted(
     wa, wb = _weights(a.out_dir / "model.pt"), _weights(b.out_dir / "model.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
-    # Interrupt a third run after its third epoch (mid second stage), then resume it.
+    # Interrupt a third run after its second epoch (mid second phase), then resume it.
     c = load_recipe(tiny_recipe(tmp_path / "c", tiny_data, head=1, ft=2))
-    from tlbuild.train import loop
+    from tlbuild.train import trainer
 
-    real_save = loop.save_checkpoint
+    real_save = trainer.save_checkpoint
     calls = {"n": 0}
 
     def save_then_die(*args, **kw):  # noqa: ANN002, ANN003
@@ -86,11 +86,11 @@ def test_training_is_reproducible_and_resume_matches_uninterrupted(
         if calls["n"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_stage("train", c, quiet)
     assert not (c.out_dir / "model.pt").exists()
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     run_stage("train", c, quiet, resume=True)
     wc = _weights(c.out_dir / "model.pt")
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
@@ -113,23 +113,25 @@ def test_checkpoint_loads_with_weights_only(tiny_build: Path) -> None:
     assert saved["fingerprint"] and len(saved["history"]) == 2
     assert saved["best"]["state"] is not None and saved["optimizer"] is not None
     assert all(isinstance(v, torch.Tensor) for v in saved["model"].values())
+    # The keys from before fine-tuning's steps were called phases: older checkpoints resume.
+    assert {"stage", "epoch_in_stage", "stage_best", "stage_done", "stage_lr"} <= set(saved)
 
 
 def test_resume_from_a_damaged_checkpoint_is_a_usage_error(
     tiny_build: Path, tmp_path: Path
 ) -> None:
     from tlbuild.errors import UsageError
-    from tlbuild.train import loop
+    from tlbuild.train.checkpoint import read_checkpoint
 
     good = tiny_build / "checkpoints" / "last.pt"
     fingerprint = torch.load(good, map_location="cpu", weights_only=True)["fingerprint"]
     bad = tmp_path / "last.pt"
     bad.write_bytes(good.read_bytes()[:1000])
     with pytest.raises(UsageError, match="cannot be read as a training checkpoint"):
-        loop._read_checkpoint(bad, fingerprint)
+        read_checkpoint(bad, fingerprint)
     torch.save({"fingerprint": fingerprint, "model": {}}, bad)  # right recipe, no state
     with pytest.raises(UsageError, match="cannot be read as a training checkpoint"):
-        loop._read_checkpoint(bad, fingerprint)
+        read_checkpoint(bad, fingerprint)
 
 
 @pytest.mark.parametrize("balance", ["sampler", "loss"])
@@ -154,7 +156,7 @@ ok_class = "ok"
 preprocess = {{ input_size = 48, resize = "resize" }}
 [train]
 batch_size = 8
-[[train.stages]]
+[[train.phases]]
 name = "head"
 epochs = 1
 """
@@ -174,8 +176,8 @@ def test_default_recipe_fine_tunes_everything_and_reports_what_it_bought(
 
     path = small_recipe(tmp_path, tiny_data, "defaults")
     recipe = load_recipe(path)
-    (stage,) = recipe.train.stages
-    assert stage.unfreeze == "all" and stage.body_lr_mult == 1.0
+    (phase,) = recipe.train.phases
+    assert phase.unfreeze == "all" and phase.body_lr_mult == 1.0
     res = CliRunner().invoke(app, ["train", str(path)])
     assert res.exit_code == 0, res.output
     assert "Head alone on frozen pretrained features (linear probe)" in res.output
@@ -185,11 +187,11 @@ def test_default_recipe_fine_tunes_everything_and_reports_what_it_bought(
         "fine-tuning the body" in res.output and f"{m['head_only']['accuracy']:.1%}" in res.output
     )
     rows = list(csv.DictReader((recipe.out_dir / "history.csv").open()))
-    assert {r["stage"] for r in rows} == {"finetune"} and 1 <= len(rows) <= stage.epochs
+    assert {r["stage"] for r in rows} == {"finetune"} and 1 <= len(rows) <= phase.epochs
     assert float(rows[0]["lr_body"]) == pytest.approx(float(rows[0]["lr_head"]))
 
 
-def test_head_only_stage_is_reported_as_such(tiny_build: Path) -> None:
+def test_head_only_phase_is_reported_as_such(tiny_build: Path) -> None:
     m = json.loads((tiny_build / "metrics.json").read_text())
     assert m["head_only"]["source"] == "stage 'head', body frozen"
     manifest = json.loads((tiny_build / "manifest.json").read_text())
@@ -211,7 +213,7 @@ def test_linear_probe_head_init_is_where_fine_tuning_starts(
 def test_resume_with_probe_and_auto_lr_matches_uninterrupted(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tlbuild.train import loop
+    from tlbuild.train import trainer
 
     def recipe(name: str):  # noqa: ANN202
         rest = """
@@ -219,7 +221,7 @@ def test_resume_with_probe_and_auto_lr_matches_uninterrupted(
 batch_size = 8
 lr_find_steps = 10
 early_stopping = { patience = 5 }
-[[train.stages]]
+[[train.phases]]
 name = "all"
 epochs = 2
 lr = "auto"
@@ -229,17 +231,17 @@ unfreeze = "all"
 
     quiet = Console(quiet=True)
     a = run_stage("train", recipe("a"), quiet)
-    real_save = loop.save_checkpoint
+    real_save = trainer.save_checkpoint
 
     def save_then_die(*args, **kw):  # noqa: ANN002, ANN003
         real_save(*args, **kw)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     c = recipe("c")
     with pytest.raises(KeyboardInterrupt):
         run_stage("train", c, quiet)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     resumed = run_stage("train", c, quiet, resume=True)
     assert resumed.result.lr_find[0]["chosen"] == a.result.lr_find[0]["chosen"]
     assert resumed.result.probe is not None and a.result.probe is not None
@@ -247,3 +249,32 @@ unfreeze = "all"
     wa = _weights(tmp_path / "out" / "a" / "model.pt")
     wc = _weights(c.out_dir / "model.pt")
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_rich_events_print_the_training_lines_and_silent_events_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import io
+
+    from tlbuild.recipe import PhaseConfig
+    from tlbuild.train.events import RichEvents, SilentEvents
+
+    buf = io.StringIO()
+    row = {"epoch": 0, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 0.9, "val_acc": 0.75}
+    for events in (RichEvents(Console(file=buf, width=200)), SilentEvents()):
+        with events.live():  # transient bars: nothing of them stays
+            events.on_task_start("head 1/1", 2)
+            events.on_task_step("loss 1.000 3.0 img/s")
+            events.on_task_step()
+            events.on_task_end()
+        events.on_phase_start(0, 2, PhaseConfig(name="head", epochs=1), 5124, (3e-3, 3e-4))
+        events.on_epoch_end("head", {**row, "seconds": 1.5}, True)
+        events.on_early_stop(3)
+    # A bar's display leaves at most an empty line on a console that is not a terminal; the
+    # phase name in brackets is text, not rich markup.
+    assert [line for line in buf.getvalue().splitlines() if line] == [
+        "Phase 1/2 'head': 5,124 trainable parameters, head lr 0.003, body lr 0.0003",
+        "  epoch  1 [head] train loss 1.0000 acc 0.500 | val loss 0.9000 acc 0.750 | 1.5s best",
+        "  early stop: no val-loss improvement for 3 epoch(s)",
+    ]
+    assert capsys.readouterr() == ("", "")

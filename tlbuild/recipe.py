@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -188,8 +191,8 @@ class ModelConfig(_Section):
         return str(p)
 
 
-class StageConfig(_Section):
-    """One fine-tuning stage: which layer groups train, for how long, at which rates."""
+class PhaseConfig(_Section):
+    """One fine-tuning phase: which layer groups train, for how long, at which rates."""
 
     name: str
     epochs: int = Field(ge=1, le=1000)
@@ -240,20 +243,20 @@ class AugmentConfig(_Section):
 
 
 class EarlyStoppingConfig(_Section):
-    """Stop a stage when validation loss stops improving; the best weights are restored."""
+    """Stop a phase when validation loss stops improving; the best weights are restored."""
 
     patience: int = Field(3, ge=1)
     min_delta: float = Field(0.0, ge=0.0)
 
 
-def _default_stages() -> tuple[StageConfig, ...]:
-    # One stage, every layer at one rate: on real images the body has to move (README, "Why
-    # these defaults"); head-only epochs and a slowed body lost 7-26 points on held-out sets.
-    return (StageConfig(name="finetune", epochs=6, lr=2e-3, unfreeze="all", body_lr_mult=1.0),)
+def _default_phases() -> tuple[PhaseConfig, ...]:
+    # One phase, every layer at one rate: on real images the body has to move (docs/recipe.md,
+    # "Why these defaults"); head-only epochs and a slowed body lost 7-26 points on held-out sets.
+    return (PhaseConfig(name="finetune", epochs=6, lr=2e-3, unfreeze="all", body_lr_mult=1.0),)
 
 
 class TrainConfig(_Section):
-    """Staged fine-tuning: optimizer, schedule, regularisation, stages."""
+    """Fine-tuning in phases: optimizer, schedule, regularisation, phases."""
 
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
@@ -274,7 +277,7 @@ class TrainConfig(_Section):
     head_init: Literal["probe", "random"] = Field(
         "random",
         description="probe: fit the new head on frozen pretrained features before the first "
-        "stage (LP-FT); random: small random weights",
+        "phase (LP-FT); random: small random weights",
     )
     lr_find_steps: int = Field(
         100, ge=10, le=2000, description='optimizer steps of the range test for lr = "auto"'
@@ -283,16 +286,38 @@ class TrainConfig(_Section):
     channels_last: bool = Field(True, description="channels-last memory format (CPU and CUDA)")
     augment: AugmentConfig = AugmentConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
-    stages: tuple[StageConfig, ...] = Field(default_factory=_default_stages, min_length=1)
+    phases: tuple[PhaseConfig, ...] = Field(
+        default_factory=_default_phases,
+        min_length=1,
+        # `stages`: the key's name before "stage" came to mean a build stage only.
+        validation_alias=AliasChoices("phases", "stages"),
+    )
 
-    @field_validator("stages")
+    @model_validator(mode="before")
     @classmethod
-    def _unique_names(cls, v: tuple[StageConfig, ...]) -> tuple[StageConfig, ...]:
+    def _one_phases_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "phases" in data and "stages" in data:
+            raise ValueError(
+                "both [[train.phases]] and [[train.stages]] are given; [[train.stages]] is the "
+                "older name of [[train.phases]]: keep one"
+            )
+        return data
+
+    @field_validator("phases")
+    @classmethod
+    def _unique_names(cls, v: tuple[PhaseConfig, ...]) -> tuple[PhaseConfig, ...]:
         names = [s.name for s in v]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"stage names must be unique; repeated: {', '.join(dup)}")
+            raise ValueError(f"phase names must be unique; repeated: {', '.join(dup)}")
         return v
+
+    def stable_json(self) -> dict[str, Any]:
+        """The settings as JSON with `phases` under its older name, `stages`: what checkpoint
+        fingerprints and cv fold keys hash, so those written before the rename stay valid."""
+        value = json.loads(self.model_dump_json())
+        value["stages"] = value.pop("phases")
+        return value
 
 
 class ExportConfig(_Section):
@@ -610,7 +635,8 @@ def load_recipe(path: Path | str) -> Recipe:
     if not path.exists():
         raise RecipeError(f"recipe not found: {path}")
     try:
-        raw = tomllib.loads(read_record_text(path))
+        text = read_record_text(path)
+        raw = tomllib.loads(text)
     except OSError as e:
         why = getattr(e, "reason", None) or e.strerror or e
         raise RecipeError(f"{path}: cannot read it ({why})") from None
@@ -621,6 +647,28 @@ def load_recipe(path: Path | str) -> Recipe:
     try:
         recipe = Recipe.model_validate(raw, context={"base_dir": path.resolve().parent})
         recipe._source = path.resolve()
-        return recipe
     except ValidationError as e:
         raise RecipeError(_format_errors(path, e)) from None
+    _note_old_phases_key(path, raw, text)
+    return recipe
+
+
+_OLD_PHASES_KEY = re.compile(r"^\s*(\[\[\s*train\s*\.\s*stages\s*\]\]|stages\s*=)")
+
+
+def _note_old_phases_key(path: Path, raw: dict[str, Any], text: str) -> None:
+    """A notice, not an error, for `[[train.stages]]`: the older name of `[[train.phases]]`."""
+    train = raw.get("train")
+    # Under torchrun every process reads the recipe; rank 0 alone says so.
+    if not isinstance(train, dict) or "stages" not in train or os.environ.get("RANK", "0") != "0":
+        return
+    lines = text.splitlines()
+    line = next((i for i, s in enumerate(lines, 1) if _OLD_PHASES_KEY.match(s)), 1)
+    # Shown as "<recipe>:<line>: FutureWarning: ..." with that line of the recipe under it.
+    warnings.warn_explicit(
+        "[[train.stages]] is now [[train.phases]] (a stage is a step of the build); "
+        "the old name still works",
+        FutureWarning,
+        str(path),
+        line,
+    )

@@ -31,19 +31,19 @@ if _AUDIT and _RANK is not None:
 
     _fileio.atomic_path = _audited
 
-    import tlbuild.train.loop as _loop
+    import tlbuild.train.trainer as _trainer
 
-    _train_epoch = _loop._train_epoch
+    _train_epoch = _trainer._train_epoch
 
-    def _logged_epoch(run, stage, e, epoch, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def _logged_epoch(fitting, phase, e, epoch, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
         _log("epochs", str(epoch))
-        return _train_epoch(run, stage, e, epoch, *args, **kw)
+        return _train_epoch(fitting, phase, e, epoch, *args, **kw)
 
-    _loop._train_epoch = _logged_epoch
+    _trainer._train_epoch = _logged_epoch
 
     _die_after = int(os.environ.get("TLBUILD_TEST_DIE_AFTER_SAVES", "0"))
     if _die_after:
-        _save = _loop.save_checkpoint
+        _save = _trainer.save_checkpoint
         _saves = [0]
 
         def _save_then_die(*args, **kw):  # noqa: ANN002, ANN003, ANN202
@@ -52,4 +52,4 @@ if _AUDIT and _RANK is not None:
             if _saves[0] >= _die_after:
                 os._exit(3)
 
-        _loop.save_checkpoint = _save_then_die
+        _trainer.save_checkpoint = _save_then_die

@@ -99,6 +99,14 @@ def write_cv_outputs(r: CVResult) -> Path:
     thumbs.mkdir(exist_ok=True)
     for old in thumbs.glob("*.jpg"):
         old.unlink()
+    lines = _fold_lines(r) + _issue_lines(r, thumbs)
+    report = r.out / CV_REPORT
+    write_text(report, "\n".join(lines) + "\n")
+    return report
+
+
+def _fold_lines(r: CVResult) -> list[str]:
+    """The report's head: the metrics over folds, then one row per fold."""
     lines = [
         "# Cross-validation",
         "",
@@ -124,7 +132,12 @@ def write_cv_outputs(r: CVResult) -> Path:
             f"{_pct(fr.metrics['macro_f1'])} | {fr.seconds:.0f} | "
             f"{'reused' if fr.reused else ''} |"
         )
-    lines += [
+    return lines
+
+
+def _issue_lines(r: CVResult, thumbs: Path) -> list[str]:
+    """The likely label errors, each with a thumbnail written into `thumbs`."""
+    lines = [
         "",
         f"## Likely label errors: {len(r.issues)}",
         "",
@@ -152,6 +165,4 @@ def write_cv_outputs(r: CVResult) -> Path:
         )
     if len(r.issues) > MAX_SHOWN:
         lines += ["", f"{len(r.issues) - MAX_SHOWN} more in `{OOF_PARQUET}` (issue_rank)."]
-    report = r.out / CV_REPORT
-    write_text(report, "\n".join(lines) + "\n")
-    return report
+    return lines

@@ -67,7 +67,8 @@ def _settings(recipe: Recipe, k: int) -> dict[str, Any]:
         "format": FORMAT,
         "folds": k,
         "model": recipe.model.model_dump(mode="json"),
-        "train": recipe.train.model_dump(mode="json"),
+        # Under the keys folds were recorded with before phases were named so: still reused.
+        "train": recipe.train.stable_json(),
         "data": data,
     }
 
@@ -103,52 +104,91 @@ def _reusable(cv: Path, f: int, key: str) -> FoldResult | None:
     return FoldResult(f, key, meta["metrics"], meta["seconds"], reused=True)
 
 
+@dataclass
+class _Fold:
+    """One fold: the images it trains on, stops early on, and scores (at `held_idx`)."""
+
+    index: int
+    train: list[Sample]
+    val: list[Sample]
+    held: list[Sample]
+    held_idx: np.ndarray
+    key: str
+
+
+def _fold(
+    recipe: Recipe, samples: list[Sample], folds: np.ndarray, f: int, settings: dict[str, Any]
+) -> _Fold:
+    """Fold `f`'s images and key; a stratified slice of the training folds stops early."""
+    held_idx = np.flatnonzero(folds == f)
+    pool_idx = np.flatnonzero(folds != f)
+    pool = [samples[i] for i in pool_idx]
+    stop = inner_val(pool, recipe.data.split.val, recipe.data.split.seed + f)
+    train = [s for s, m in zip(pool, stop, strict=True) if not m]
+    val = [s for s, m in zip(pool, stop, strict=True) if m]
+    held = [samples[i] for i in held_idx]
+    return _Fold(f, train, val, held, held_idx, fold_key(settings, train + val, held))
+
+
 def _train_fold(
-    recipe: Recipe,
-    classes: list[str],
-    train: list[Sample],
-    val: list[Sample],
-    held: list[Sample],
-    work: Path,
-    key: str,
-    console: Console,
+    recipe: Recipe, classes: list[str], fold: _Fold, work: Path, console: Console
 ) -> np.ndarray:
-    """Fine-tune on `train` (early stopping on `val`) and return probabilities for `held`."""
+    """Fine-tune on the fold's `train` (early stopping on `val`); probabilities for `held`."""
     from torch.utils.data import DataLoader
 
     from tlbuild.data.dataset import EvalTransform, ImageDataset
+    from tlbuild.train.events import RichEvents
     from tlbuild.train.from_recipe import train_from_recipe
-    from tlbuild.train.loop import evaluate
+    from tlbuild.train.validate import evaluate
 
     ckpt = work / "last.pt"
     key_file = work / "key"
-    resume = ckpt.is_file() and key_file.is_file() and key_file.read_text() == key
+    resume = ckpt.is_file() and key_file.is_file() and key_file.read_text() == fold.key
     if not resume:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        key_file.write_text(key)
+        key_file.write_text(fold.key)
     else:
         console.print(f"  resuming from {ckpt}")
     try:
-        built, result = train_from_recipe(
-            recipe, Splits(classes, train, val), ckpt, console, resume=resume
-        )
+        splits = Splits(classes, fold.train, fold.val)
+        built, result = train_from_recipe(recipe, splits, ckpt, RichEvents(console), resume)
     except UsageError:
         if not resume:
             raise
         # A checkpoint cut short by the interruption itself: this fold starts over.
         console.print(f"[yellow]  {ckpt} cannot be resumed; this fold starts over[/]")
         ckpt.unlink(missing_ok=True)
-        return _train_fold(recipe, classes, train, val, held, work, key, console)
-    loader = DataLoader(ImageDataset(held, EvalTransform(built.preprocessing)), batch_size=64)
+        return _train_fold(recipe, classes, fold, work, console)
+    loader = DataLoader(ImageDataset(fold.held, EvalTransform(built.preprocessing)), batch_size=64)
     _, logits, _ = evaluate(result.model, loader, torch.device(result.device), None)
     return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+
+
+def _run_fold(
+    recipe: Recipe, classes: list[str], fold: _Fold, cv: Path, console: Console
+) -> tuple[FoldResult, np.ndarray]:
+    """Train and score one fold and record it in `cv`; its result and probabilities."""
+    from tlbuild.train.metrics import classification_metrics
+
+    meta_path, probs_path, work = _fold_paths(cv, fold.index)
+    t0 = time.perf_counter()
+    fold_probs = _train_fold(recipe, classes, fold, work, console)
+    seconds = time.perf_counter() - t0
+    labels = np.array([s.label for s in fold.held])
+    metrics = classification_metrics(labels, fold_probs.argmax(1), classes, recipe.data.ok_class)
+    # The probabilities first, then the record that names them: a fold is done only
+    # when its record exists, and the record is what a later run checks.
+    with atomic_path(probs_path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, probs=fold_probs, index=fold.held_idx)
+    write_json(meta_path, {"key": fold.key, "metrics": metrics, "seconds": seconds})
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints are large; the fold is recorded
+    return FoldResult(fold.index, fold.key, metrics, seconds, reused=False), fold_probs
 
 
 def run_cv(recipe: Recipe, k: int, console: Console, fresh: bool = False) -> CVResult:
     """Cross-validate `recipe` with `k` folds into <export>/cv/; finished folds are reused."""
     from tlbuild.data.load import load_data
-    from tlbuild.train.metrics import classification_metrics
 
     splits = load_data(recipe, console)
     classes = splits.classes
@@ -163,41 +203,20 @@ def run_cv(recipe: Recipe, k: int, console: Console, fresh: bool = False) -> CVR
     probs = np.zeros((len(samples), len(classes)), dtype=np.float32)
     results: list[FoldResult] = []
     for f in range(k):
-        held_idx = np.flatnonzero(folds == f)
-        pool_idx = np.flatnonzero(folds != f)
-        pool = [samples[i] for i in pool_idx]
-        stop = inner_val(pool, recipe.data.split.val, recipe.data.split.seed + f)
-        train = [s for s, m in zip(pool, stop, strict=True) if not m]
-        val = [s for s, m in zip(pool, stop, strict=True) if m]
-        held = [samples[i] for i in held_idx]
-        key = fold_key(settings, train + val, held)
-        meta_path, probs_path, work = _fold_paths(cv, f)
-        found = None if fresh else _reusable(cv, f, key)
+        fold = _fold(recipe, samples, folds, f, settings)
+        found = None if fresh else _reusable(cv, f, fold.key)
         if found is not None:
             console.print(f"Fold {f + 1}/{k}: reused (same settings and images)")
-            with np.load(probs_path) as z:
-                probs[held_idx] = z["probs"]
-            results.append(found)
-            continue
-        console.print(
-            f"Fold {f + 1}/{k}: training on {len(train)} images ({len(val)} for early "
-            f"stopping), scoring {len(held)}"
-        )
-        t0 = time.perf_counter()
-        fold_probs = _train_fold(recipe, classes, train, val, held, work, key, console)
-        seconds = time.perf_counter() - t0
-        labels = np.array([s.label for s in held])
-        metrics = classification_metrics(
-            labels, fold_probs.argmax(1), classes, recipe.data.ok_class
-        )
-        # The probabilities first, then the record that names them: a fold is done only
-        # when its record exists, and the record is what a later run checks.
-        with atomic_path(probs_path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, probs=fold_probs, index=held_idx)
-        write_json(meta_path, {"key": key, "metrics": metrics, "seconds": seconds})
-        shutil.rmtree(work, ignore_errors=True)  # checkpoints are large; the fold is recorded
-        probs[held_idx] = fold_probs
-        results.append(FoldResult(f, key, metrics, seconds, reused=False))
+            with np.load(_fold_paths(cv, f)[1]) as z:
+                probs[fold.held_idx] = z["probs"]
+        else:
+            console.print(
+                f"Fold {f + 1}/{k}: training on {len(fold.train)} images ({len(fold.val)} for "
+                f"early stopping), scoring {len(fold.held)}"
+            )
+            found, fold_probs = _run_fold(recipe, classes, fold, cv, console)
+            probs[fold.held_idx] = fold_probs
+        results.append(found)
     labels = np.array([s.label for s in samples])
     out = CVResult(
         cv,

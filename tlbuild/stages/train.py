@@ -33,8 +33,8 @@ from tlbuild.recipe import Recipe
 from tlbuild.stages.base import Stage, StageContext
 from tlbuild.train import distributed
 from tlbuild.train.eval_logits import EVAL_LOGITS, write_eval_logits
+from tlbuild.train.events import RichEvents, SilentEvents, TrainEvents
 from tlbuild.train.from_recipe import train_from_recipe
-from tlbuild.train.loop import TrainResult
 from tlbuild.train.lr_find import plot_lr_find
 from tlbuild.train.metrics import (
     best_label,
@@ -43,6 +43,7 @@ from tlbuild.train.metrics import (
     plot_confusion,
     plot_history,
 )
+from tlbuild.train.trainer import TrainResult
 
 LAST_CKPT = f"{CHECKPOINTS}/last.pt"
 
@@ -71,7 +72,7 @@ def _evaluate_split(
     from torch.utils.data import DataLoader
 
     from tlbuild.data.dataset import EvalTransform, ImageDataset
-    from tlbuild.train.loop import evaluate
+    from tlbuild.train.validate import evaluate
 
     loader = DataLoader(ImageDataset(samples, EvalTransform(tm.preprocessing)), batch_size=batch)
     loss, logits, labels = evaluate(tm.model, loader, torch.device("cpu"), None)
@@ -81,8 +82,8 @@ def _evaluate_split(
 
 
 def _head_only(result: TrainResult, recipe: Recipe) -> dict[str, Any] | None:
-    """What the new head alone reached: the best head-only stage, else the linear probe."""
-    frozen = {s.name for s in recipe.train.stages if s.unfreeze == 0}
+    """What the new head alone reached: the best head-only phase, else the linear probe."""
+    frozen = {p.name for p in recipe.train.phases if p.unfreeze == 0}
     rows = [r for r in result.history if r["stage"] in frozen]
     if not rows:
         return result.probe
@@ -90,11 +91,14 @@ def _head_only(result: TrainResult, recipe: Recipe) -> dict[str, Any] | None:
     return {
         "accuracy": best["val_acc"],
         "loss": best["val_loss"],
+        # metrics.json's (and the manifest's) wording, unchanged by the rename to phases.
         "source": f"stage '{best['stage']}', body frozen",
     }
 
 
-def _fit(ctx: StageContext, splits: Splits) -> tuple[TrainedModel, TrainResult]:
+def _fit(
+    ctx: StageContext, splits: Splits, events: TrainEvents
+) -> tuple[TrainedModel, TrainResult]:
     """Build the backbone with its new head and fine-tune it; the best weights, with metadata."""
     recipe, console = ctx.recipe, ctx.console
     ckpt = ctx.out / LAST_CKPT
@@ -115,7 +119,7 @@ def _fit(ctx: StageContext, splits: Splits) -> tuple[TrainedModel, TrainResult]:
                 "Use --resume to continue it instead.[/]"
             )
 
-    built, result = train_from_recipe(recipe, splits, ckpt, console, ctx.resume, built_here)
+    built, result = train_from_recipe(recipe, splits, ckpt, events, ctx.resume, built_here)
     tm = TrainedModel(
         result.model,
         recipe.model.backbone,
@@ -166,20 +170,20 @@ def _train_beside_rank0(ctx: StageContext) -> TrainOutputs:
     """Another torchrun process: scan, build and train like rank 0; print and write nothing."""
     quiet = StageContext(ctx.recipe, Console(quiet=True), ctx.resume)
     splits = load_data(quiet.recipe, quiet.console)
-    return TrainOutputs(_fit(quiet, splits)[1], {}, splits)
+    return TrainOutputs(_fit(quiet, splits, SilentEvents())[1], {}, splits)
 
 
 def run(ctx: StageContext) -> TrainOutputs:
     """Fine-tune the backbone; write model.pt, history, curves, metrics and confusion plots.
 
-    Under torchrun every process trains (loop.fit) and rank 0 alone writes; the evaluation
+    Under torchrun every process trains (Trainer.fit) and rank 0 alone writes; the evaluation
     of the shipped weights below runs on rank 0 only, while the others have finished.
     """
     if not distributed.is_main_process():
         return _train_beside_rank0(ctx)
     splits = load_data(ctx.recipe, ctx.console)
     check_duplicates(ctx.recipe.data, splits, ctx.out, ctx.console)  # "error" stops it here
-    tm, result = _fit(ctx, splits)
+    tm, result = _fit(ctx, splits, RichEvents(ctx.console))
     save_trained(ctx.out / MODEL_PT, tm)
     write_json(ctx.out / SPLITS_JSON, splits_json(splits))
     write_text(ctx.out / HISTORY_CSV, _history_csv(result.history))

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from tlbuild.errors import TlbuildError, UsageError
+from tlbuild.train.device import select_device
 
 T = TypeVar("T")
 
@@ -60,26 +61,6 @@ def is_main_process() -> bool:
     return d is None or d.main
 
 
-def device_for(spec: str, d: Dist) -> torch.device:
-    """Rank's device: cuda:LOCAL_RANK when the recipe's device is CUDA, else the CPU."""
-    cuda = spec.startswith("cuda") or (spec == "auto" and torch.cuda.is_available())
-    if not cuda:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UsageError(f'train.device = "{spec}" but no CUDA GPU is visible; use "auto" or "cpu"')
-    if ":" in spec:
-        raise UsageError(
-            f'train.device = "{spec}" names one GPU, but each of the {d.world} processes uses '
-            'its own (cuda:LOCAL_RANK); use "cuda" or "auto"'
-        )
-    if d.local_rank >= torch.cuda.device_count():
-        raise UsageError(
-            f"process {d.rank} has LOCAL_RANK {d.local_rank} but only "
-            f"{torch.cuda.device_count()} GPU(s) are visible; lower --nproc-per-node"
-        )
-    return torch.device("cuda", d.local_rank)
-
-
 def join(spec: str) -> Dist | None:
     """Join torchrun's process group once (nccl on CUDA, gloo on CPU); None in one process."""
     d = from_env()
@@ -88,7 +69,7 @@ def join(spec: str) -> Dist | None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        device = device_for(spec, d)
+        device = select_device(spec, d)
         if device.type == "cuda":
             torch.cuda.set_device(device)
             dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
@@ -233,7 +214,7 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> dict[str, nn.Modul
 
     So BatchNorm that trains normalises over the global batch. Not on CPU: PyTorch's
     SyncBatchNorm runs on GPUs only; there each process normalises its own part, and DDP copies
-    rank 0's running statistics to the others at every step. Layers a stage keeps in eval mode
+    rank 0's running statistics to the others at every step. Layers a phase keeps in eval mode
     (frozen body, freeze_bn) use running statistics and never sync. timm's converter keeps the
     activation of its fused BatchNormAct layers (torch's own would drop it).
     """
@@ -277,8 +258,8 @@ def unwrap(net: nn.Module | None) -> None:
 def wrap(model: nn.Module, device: torch.device, old: nn.Module | None) -> nn.Module:
     """A new DDP over the parameters that train now (`old`, a DDP or None, is unhooked first).
 
-    DDP fixes its parameter set when built, and the stages freeze and unfreeze layer groups:
-    a new wrapper per stage all-reduces exactly what trains, where find_unused_parameters
+    DDP fixes its parameter set when built, and the phases freeze and unfreeze layer groups:
+    a new wrapper per phase all-reduces exactly what trains, where find_unused_parameters
     would search the graph every step and still reduce the frozen body's empty gradients.
     Every rank builds it at the same point (building broadcasts rank 0's weights and buffers).
     """

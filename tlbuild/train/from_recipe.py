@@ -9,26 +9,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 
 from tlbuild.data.scan import Splits
 from tlbuild.data.sizes import SizeSummary, summarize_sizes
 from tlbuild.models.factory import NewClassifier, make_model
 from tlbuild.recipe import Recipe
-from tlbuild.train.loop import TrainResult, fit
+from tlbuild.train.events import TrainEvents
+from tlbuild.train.settings import TrainSettings
+from tlbuild.train.trainer import Trainer, TrainResult
 
 
 def train_from_recipe(
     recipe: Recipe,
     splits: Splits,
     ckpt: Path,
-    console: Console,
+    events: TrainEvents,
     resume: bool = False,
     on_built: Callable[[NewClassifier, SizeSummary | None], None] | None = None,
 ) -> tuple[NewClassifier, TrainResult]:
     """Fine-tune the recipe's backbone on `splits.train`, early stopping on `splits.val`, with
-    checkpoints at `ckpt`; `on_built` sees the new model (and the images' sizes) before it
-    trains."""
+    checkpoints at `ckpt`, reporting to `events`; `on_built` sees the new model (and the
+    images' sizes) before it trains."""
     # Seed before building: the new head's initial weights are part of reproducibility.
     torch.manual_seed(recipe.train.seed)
     np.random.seed(recipe.train.seed)
@@ -36,15 +37,14 @@ def train_from_recipe(
     built = make_model(recipe.model, len(splits.classes), images)
     if on_built is not None:
         on_built(built, images)
-    result = fit(
-        built.model,
-        splits,
-        built.preprocessing,
-        recipe.train,
-        recipe.data,
-        ckpt,
-        console,
+    settings = TrainSettings(
+        splits=splits,
+        preprocessing=built.preprocessing,
+        train=recipe.train,
+        data=recipe.data,
+        checkpoint=ckpt,
         resume=resume,
         model_key=recipe.model.model_dump_json(),
     )
+    result = Trainer(model=built.model, settings=settings, events=events).fit()
     return built, result

@@ -1,7 +1,7 @@
-"""Learning-rate range test (Smith 2017; fastai's `lr_find`) for stages with `lr = "auto"`.
+"""Learning-rate range test (Smith 2017; fastai's `lr_find`) for phases with `lr = "auto"`.
 
 The rate grows exponentially from `START` to `END` over a bounded number of optimizer steps on
-the stage's own parameter groups (body/head ratio kept); the smoothed training loss is recorded
+the phase's own parameter groups (body/head ratio kept); the smoothed training loss is recorded
 until it diverges. The model, its BatchNorm statistics, the CPU and CUDA random generators and
 the loader's generator are restored afterwards (the caller restores its AMP loss scale), so the
 test changes nothing but the chosen rate.
@@ -29,20 +29,29 @@ SMOOTHING = 0.9  # exponential moving average of the loss, bias-corrected
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
 
 
+@dataclass(frozen=True)
+class RangeTest:
+    """One range test: the phase it chooses a rate for, its optimizer steps, its seed."""
+
+    phase: str
+    steps: int
+    seed: int
+
+
 @dataclass
 class LrFindResult:
-    """The curve and the chosen head learning rate of one stage."""
+    """The curve and the chosen head learning rate of one phase."""
 
-    stage: str
+    phase: str
     lrs: list[float]
     losses: list[float]
     chosen: float
     steps: int
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (history and manifest)."""
+        """JSON form (history and manifest; the phase under its older key, "stage")."""
         return {
-            "stage": self.stage,
+            "stage": self.phase,
             "chosen": self.chosen,
             "steps": self.steps,
             "rule": "valley",
@@ -81,15 +90,13 @@ def lr_range_test(
     make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
     loader: Any,
     step_fn: Callable[[torch.optim.Optimizer, Any], float],
-    steps: int,
-    seed: int,
-    stage: str,
-    on_step: Callable[[], None] | None = None,
+    test: RangeTest,
 ) -> LrFindResult:
     """Run the range test and restore everything it touched; return the curve and the rate.
 
     `step_fn(optimizer, batch)` does one training step and returns its (unsmoothed) loss.
     """
+    steps, seed = test.steps, test.seed
     saved_model = copy.deepcopy(model.state_dict())
     ratios = [g["lr"] / param_groups[0]["lr"] for g in param_groups]
     groups = [{**g, "lr": START * r} for g, r in zip(param_groups, ratios, strict=True)]
@@ -115,8 +122,6 @@ def lr_range_test(
                 for g, r in zip(optimizer.param_groups, ratios, strict=True):
                     g["lr"] = lr * r
                 loss = step_fn(optimizer, next(batches))
-                if on_step is not None:
-                    on_step()
                 if not math.isfinite(loss):
                     break
                 avg = SMOOTHING * avg + (1 - SMOOTHING) * loss
@@ -132,11 +137,11 @@ def lr_range_test(
                 gen.set_state(saved_gen)
     # The caller refuses a curve this short; START is only a placeholder then.
     chosen = valley(lrs, losses) if len(lrs) >= 3 else START
-    return LrFindResult(stage, lrs, losses, float(chosen), len(lrs))
+    return LrFindResult(test.phase, lrs, losses, float(chosen), len(lrs))
 
 
 def plot_lr_find(results: list[dict[str, Any]], path: Path) -> None:
-    """Loss against learning rate per stage (LrFindResult.to_dict form), the chosen rate marked."""
+    """Loss against learning rate per phase (LrFindResult.to_dict form), the chosen rate marked."""
     import matplotlib
 
     matplotlib.use("Agg")

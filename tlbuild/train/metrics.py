@@ -117,7 +117,7 @@ def plot_confusion(metrics: dict[str, Any], path: Path, title: str) -> None:
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Training curves: loss and accuracy per epoch, train vs validation, stages marked."""
+    """Training curves: loss and accuracy per epoch, train vs validation, phases marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,7 +130,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     a2.plot(ep, [h["train_acc"] for h in history], "o-", label="train")
     a2.plot(ep, [h["val_acc"] for h in history], "o-", label="val")
     for prev, cur in zip(history, history[1:], strict=False):
-        if cur["stage"] != prev["stage"]:
+        if cur["stage"] != prev["stage"]:  # history rows keep the key "stage" (history.csv)
             for a in (a1, a2):
                 a.axvline(cur["epoch"] + 0.5, color="grey", ls="--", lw=0.8)
     a1.set_title("loss")

@@ -11,7 +11,7 @@ from tlbuild.recipe import TrainConfig
 
 
 def make_optimizer(param_groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, SGD (momentum, Nesterov) or RMSprop over the stage's parameter groups."""
+    """AdamW, SGD (momentum, Nesterov) or RMSprop over the phase's parameter groups."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
@@ -47,7 +47,7 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
 def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs: int, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule over one stage; the factor scales every group, keeping their ratio."""
+    """Per-step schedule over one phase; the factor scales every group, keeping their ratio."""
     total = epochs * steps_per_epoch
     warmup = min(total // 2, round(cfg.warmup_epochs * steps_per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(

@@ -1,4 +1,4 @@
-"""Which parameters a fine-tuning stage trains, at which learning rates, and BatchNorm modes."""
+"""Which parameters a fine-tuning phase trains, at which learning rates, and BatchNorm modes."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ from typing import Any
 from torch import nn
 
 from tlbuild.models.factory import body_groups, head_parameters
-from tlbuild.recipe import StageConfig
+from tlbuild.recipe import PhaseConfig
 
 
-def apply_stage(model: nn.Module, stage: StageConfig, lr: float) -> list[dict[str, Any]]:
-    """Freeze all but the head and the top `stage.unfreeze` body groups; return optimizer groups.
+def apply_phase(model: nn.Module, phase: PhaseConfig, lr: float) -> list[dict[str, Any]]:
+    """Freeze all but the head and the top `phase.unfreeze` body groups; return optimizer groups.
 
-    The head trains at `lr` (the stage's, or the one its range test found), unfrozen body groups
-    at `lr * stage.body_lr_mult` (discriminative rates, as fastai's fine_tune does).
+    The head trains at `lr` (the phase's, or the one its range test found), unfrozen body groups
+    at `lr * phase.body_lr_mult` (discriminative rates, as fastai's fine_tune does).
     """
     groups = body_groups(model)
-    n = len(groups) if stage.unfreeze == "all" else min(int(stage.unfreeze), len(groups))
+    n = len(groups) if phase.unfreeze == "all" else min(int(phase.unfreeze), len(groups))
     for p in model.parameters():
         p.requires_grad_(False)
     head = head_parameters(model)
@@ -26,11 +26,11 @@ def apply_stage(model: nn.Module, stage: StageConfig, lr: float) -> list[dict[st
         p.requires_grad_(True)
     param_groups: list[dict[str, Any]] = [{"params": head, "lr": lr, "name": "head"}]
     if body:
-        param_groups.append({"params": body, "lr": lr * stage.body_lr_mult, "name": "body"})
+        param_groups.append({"params": body, "lr": lr * phase.body_lr_mult, "name": "body"})
     return param_groups
 
 
-def set_train_mode(model: nn.Module, stage: StageConfig) -> None:
+def set_train_mode(model: nn.Module, phase: PhaseConfig) -> None:
     """model.train(), but BatchNorm layers of frozen groups (or all, with freeze_bn) stay in eval.
 
     A frozen body must also keep its running statistics: updating them on a small new dataset
@@ -41,5 +41,5 @@ def set_train_mode(model: nn.Module, stage: StageConfig) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             params = list(m.parameters(recurse=False))
             frozen = not params or not any(p.requires_grad for p in params)
-            if frozen or stage.freeze_bn:
+            if frozen or phase.freeze_bn:
                 m.eval()
