@@ -67,16 +67,15 @@ def ort_profile_check(path: Path, x: np.ndarray, threads: int, iters: int = 30) 
     """Time one ONNX Runtime session with this module's timer and with ORT's own profiler.
 
     Both see the same calls of the same session: ORT records each `model_run` in its profile;
-    the timer wraps the Python `run` call. Their medians should agree within a few percent
-    (the difference is the Python binding's cost).
+    the timer wraps the Predictor's `logits` call, the one bench times. Their medians should
+    agree within a few percent (the difference is the Python binding's cost).
     """
-    from tlbuild.runtime.sessions import ort_session
+    from tlbuild.runtime.backends import open_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
-        sess = ort_session(path, threads=threads, profile_prefix=str(Path(tmp) / "ort"))
-        name = sess.get_inputs()[0].name
-        lat = measure(lambda: sess.run(None, {name: x}), 3, iters, 0.0, 30.0)
-        profile = json.loads(Path(sess.end_profiling()).read_text())
+        p = open_onnx(path, threads=threads, profile_prefix=str(Path(tmp) / "ort"))
+        lat = measure(lambda: p.logits(x), 3, iters, 0.0, 30.0)
+        profile = json.loads(p.end_profiling().read_text())
     runs = [e["dur"] / 1000.0 for e in profile if e.get("name") == "model_run"]
     ort_ms = np.asarray(runs[-lat.samples_ms.size :], np.float64)  # the timed ones
     ours, theirs = float(np.median(lat.samples_ms)), float(np.median(ort_ms))

@@ -85,22 +85,22 @@ def _artifact_p_ok(
 ) -> dict[str, np.ndarray]:
     """p(ok) of model.onnx and of every accepted variant on the validation images, run as the
     quantize gate runs them (ONNX Runtime CPU; int8_trt with Q/DQ as written)."""
-    from tlbuild.runtime.sessions import ort_session, run_logits
+    from tlbuild.runtime.backends import open_onnx
 
     files = [MODEL_ONNX] + [
         v.file
         for v in manifest.variants.values()
         if v.status == "accepted" and v.file in _BY_FILE and (out / v.file).is_file()
     ]
-    sessions = {f: ort_session(out / f, simulate_qdq=_BY_FILE[f].simulate_qdq) for f in files}
+    predictors = {f: open_onnx(out / f, simulate_qdq=_BY_FILE[f].simulate_qdq) for f in files}
     spec = Preprocessing.from_dict(manifest.preprocessing)
     probs: dict[str, list[np.ndarray]] = {f: [] for f in files}
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("Threshold on the shipped artifacts", total=len(paths))
         for i in range(0, len(paths), 32):
             x = load_batch([Path(p) for p in paths[i : i + 32]], spec)
-            for f, sess in sessions.items():
-                probs[f].append(_p_ok(run_logits(sess, x), ok))
+            for f, p in predictors.items():
+                probs[f].append(_p_ok(p.logits(x), ok))
             progress.advance(task, len(x))
     return {f: np.concatenate(p) for f, p in probs.items()}
 

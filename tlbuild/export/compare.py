@@ -1,11 +1,15 @@
-"""One comparison of a candidate's logits with a reference's: export parity, the variant gate
-and the engine gate all judge an artifact by these numbers."""
+"""One comparison of candidates' logits with a reference's: export parity, the variant gate
+and the engine gate all judge an artifact by these numbers, from compare_artifacts."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+
+from tlbuild.errors import UsageError
+from tlbuild.runtime.base import Predictor
 
 
 def compare_logits(
@@ -25,4 +29,45 @@ def compare_logits(
         out["fp32_accuracy"] = float((ref_top == labels).mean())
         out["accuracy"] = float((got_top == labels).mean())
         out["drop_points"] = round((out["fp32_accuracy"] - out["accuracy"]) * 100, 4)
+    return out
+
+
+def batches_of(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """Consecutive slices of `size` images (the last one shorter)."""
+    for i in range(0, len(images), size):
+        yield images[i : i + size]
+
+
+def compare_artifacts(
+    reference: Predictor,
+    candidates: Mapping[str, Predictor],
+    batches: Iterable[np.ndarray],
+    labels: np.ndarray | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run the reference and every candidate batch by batch (only logits kept: memory stays
+    flat), then compare_logits per candidate, keyed as `candidates`."""
+    if not candidates:
+        return {}
+    taking = dict(candidates)
+    ref: list[np.ndarray] = []
+    got: dict[str, list[np.ndarray]] = {name: [] for name in candidates}
+    for x in batches:
+        # A candidate stops at the first batch size it does not run natively (a TensorRT
+        # engine below its profile), as the engine gate always did: its figures (and labels)
+        # cover the images before; the reference runs only batches some candidate takes.
+        taking = {name: p for name, p in taking.items() if p.supports_batch(len(x))}
+        if not taking:
+            break
+        ref.append(reference.logits(x))
+        for name, p in taking.items():
+            got[name].append(p.logits(x))
+    out: dict[str, dict[str, Any]] = {}
+    for name, parts in got.items():
+        if not parts:
+            raise UsageError(
+                f"{name} ran none of the batches it was to be compared on (there were none, "
+                "or none of a batch size it runs)"
+            )
+        logits = np.concatenate(parts)
+        out[name] = compare_logits(np.concatenate(ref)[: len(logits)], logits, labels)
     return out

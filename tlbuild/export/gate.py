@@ -10,9 +10,9 @@ import numpy as np
 from tlbuild.artifacts import OnnxArtifact
 from tlbuild.data.preprocess import Preprocessing, load_batch
 from tlbuild.data.scan import Sample
-from tlbuild.export.compare import compare_logits
+from tlbuild.export.compare import compare_artifacts
 from tlbuild.manifest import Variant
-from tlbuild.runtime.sessions import ort_session, run_logits
+from tlbuild.runtime.backends import open_onnx
 
 
 def evaluate_variants(
@@ -30,22 +30,20 @@ def evaluate_variants(
     stays flat however large the split.
     """
     files = files or {}
-    fp32 = ort_session(folder / "model.onnx")
-    sessions = {
-        a.variant: ort_session(files.get(a.variant, folder / a.file), simulate_qdq=a.simulate_qdq)
+    fp32 = open_onnx(folder / "model.onnx")
+    candidates = {
+        a.variant: open_onnx(files.get(a.variant, folder / a.file), simulate_qdq=a.simulate_qdq)
         for a in variants
     }
+    batches = (
+        load_batch([s.path for s in samples[i : i + batch]], spec)
+        for i in range(0, len(samples), batch)
+    )
     labels = np.array([s.label for s in samples])
-    ref: list[np.ndarray] = []
-    logits: dict[str, list[np.ndarray]] = {k: [] for k in sessions}
-    for i in range(0, len(samples), batch):
-        x = load_batch([s.path for s in samples[i : i + batch]], spec)
-        ref.append(run_logits(fp32, x))
-        for k, sess in sessions.items():
-            logits[k].append(run_logits(sess, x))
+    figures = compare_artifacts(fp32, candidates, batches, labels)
     results: dict[str, Variant] = {}
     for a in variants:
-        c = compare_logits(np.concatenate(ref), np.concatenate(logits[a.variant]), labels)
+        c = figures[a.variant]
         results[a.variant] = Variant(
             variant=a.variant,
             file=a.file,

@@ -31,7 +31,7 @@ import onnx
 from tlbuild.errors import BuildError, TlbuildError
 from tlbuild.export.quantize import Int8Job, make_int8
 from tlbuild.fileio import atomic_path
-from tlbuild.runtime.sessions import ort_session, run_logits
+from tlbuild.runtime.backends import open_onnx
 
 METHODS = ("minmax", "entropy", "percentile")
 # SQNR is measured on this many search images: the pass keeps every quantized tensor.
@@ -77,10 +77,7 @@ class SearchResult:
 
 def _logits(path: Path, images: np.ndarray, simulate_qdq: bool, batch: int = 32) -> np.ndarray:
     try:
-        sess = ort_session(path, simulate_qdq=simulate_qdq)
-        return np.concatenate(
-            [run_logits(sess, images[i : i + batch]) for i in range(0, len(images), batch)]
-        )
+        return open_onnx(path, simulate_qdq=simulate_qdq).logits_in_batches(images, batch)
     except TlbuildError:
         raise
     except Exception as e:  # a library failure while scoring a trial: one message
@@ -117,19 +114,17 @@ def layer_sensitivity(qdq_path: Path, images: np.ndarray) -> list[tuple[str, flo
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.onnx"
         onnx.save(model, str(probe))
-        sess = ort_session(probe, simulate_qdq=True)
-        names = [o.name for o in sess.get_outputs()]
+        predictor = open_onnx(probe, simulate_qdq=True)
         signal: dict[str, float] = {src: 0.0 for src, _ in pairs}
         noise: dict[str, float] = {src: 0.0 for src, _ in pairs}
         # One image at a time: every quantized tensor is an output, twice.
         for i in range(len(images)):
-            got = sess.run(None, {sess.get_inputs()[0].name: images[i : i + 1]})
-            outs = dict(zip(names, got, strict=True))
+            outs = predictor.outputs(images[i : i + 1])
             for src, deq in pairs:
                 x = outs[src].astype(np.float64)
                 signal[src] += float((x**2).sum())
                 noise[src] += float(((x - outs[deq]) ** 2).sum())
-            del outs, got
+            del outs
     worst: dict[str, float] = {}
     for src, deq in pairs:
         n = noise[src]
@@ -162,6 +157,94 @@ class SearchGoal:
     floor: bool = True
 
 
+class _Trials:
+    """The search's trials in the order they ran; their files in a temporary folder (`with`)."""
+
+    def __init__(
+        self, job: Int8Job, search: SearchImages, on_trial: Callable[[Trial], None] | None
+    ) -> None:
+        self.job, self.on_trial = job, on_trial
+        self.images, self.labels = search.images, search.labels
+        fp32_top1 = search.fp32_top1
+        self.ref = (
+            _logits(job.src, self.images, False).argmax(1) if fp32_top1 is None else fp32_top1
+        )
+        self.ref_acc = float((self.ref == self.labels).mean())
+        self.done: list[Trial] = []
+        self.files: dict[int, Path] = {}
+        self.tmp = Path(tempfile.mkdtemp(prefix="tlbuild-int8-search-"))
+
+    def __enter__(self) -> _Trials:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __call__(self, method: str, extra: list[str]) -> Trial:
+        """Quantize with `method` and `extra` nodes kept in float too, score it, record it."""
+        t = time.perf_counter()
+        path = self.tmp / f"trial{len(self.done)}.onnx"
+        keep_float = (*self.job.settings.keep_float, *extra)
+        settings = replace(self.job.settings, method=method, keep_float=keep_float)
+        make_int8(replace(self.job, dst=path, settings=settings))
+        got = _logits(path, self.images, self.job.artifact.simulate_qdq).argmax(1)
+        drop = round(100 * (self.ref_acc - float((got == self.labels).mean())), 4)
+        done = Trial(method, extra, drop, round(100 * float((got != self.ref).mean()), 4), 0.0)
+        done.seconds = round(time.perf_counter() - t, 2)
+        self.files[len(self.done)] = path
+        self.done.append(done)
+        if self.on_trial:
+            self.on_trial(done)
+        return done
+
+    def file(self, trial: Trial) -> Path:
+        """The model `trial` wrote."""
+        return self.files[self.done.index(trial)]
+
+
+def _other_methods(run: _Trials, best: Trial, budget: int, ok: Callable[[Trial], bool]) -> Trial:
+    """Step 2: the other calibration methods, until one is within the target; the best seen."""
+    method = run.job.settings.method
+    for m in (m for m in METHODS if m != method):
+        if len(run.done) >= budget:
+            break
+        t = run(m, [])
+        if t.key() < best.key():
+            best = t
+        if ok(best):
+            break
+    return best
+
+
+def _float_layers(
+    run: _Trials, best: Trial, ranked: list[str], budget: int, ok: Callable[[Trial], bool]
+) -> Trial:
+    """Step 3: the first 1, 2, 4, ... of `ranked` kept in float too, with `best`'s method."""
+    k = 1
+    while len(run.done) < budget and k <= len(ranked):
+        t = run(best.method, ranked[:k])
+        if t.key() < best.key() or ok(t):
+            best = t
+        if ok(best):
+            break
+        k *= 2
+    return best
+
+
+def _search(
+    run: _Trials, budget: int, ok: Callable[[Trial], bool]
+) -> tuple[Trial, list[tuple[str, float]]]:
+    """Steps 1-3 of the module docstring in `budget` trials: the trial chosen, the sensitivity."""
+    sensitivity: list[tuple[str, float]] = []
+    best = run(run.job.settings.method, [])
+    if not ok(best) and budget > 1:
+        best = _other_methods(run, best, budget, ok)
+    if not ok(best) and len(run.done) < budget:
+        sensitivity = layer_sensitivity(run.file(best), run.images[:SENSITIVITY_IMAGES])
+        best = _float_layers(run, best, [name for name, _ in sensitivity], budget, ok)
+    return best, sensitivity
+
+
 def search_int8(
     job: Int8Job,
     search: SearchImages,
@@ -170,31 +253,8 @@ def search_int8(
 ) -> SearchResult:
     """Write `job.dst`: the first trial within the goal's target (else the best one seen)."""
     t0 = time.perf_counter()
-    src, images, labels = job.src, search.images, search.labels
-    target_points, budget = goal.target_points, goal.budget
-    method, keep_float = job.settings.method, list(job.settings.keep_float)
-    ref = _logits(src, images, False).argmax(1) if search.fp32_top1 is None else search.fp32_top1
-    ref_acc = float((ref == labels).mean())
-    trials: list[Trial] = []
-    files: dict[int, Path] = {}
-    tmp = Path(tempfile.mkdtemp(prefix="tlbuild-int8-search-"))
-    try:
-
-        def trial(m: str, extra: list[str]) -> Trial:
-            t = time.perf_counter()
-            path = tmp / f"trial{len(trials)}.onnx"
-            settings = replace(job.settings, method=m, keep_float=(*keep_float, *extra))
-            make_int8(replace(job, dst=path, settings=settings))
-            got = _logits(path, images, job.artifact.simulate_qdq).argmax(1)
-            drop = round(100 * (ref_acc - float((got == labels).mean())), 4)
-            done = Trial(m, extra, drop, round(100 * float((got != ref).mean()), 4), 0.0)
-            done.seconds = round(time.perf_counter() - t, 2)
-            files[len(trials)] = path
-            trials.append(done)
-            if on_trial:
-                on_trial(done)
-            return done
-
+    images, target_points = search.images, goal.target_points
+    with _Trials(job, search, on_trial) as run:
         # One image of the search set is the finest step it can measure: with 84 images a
         # single changed answer is 1.19 points, and a 1-point target could never be met (the
         # demo spent its whole budget on a variant that loses nothing on validation).
@@ -203,33 +263,9 @@ def search_int8(
         def ok(t: Trial) -> bool:
             return t.drop_points <= tolerance
 
-        sensitivity: list[tuple[str, float]] = []
-        best = trial(method, [])
-        if not ok(best) and budget > 1:
-            for m in (m for m in METHODS if m != method):
-                if len(trials) >= budget:
-                    break
-                t = trial(m, [])
-                if t.key() < best.key():
-                    best = t
-                if ok(best):
-                    break
-        if not ok(best) and len(trials) < budget:
-            base = files[trials.index(best)]
-            sensitivity = layer_sensitivity(base, images[:SENSITIVITY_IMAGES])
-            ranked = [name for name, _ in sensitivity]
-            k = 1
-            while len(trials) < budget and k <= len(ranked):
-                t = trial(best.method, ranked[:k])
-                if t.key() < best.key() or ok(t):
-                    best = t
-                if ok(best):
-                    break
-                k *= 2
+        best, sensitivity = _search(run, goal.budget, ok)
         with atomic_path(job.dst) as out:
-            shutil.copyfile(files[trials.index(best)], out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copyfile(run.file(best), out)
     chosen = set(best.extra_float)
     return SearchResult(
         method=best.method,
@@ -240,7 +276,7 @@ def search_int8(
         tolerance_points=round(tolerance, 4),
         images=len(images),
         images_source=search.source,
-        trials=trials,
+        trials=run.done,
         sensitivity=[{"node": n, "sqnr_db": round(s, 2)} for n, s in sensitivity if n in chosen],
         seconds=round(time.perf_counter() - t0, 2),
         within_target=ok(best),

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
-from tlbuild.export.compare import compare_logits
-from tlbuild.runtime.sessions import ort_session, run_logits
+from tlbuild.export.compare import batches_of, compare_artifacts
+from tlbuild.runtime.backends import open_onnx
+from tlbuild.runtime.torch_model import TorchPredictor
 
 
 @dataclass
@@ -47,15 +47,10 @@ def check_parity(
     batch_size: int = 16,
 ) -> ParityResult:
     """Run both on `images` (NCHW float32) and compare logits and top-1 classes."""
-    model = model.eval().to("cpu")
-    sess = ort_session(onnx_path)
-    ref, got = [], []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size]
-            ref.append(model(torch.from_numpy(x)).numpy())
-            got.append(run_logits(sess, x))
-    c = compare_logits(np.concatenate(ref), np.concatenate(got))
+    onnx = open_onnx(onnx_path)
+    c = compare_artifacts(
+        TorchPredictor.from_module(model), {"onnx": onnx}, batches_of(images, batch_size)
+    )["onnx"]
     return ParityResult(
         images=c["images"],
         max_abs_logit_diff=c["max_abs_logit_diff"],
@@ -63,5 +58,5 @@ def check_parity(
         top1_agreement=c["top1_agreement"],
         atol=atol,
         min_top1_agreement=min_top1_agreement,
-        provider=sess.get_providers()[0],
+        provider=onnx.active_provider,
     )

@@ -1,73 +1,91 @@
-"""Predictor implementations: PyTorch checkpoint, ONNX Runtime, TensorRT engine."""
+"""Predictors over exported files: ONNX Runtime (open_onnx for checks) and TensorRT engines.
+No PyTorch (torch_model.py): stages that run only exported files stay keyed off training code."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tlbuild.artifacts import precision_of
 from tlbuild.data.preprocess import Preprocessing
 from tlbuild.errors import UsageError
 from tlbuild.runtime.base import Predictor
-from tlbuild.runtime.sessions import ort_session
+from tlbuild.runtime.sessions import OrtOptions, ort_session
 
-
-class TorchPredictor(Predictor):
-    """The fine-tuned model.pt, on CPU or CUDA."""
-
-    def __init__(self, path: Path, device: str = "cpu") -> None:
-        import torch
-
-        from tlbuild.models.checkpoint import load_trained
-
-        tm = load_trained(path)
-        super().__init__(path, tm.classes, tm.preprocessing, "fp32")
-        self._torch = torch
-        self._device = torch.device(device)
-        self._model = tm.model.eval().to(self._device)
-
-    @property
-    def backend(self) -> str:
-        return f"torch:{self._device}"
-
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        with self._torch.inference_mode():
-            x = self._torch.from_numpy(batch).to(self._device)
-            return self._model(x).float().cpu().numpy()
+if TYPE_CHECKING:
+    from tlbuild.runtime.tensorrt import TensorRTEngine
 
 
 class OnnxPredictor(Predictor):
-    """An ONNX artifact in ONNX Runtime with the requested execution provider, verified active."""
+    """An ONNX artifact in ONNX Runtime with the requested execution provider, verified active.
+
+    `options` are ort_session's (provider, threads, Q/DQ simulation, profiling). With `classes`,
+    the model's output width must match them.
+    """
 
     def __init__(
         self,
         path: Path,
-        classes: list[str],
-        spec: Preprocessing,
-        precision: str,
-        provider: str = "cpu",
-        threads: int | None = None,
-        spinning: bool = True,
-        tensorrt: dict[str, str] | None = None,
+        classes: list[str] | None = None,
+        spec: Preprocessing | None = None,
+        precision: str | None = None,
+        options: OrtOptions | None = None,
     ) -> None:
         super().__init__(path, classes, spec, precision)
-        self._session = ort_session(path, provider, threads, spinning, tensorrt=tensorrt)
+        o = options or OrtOptions()
+        self.options = o
+        self._session = ort_session(
+            path, o.provider, o.threads, o.spinning, o.simulate_qdq, o.profile_prefix, o.tensorrt
+        )
         self._input = self._session.get_inputs()[0].name
         width = self._session.get_outputs()[0].shape[-1]
         # The manifest's classes name the outputs: a model of another width (a swapped file
         # and a manifest that vouches for it) would fail mid-run or label every row wrongly.
-        if isinstance(width, int) and width != len(classes):
+        if classes is not None and isinstance(width, int) and width != len(classes):
             raise UsageError(
                 f"{path.name} outputs {width} scores but its manifest names {len(classes)} "
                 "classes; copy the export folder again"
             )
 
     @property
+    def active_provider(self) -> str:
+        """The ONNX Runtime execution provider running it, e.g. 'CPUExecutionProvider'."""
+        return str(self._session.get_providers()[0])
+
+    @property
     def backend(self) -> str:
-        return f"onnxruntime:{self._session.get_providers()[0]}"
+        return f"onnxruntime:{self.active_provider}"
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self._session.run(None, {self._input: batch})[0].astype(np.float32)
+
+    def outputs(self, batch: np.ndarray) -> dict[str, Any]:
+        """Every graph output by name, as ONNX Runtime returns it (the INT8 search's probes)."""
+        names = [o.name for o in self._session.get_outputs()]
+        return dict(zip(names, self._session.run(None, {self._input: batch}), strict=True))
+
+    def end_profiling(self) -> Path:
+        """Stop ONNX Runtime's profiler (options.profile_prefix) and return its JSON file."""
+        if not self.options.profile_prefix:
+            raise UsageError(f"{self.artifact.name} was opened without profile_prefix")
+        return Path(self._session.end_profiling())
+
+
+def open_onnx(
+    path: Path,
+    simulate_qdq: bool = False,
+    threads: int | None = None,
+    profile_prefix: str | None = None,
+) -> OnnxPredictor:
+    """`path` on ONNX Runtime's CPU provider, for logits only: no manifest, no class names.
+
+    The gates, parity, the INT8 search and bench's timer check open files this way; with
+    `simulate_qdq` every Q/DQ node runs as written (ort_session explains why).
+    """
+    options = OrtOptions(threads=threads, simulate_qdq=simulate_qdq, profile_prefix=profile_prefix)
+    return OnnxPredictor(Path(path), options=options)
 
 
 class TensorRTPredictor(Predictor):
@@ -81,6 +99,14 @@ class TensorRTPredictor(Predictor):
             raise UsageError(f"cannot run {path.name}: {why}")
         super().__init__(path, classes, spec, precision)
         self._core = TensorRTEngine(path)
+
+    @classmethod
+    def from_engine(cls, engine: TensorRTEngine) -> TensorRTPredictor:
+        """An engine already loaded (the engines stage's gate); precision from its file name."""
+        p = cls.__new__(cls)
+        Predictor.__init__(p, engine.path, precision=precision_of(engine.path.name))
+        p._core = engine
+        return p
 
     @property
     def backend(self) -> str:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from tlbuild.data.images import load_rgb
 from tlbuild.data.preprocess import Preprocessing, preprocess
+from tlbuild.errors import UsageError
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -21,10 +22,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Predictor(ABC):
-    """An artifact ready to classify: same preprocessing, same classes, whatever the backend."""
+    """An artifact ready to classify: same preprocessing, same classes, whatever the backend.
+
+    Classes, preprocessing and precision come from the manifest (load_predictor); a check that
+    only compares logits on preprocessed batches opens one without them (open_onnx).
+    """
 
     def __init__(
-        self, artifact: Path, classes: list[str], spec: Preprocessing, precision: str
+        self,
+        artifact: Path,
+        classes: list[str] | None = None,
+        spec: Preprocessing | None = None,
+        precision: str | None = None,
     ) -> None:
         self.artifact = artifact
         self.classes = classes
@@ -45,12 +54,27 @@ class Predictor(ABC):
         """Whether one call at batch size `n` runs natively (TensorRT engines have a range)."""
         return True
 
+    def logits_in_batches(self, images: np.ndarray, batch: int) -> np.ndarray:
+        """Logits for preprocessed `images`, `batch` at a time (the batch size each check has
+        always used: float results depend on it)."""
+        return np.concatenate(
+            [
+                self.logits(np.ascontiguousarray(images[i : i + batch], dtype=np.float32))
+                for i in range(0, len(images), batch)
+            ]
+        )
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes) for a preprocessed NCHW float32 batch."""
         return softmax(self.logits(np.ascontiguousarray(batch, dtype=np.float32)))
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
         """One decoded RGB image -> CHW float32, exactly as in training evaluation."""
+        if self.preprocessing is None:
+            raise UsageError(
+                f"{self.artifact.name} was opened without its manifest's preprocessing; "
+                "open the export folder with load_predictor to classify image files"
+            )
         return preprocess(img, self.preprocessing)
 
     def predict_paths(self, paths: Sequence[Path], batch_size: int = 32) -> np.ndarray:
@@ -59,4 +83,4 @@ class Predictor(ABC):
         for i in range(0, len(paths), batch_size):
             x = np.stack([self.preprocess(load_rgb(p)) for p in paths[i : i + batch_size]])
             out.append(self.predict(x))
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes or ())), np.float32)

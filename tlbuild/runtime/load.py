@@ -8,10 +8,11 @@ from tlbuild.artifacts import CPU_ORDER, MODEL_ONNX, ONNX_ARTIFACTS, precision_o
 from tlbuild.data.preprocess import Preprocessing
 from tlbuild.errors import UsageError
 from tlbuild.manifest import Manifest, read_manifest
-from tlbuild.runtime.backends import OnnxPredictor, TensorRTPredictor, TorchPredictor
+from tlbuild.runtime.backends import OnnxPredictor, TensorRTPredictor
 from tlbuild.runtime.base import Predictor
-from tlbuild.runtime.sessions import tensorrt_options
+from tlbuild.runtime.sessions import OrtOptions, tensorrt_options
 from tlbuild.runtime.tensorrt import check_engine_version
+from tlbuild.runtime.torch_model import TorchPredictor
 
 
 def _auto_candidates(
@@ -112,8 +113,6 @@ def _open(
             first = manifest.onnx.inputs[0]
             known = (first["name"], first["shape"])
             trt = tensorrt_options(folder / name, known, manifest.artifacts[name].sha256)
-        precision = precision_of(name)
-        return OnnxPredictor(
-            folder / name, classes, spec, precision, provider, threads, spinning, trt
-        )
+        options = OrtOptions(provider, threads, spinning, tensorrt=trt)
+        return OnnxPredictor(folder / name, classes, spec, precision_of(name), options)
     raise UsageError(f"{name}: not a model artifact (.onnx, .engine or .pt)")

@@ -1,11 +1,12 @@
-"""The one way tlbuild opens an ONNX Runtime session (parity, gates, bench, classify)."""
+"""The one way tlbuild opens an ONNX Runtime session. Code outside tlbuild/runtime/ runs ONNX
+models through OnnxPredictor (load_predictor, open_onnx), never through a session."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 
 from tlbuild.errors import UsageError
@@ -16,6 +17,18 @@ ORT_PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    """How an OnnxPredictor's session runs: ort_session's arguments after the path."""
+
+    provider: str = "cpu"
+    threads: int | None = None
+    spinning: bool = True
+    simulate_qdq: bool = False
+    profile_prefix: str | None = None
+    tensorrt: dict[str, str] | None = None
 
 
 def ort_session(
@@ -119,9 +132,3 @@ def tensorrt_options(
         "trt_int8_enable": "True" if precision == "int8" else "False",
         "trt_fp16_enable": "True" if precision in ("fp16", "int8") else "False",
     }
-
-
-def run_logits(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
-    """The session's first output for one NCHW float32 batch, as float32."""
-    name = session.get_inputs()[0].name
-    return session.run(None, {name: batch})[0].astype(np.float32)

@@ -24,7 +24,7 @@ from tlbuild.export.parity import ParityResult, check_parity
 from tlbuild.fileio import atomic_path, read_json_or_empty, sha256_file, write_json
 from tlbuild.manifest import MANIFEST_JSON, write_section
 from tlbuild.models.checkpoint import TrainedModel, load_trained
-from tlbuild.runtime.sessions import ort_session, run_logits
+from tlbuild.runtime.backends import open_onnx
 from tlbuild.stages.base import Stage, StageContext
 from tlbuild.train.metrics import best_label
 
@@ -71,10 +71,8 @@ def _write_device_batch(
         return None
     samples = _parity_samples(val, n)
     images = load_batch([s.path for s in samples], tm.preprocessing).astype(np.float16)
-    sess = ort_session(ctx.out / MODEL_ONNX)
-    logits = np.concatenate(
-        [run_logits(sess, images[i : i + 32].astype(np.float32)) for i in range(0, len(images), 32)]
-    )
+    # The FP16 images as the device will feed them, batch by batch, back in float32.
+    logits = open_onnx(ctx.out / MODEL_ONNX).logits_in_batches(images, 32)
     labels = np.array([s.label for s in samples], np.int64)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, images=images, labels=labels, fp32_logits=logits)

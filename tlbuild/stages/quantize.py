@@ -30,7 +30,7 @@ from tlbuild.export.quantize import (
 )
 from tlbuild.manifest import Variant, read_manifest_if_any, write_section
 from tlbuild.recipe import QuantizeConfig, Recipe
-from tlbuild.runtime.sessions import ort_session, run_logits
+from tlbuild.runtime.backends import open_onnx
 from tlbuild.stages.base import Stage, StageContext
 
 
@@ -104,8 +104,7 @@ def _make_variants(
     held_out = None
     if int8 and cfg.search_budget:
         x = load_batch([sm.path for sm in search], spec)
-        fp32 = ort_session(out / MODEL_ONNX)
-        top1 = np.concatenate([run_logits(fp32, x[i : i + 32]) for i in range(0, len(x), 32)])
+        top1 = open_onnx(out / MODEL_ONNX).logits_in_batches(x, 32)
         labels = np.array([sm.label for sm in search])
         held_out = SearchImages(x, labels, search_source, top1.argmax(1))
     settings = Int8Settings(
