@@ -42,15 +42,13 @@ class _FakeEngine:
     flip = 0  # how many images get another class
 
     def __init__(self, path: Path) -> None:
-        from tlbuild.runtime.sessions import ort_session
+        from tlbuild.runtime import open_onnx
 
-        self.min_batch, self.max_batch = 1, 8
-        self._sess = ort_session(path.parent / "model.onnx")
+        self.path, self.min_batch, self.max_batch = path, 1, 8
+        self._onnx = open_onnx(path.parent / "model.onnx")
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        from tlbuild.runtime.sessions import run_logits
-
-        y = run_logits(self._sess, x)
+        y = self._onnx.logits(x)
         n = min(self.flip, len(y))
         y[:n] = np.roll(y[:n], 1, axis=1)
         _FakeEngine.flip -= n
@@ -59,13 +57,13 @@ class _FakeEngine:
 
 def _fake_tensorrt(monkeypatch: pytest.MonkeyPatch, fail: set[str] = frozenset()) -> None:
     from tlbuild.errors import BuildError
-    from tlbuild.export import tensorrt_compile
-    from tlbuild.export.tensorrt_compile import EngineInfo
-    from tlbuild.stages import engines
+    from tlbuild.export import engines, tensorrt_compile
+    from tlbuild.export.tensorrt_compile import BatchProfile, EngineInfo
 
-    def compile_engine(src: Path, out: Path, label: str, lo: int, opt: int, hi: int, *rest):  # noqa: ANN002, ANN202
+    def compile_engine(src: Path, out: Path, label: str, batches: BatchProfile, *rest):  # noqa: ANN002, ANN202
         if label in fail:
             raise BuildError(f"TensorRT failed to build an engine from {src.name}")
+        lo, opt, hi = batches.min_batch, batches.opt_batch, batches.max_batch
         path = out / f"model.{label}.b{lo}-{hi}.sm87.trt10.3.engine"
         path.write_bytes(b"fake engine " + label.encode())
         return EngineInfo(path, label, lo, opt, hi, "10.3.0.26", "Orin", "8.7", 1.0, 256)
@@ -85,9 +83,9 @@ def _device_copy(tiny_build: Path, tmp_path: Path) -> Path:
 def test_on_device_engines_are_judged_on_the_shipped_validation_batch(
     tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from tlbuild.export.engines import make_engines
     from tlbuild.manifest import read_manifest
     from tlbuild.recipe import EnginesConfig
-    from tlbuild.stages.engines import make_engines
 
     device = _device_copy(tiny_build, tmp_path)
     batch = read_manifest(device).device_batch
@@ -112,8 +110,8 @@ def test_a_tampered_or_missing_device_batch_is_one_clear_message(
     tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tlbuild.errors import UsageError
+    from tlbuild.export.engines import make_engines
     from tlbuild.recipe import EnginesConfig
-    from tlbuild.stages.engines import make_engines
 
     device = _device_copy(tiny_build, tmp_path)
     _fake_tensorrt(monkeypatch)
@@ -126,8 +124,8 @@ def test_one_engine_that_fails_to_build_follows_on_fail(
     tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tlbuild.errors import BuildError
+    from tlbuild.export.engines import make_engines
     from tlbuild.recipe import EnginesConfig
-    from tlbuild.stages.engines import make_engines
 
     device = _device_copy(tiny_build, tmp_path)
     _fake_tensorrt(monkeypatch, fail={"int8-trt"})
@@ -150,8 +148,8 @@ def test_an_engine_from_another_tensorrt_version_is_refused_before_loading(
 
     device = _device_copy(tiny_build, tmp_path)
     _fake_tensorrt(monkeypatch)
+    from tlbuild.export.engines import make_engines
     from tlbuild.recipe import EnginesConfig
-    from tlbuild.stages.engines import make_engines
 
     _FakeEngine.flip = 0
     done = make_engines(
@@ -197,8 +195,8 @@ def test_a_missing_device_batch_is_refused_before_any_engine_is_removed(
     tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tlbuild.errors import UsageError
+    from tlbuild.export.engines import make_engines
     from tlbuild.recipe import EnginesConfig
-    from tlbuild.stages.engines import make_engines
 
     device = _device_copy(tiny_build, tmp_path)
     _fake_tensorrt(monkeypatch)

@@ -305,7 +305,7 @@ def test_a_device_batch_claiming_a_huge_array_is_refused_before_loading(
 
     import numpy as np
 
-    from tlbuild.stages.engines import device_batch
+    from tlbuild.export.engines import device_batch
 
     folder = tmp_path / "copy"
     shutil.copytree(tiny_build, folder)

@@ -22,7 +22,12 @@ from torch import nn
 
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.export import tensorrt_compile as tb
-from tlbuild.export.tensorrt_compile import compile_engine, engine_file_name, network_flags
+from tlbuild.export.tensorrt_compile import (
+    BatchProfile,
+    compile_engine,
+    engine_file_name,
+    network_flags,
+)
 from tlbuild.runtime import tensorrt as rt
 from tlbuild.runtime.tensorrt import TensorRTEngine, tensorrt_status, trt_version_xy
 
@@ -132,7 +137,9 @@ def test_build_and_load_refuse_clearly_without_tensorrt(
     onnx_path = tmp_path / "model.onnx"
     onnx_path.write_bytes(b"not used")
     with pytest.raises(UsageError, match="no TensorRT here"):
-        compile_engine(onnx_path, tmp_path, "fp32", 1, 4, 8, 256, tmp_path / "timing.cache")
+        compile_engine(
+            onnx_path, tmp_path, "fp32", BatchProfile(1, 4, 8), 256, tmp_path / "timing.cache"
+        )
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not used")
     with pytest.raises(UsageError, match="no TensorRT here"):
@@ -142,11 +149,11 @@ def test_build_and_load_refuse_clearly_without_tensorrt(
 def test_compile_engine_checks_its_arguments_first(tmp_path: Path) -> None:
     cache = tmp_path / "timing.cache"
     with pytest.raises(UsageError, match="min <= opt <= max"):
-        compile_engine(tmp_path / "m.onnx", tmp_path, "fp32", 1, 16, 8, 256, cache)
+        compile_engine(tmp_path / "m.onnx", tmp_path, "fp32", BatchProfile(1, 16, 8), 256, cache)
     with pytest.raises(UsageError, match="workspace"):
-        compile_engine(tmp_path / "m.onnx", tmp_path, "fp32", 1, 4, 8, 0, cache)
+        compile_engine(tmp_path / "m.onnx", tmp_path, "fp32", BatchProfile(1, 4, 8), 0, cache)
     with pytest.raises(UsageError, match="not found"):
-        compile_engine(tmp_path / "m.onnx", tmp_path, "fp32", 1, 4, 8, 256, cache)
+        compile_engine(tmp_path / "m.onnx", tmp_path, "fp32", BatchProfile(1, 4, 8), 256, cache)
 
 
 def _fake_network(*layers: SimpleNamespace) -> SimpleNamespace:
@@ -239,7 +246,7 @@ def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tb.Engi
     folder = tmp_path_factory.mktemp("trt")
     onnx_path = export_tiny_onnx(folder / "model.onnx")
     cache = folder / "cache" / "timing.cache"
-    info = compile_engine(onnx_path, folder / "engines", "fp32", 1, 4, 8, 256, cache)
+    info = compile_engine(onnx_path, folder / "engines", "fp32", BatchProfile(1, 4, 8), 256, cache)
     return onnx_path, info, cache
 
 
@@ -257,7 +264,9 @@ class TestEngine:
     def test_timing_cache_is_written_and_reused(self, tiny_engine: tuple) -> None:
         onnx_path, info, cache = tiny_engine
         assert cache.is_file() and cache.stat().st_size > 0
-        again = compile_engine(onnx_path, info.path.parent, "fp32", 1, 4, 8, 256, cache)
+        again = compile_engine(
+            onnx_path, info.path.parent, "fp32", BatchProfile(1, 4, 8), 256, cache
+        )
         assert again.path == info.path and cache.stat().st_size > 0
 
     def test_fp32_engine_matches_onnxruntime(self, tiny_engine: tuple) -> None:
@@ -287,7 +296,7 @@ class TestEngine:
     def test_precision_label_must_match_the_graph(self, tiny_engine: tuple) -> None:
         onnx_path, info, cache = tiny_engine
         with pytest.raises(BuildError, match="FP32 graph"):
-            compile_engine(onnx_path, info.path.parent, "fp16", 1, 4, 8, 256, cache)
+            compile_engine(onnx_path, info.path.parent, "fp16", BatchProfile(1, 4, 8), 256, cache)
 
     def test_fixed_batch_onnx_is_refused(self, tiny_engine: tuple, tmp_path: Path) -> None:
         import onnx
@@ -299,13 +308,15 @@ class TestEngine:
         fixed = tmp_path / "fixed.onnx"
         onnx.save(m, str(fixed))
         with pytest.raises(BuildError, match="fixed batch of 2"):
-            compile_engine(fixed, tmp_path, "fp32", 1, 4, 8, 256, cache)
+            compile_engine(fixed, tmp_path, "fp32", BatchProfile(1, 4, 8), 256, cache)
 
     def test_unparsable_onnx_reports_parser_errors(self, tmp_path: Path) -> None:
         bad = tmp_path / "bad.onnx"
         bad.write_bytes(b"\x08\x07garbage")
         with pytest.raises(BuildError, match="could not parse bad.onnx"):
-            compile_engine(bad, tmp_path, "fp32", 1, 4, 8, 256, tmp_path / "timing.cache")
+            compile_engine(
+                bad, tmp_path, "fp32", BatchProfile(1, 4, 8), 256, tmp_path / "timing.cache"
+            )
 
 
 class _FakeCudart:

@@ -26,18 +26,13 @@ from tlbuild.gates import GateResult, evaluate_gates
 from tlbuild.incremental import StageRecords
 from tlbuild.manifest import put_section, take_section
 from tlbuild.recipe import Recipe
-from tlbuild.stages import bench, decision, engines, explain, export, quantize, report, train
 from tlbuild.stages.base import Stage, StageContext
+from tlbuild.stages.order import STAGES
 from tlbuild.train import distributed
 
 # Runs a distributed stage in other processes (`--nproc-per-node`), which record it themselves;
 # returns its seconds.
 Launcher = Callable[[Stage], float]
-
-# The build, in order. A new stage is a module under stages/ and one entry here.
-STAGES: tuple[Stage, ...] = tuple(
-    m.STAGE for m in (train, export, quantize, engines, bench, explain, decision, report)
-)
 
 
 @dataclass

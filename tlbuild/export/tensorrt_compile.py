@@ -220,22 +220,20 @@ def _save_timing_cache(config: Any, path: Path) -> None:
         tmp.write_bytes(bytes(cache.serialize()))
 
 
-def compile_engine(
-    onnx_path: Path,
-    out_dir: Path,
-    precision: str,
-    min_batch: int,
-    opt_batch: int,
-    max_batch: int,
-    workspace_mib: int,
-    timing_cache: Path,
-) -> EngineInfo:
-    """Build out_dir/engine_file_name(...) from `onnx_path` for the current GPU.
+@dataclass(frozen=True)
+class BatchProfile:
+    """The batch sizes an engine's one optimization profile covers: min..max, tuned for opt."""
 
-    One optimization profile covers batch min..max (tuned for opt) on the single input, whose
-    C, H, W come from the network. `timing_cache` is loaded if present and written back.
-    """
-    onnx_path, out_dir, timing_cache = Path(onnx_path), Path(out_dir), Path(timing_cache)
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+
+
+def _check_request(
+    onnx_path: Path, precision: str, batches: BatchProfile, workspace_mib: int
+) -> None:
+    """UsageError for an engine that cannot be asked for, before TensorRT is loaded."""
+    min_batch, opt_batch, max_batch = batches.min_batch, batches.opt_batch, batches.max_batch
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise UsageError(
             f"engine batch sizes min={min_batch} opt={opt_batch} max={max_batch}: "
@@ -246,17 +244,53 @@ def compile_engine(
     if not onnx_path.is_file():
         raise UsageError(f"ONNX model not found: {onnx_path}")
     _check_label(precision)
+
+
+def _parse_onnx(
+    trt: Any, logger: Any, builder: Any, onnx_path: Path, trt_major: int
+) -> tuple[Any, Any]:
+    """The strongly typed network parsed from `onnx_path`, and its parser."""
+    network = builder.create_network(network_flags(trt.NetworkDefinitionCreationFlag, trt_major))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise BuildError(_parse_failure(parser, logger, onnx_path))
+    return network, parser
+
+
+def _timed_build(builder: Any, network: Any, config: Any, timing_cache: Path) -> tuple[Any, float]:
+    """The serialized engine (None if the build failed) and the seconds the build took."""
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    # Kernel timings measured before a failure are still valid, so keep them either way.
+    _save_timing_cache(config, timing_cache)
+    return serialized, seconds
+
+
+def compile_engine(
+    onnx_path: Path,
+    out_dir: Path,
+    precision: str,
+    batches: BatchProfile,
+    workspace_mib: int,
+    timing_cache: Path,
+) -> EngineInfo:
+    """Build out_dir/engine_file_name(...) from `onnx_path` for the current GPU.
+
+    One optimization profile covers `batches` (min..max, tuned for opt) on the single input,
+    whose C, H, W come from the network. `timing_cache` is loaded if present and written back.
+    """
+    onnx_path, out_dir, timing_cache = Path(onnx_path), Path(out_dir), Path(timing_cache)
+    _check_request(onnx_path, precision, batches, workspace_mib)
+    min_batch, opt_batch, max_batch = batches.min_batch, batches.opt_batch, batches.max_batch
     trt = import_trt()
     trt_xy = trt_version_xy(trt.__version__)
     gpu_name, cc = gpu_identity()
 
     logger = make_logger(trt)
     builder = trt.Builder(logger)
-    flags = network_flags(trt.NetworkDefinitionCreationFlag, int(trt_xy.split(".")[0]))
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        raise BuildError(_parse_failure(parser, logger, onnx_path))
+    # The parser is kept until the build: the network may refer to weights it holds.
+    network, _parser = _parse_onnx(trt, logger, builder, onnx_path, int(trt_xy.split(".")[0]))
     input_name, (c, h, w) = _input_chw(network, onnx_path)
     _check_precision(precision, _graph_precision(trt, network), onnx_path)
 
@@ -268,11 +302,7 @@ def compile_engine(
     config.add_optimization_profile(profile)
     _load_timing_cache(config, timing_cache)
 
-    t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - t0
-    # Kernel timings measured before a failure are still valid, so keep them either way.
-    _save_timing_cache(config, timing_cache)
+    serialized, seconds = _timed_build(builder, network, config, timing_cache)
     if serialized is None:
         raise BuildError(
             f"TensorRT failed to build an engine from {onnx_path.name} "

@@ -1,0 +1,11 @@
+"""The build, in order: every stage module's STAGE. A new stage is a module in this folder and
+one entry here; the runner reads the order and names no stage."""
+
+from __future__ import annotations
+
+from tlbuild.stages import bench, decision, engines, explain, export, quantize, report, train
+from tlbuild.stages.base import Stage
+
+STAGES: tuple[Stage, ...] = tuple(
+    m.STAGE for m in (train, export, quantize, engines, bench, explain, decision, report)
+)
