@@ -27,9 +27,7 @@ data_app = typer.Typer(help="Dataset helpers.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 T = TypeVar("T")
-RecipeArg = Annotated[
-    Path, typer.Argument(help="Recipe TOML file (see the README's recipe reference).")
-]
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file (keys: docs/recipe.md).")]
 
 
 def _console() -> Console:
@@ -80,7 +78,7 @@ NprocOption = Annotated[
         "--nproc-per-node",
         help="Train in N processes on this machine under torchrun, one per GPU (gloo on CPU); "
         "train.batch_size stays the global batch. Several machines: run torchrun yourself "
-        "(README, 'Training on several GPUs').",
+        "(docs/distributed.md).",
         show_default=False,
     ),
 ]
@@ -266,8 +264,8 @@ def build(
     console = _console()
 
     def go() -> None:
+        from tlbuild.export.engines import make_engines, settings_for_folder
         from tlbuild.folder_lock import folder_lock
-        from tlbuild.stages.engines import make_engines, settings_for_folder
 
         if (recipe is None) == (on_device is None):
             raise UsageError("give either RECIPE or --on-device DIR")
@@ -295,10 +293,10 @@ def bench(
     console = _console()
 
     def go() -> None:
+        from tlbuild.bench.folder_settings import settings_for_folder, validation_if_here
         from tlbuild.bench.run import bench_folder
         from tlbuild.folder_lock import folder_lock
         from tlbuild.manifest import read_manifest
-        from tlbuild.stages.bench import settings_for_folder, validation_if_here
 
         if not target.exists():
             raise UsageError(f"{target}: no such recipe file or export folder")
@@ -377,22 +375,12 @@ def classify(
     """Classify image folders into a Parquet file: streaming, resumable, bad files kept as rows."""
     import signal
 
-    from rich.progress import Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from rich.text import Text
-
     from tlbuild.classify.inputs import parse_extensions
     from tlbuild.classify.run import Kept
-    from tlbuild.classify.run import classify as run_classify
-
-    console = _console()
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-    class Rate(ProgressColumn):
-        def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
-            return Text(f"{task.speed:.0f} img/s" if task.speed else "", style="cyan")
-
+    from tlbuild.classify.terminal import classify_with_progress, print_summary
     from tlbuild.errors import UsageError
 
+    console = _console()
     ray = RayOptions(ray_address, actors, cpus_per_actor, gpus_per_actor)
     kept = Kept()
 
@@ -425,32 +413,7 @@ def classify(
             part_rows=part_rows,
             compact=compact,
         )
-        shown = 0
-
-        def warn(msg: str) -> None:
-            nonlocal shown
-            shown += 1
-            if shown <= 20:
-                err.print(f"[yellow]warning:[/] {escape(msg)}", markup=True)
-            elif shown == 21:
-                err.print("[yellow]warning:[/] more warnings follow; see the summary", markup=True)
-
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("Classifying"),
-            TextColumn("{task.completed:,.0f} images"),
-            Rate(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-            speed_estimate_period=10.0,
-        ) as progress:
-            task = progress.add_task("classify", total=None)
-
-            def advance(n: int) -> None:
-                progress.advance(task, n)
-
-            return run_classify(inputs or [], model, out, options, advance, warn, kept)
+        return classify_with_progress(inputs or [], model, out, options, console, kept)
 
     # A scheduler stopping the job (SIGTERM) gets the same clean stop as Ctrl-C.
     def on_term(signum: int, frame: object) -> None:
@@ -461,52 +424,8 @@ def classify(
         summary = _guard(go, said)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    _print_classify_summary(console, summary)
+    print_summary(console, summary)
     _guard(lambda: summary.check_error_rate(max_error_rate))
-
-
-def _print_classify_summary(console: Console, s) -> None:  # noqa: ANN001 - ClassifySummary
-    # One denominator per column: every file this run, and the readable ones (what the
-    # class mix is about); an error has no share of the readable files.
-    ok_rows = s.rows - s.errors
-    table = Table(
-        "label",
-        "files",
-        "of all files",
-        "of readable",
-        title=f"{s.rows:,} file{'s' * (s.rows != 1)} classified with {s.artifact}",
-    )
-    for label, n in sorted(s.labels.items(), key=lambda kv: -kv[1]):
-        table.add_row(label, f"{n:,}", f"{n / max(s.rows, 1):.1%}", f"{n / max(ok_rows, 1):.1%}")
-    if s.errors:
-        table.add_row("[red]error[/]", f"{s.errors:,}", f"{s.errors / max(s.rows, 1):.1%}", "-")
-    console.print(table)
-    if s.error_reasons:
-        reasons = ", ".join(f"{k}: {v:,}" for k, v in s.error_reasons.most_common(5))
-        console.print(f"Errors by reason: {reasons}")
-    if s.decision:  # a threshold rule, and whether the manifest or --threshold set it
-        console.print(escape(s.decision))
-    if s.ok_class is not None:
-        # Say the rule that decided: with a threshold, an image whose top class is ok can
-        # still be defective.
-        how = f"not '{s.ok_class}'" if s.rule in (None, "argmax") else s.rule
-        console.print(f"Defective ({how}): {s.defective:,} of {ok_rows:,} readable images")
-    extra = []
-    if s.skipped:
-        extra.append(f"{s.skipped:,} already in --out (resumed)")
-    if s.ignored_files:
-        extra.append(f"{s.ignored_files:,} files with other extensions ignored")
-    if s.warnings:
-        extra.append(f"{s.warnings:,} warnings")
-    if extra:
-        console.print("; ".join(extra).capitalize())
-    if s.parts is not None:
-        console.print(f"Compacted: {s.parts[0]:,} part files -> {s.parts[1]:,}")
-    on = f"{s.backend}, engine ray" if s.engine == "ray" else s.backend
-    console.print(
-        f"[bold green]Done[/]: {s.rows:,} rows in {s.seconds:.1f}s ({s.rate:,.0f} img/s, "
-        f"{on}) -> {s.out} ({s.previous_rows + s.rows:,} rows in all)"
-    )
 
 
 @app.command()
@@ -681,6 +600,22 @@ def _root(
     ] = False,
 ) -> None:
     """Build edge image classifiers from a TOML recipe."""
+    import warnings
+
+    # A recipe key's old name is a one-line notice naming the recipe line, not Python's warning
+    # format with the source line echoed under it.
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+) -> str:
+    kind = "notice" if issubclass(category, FutureWarning) else category.__name__
+    return f"{filename}:{lineno}: {kind}: {message}\n"
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,26 +95,28 @@ def _probe(source: str, cache: str, artifact: str | None, provider: str) -> dict
     }
 
 
+@dataclass(frozen=True)
+class _ActorModel:
+    """The model every actor opens: `_open_model`'s arguments bar the thread count."""
+
+    source: str
+    cache: str
+    artifact: str
+    provider: str
+
+
 class Classifier:
     """A Ray Data actor: holds one Predictor; a batch of paths in, a table of result rows out."""
 
     def __init__(
-        self,
-        source: str,
-        cache: str,
-        artifact: str,
-        provider: str,
-        decider: Decider,
-        sha256: str,
-        threads: int,
-        exact: bool,
+        self, model: _ActorModel, decider: Decider, sha256: str, threads: int, exact: bool
     ) -> None:
         import pyarrow as pa
 
         self._pa = pa
         self.schema = _arrow_schema()
         # One ORT thread per CPU the actor holds; decode gets the same number of threads.
-        predictor = _open_model(source, cache, artifact, provider, threads)
+        predictor = _open_model(model.source, model.cache, model.artifact, model.provider, threads)
         self.maker = RowMaker(predictor, decider, sha256)
         self.exact = exact
         self.threads = threads
@@ -244,10 +247,12 @@ class RayEngine:
         actors = self.actors()
         threads = max(1, int(self.r.cpus_per_actor))
         kwargs = {
-            "source": self._where(choice.source, choice.folder / choice.artifact),
-            "cache": self.cache,
-            "artifact": choice.artifact,
-            "provider": choice.provider,
+            "model": _ActorModel(
+                self._where(choice.source, choice.folder / choice.artifact),
+                self.cache,
+                choice.artifact,
+                choice.provider,
+            ),
             "decider": decider,
             "sha256": sha256,
             "threads": threads,

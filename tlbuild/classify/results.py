@@ -33,7 +33,7 @@ import numpy as np
 from tlbuild.errors import DiskFullError, UsageError, disk_full
 from tlbuild.fileio import atomic_path, open_own_file, quiet_fastparquet
 
-# Column -> how it is stored. Documented in README.md ("Classify results schema").
+# Column -> how it is stored. Documented in docs/classify.md ("Classify results schema").
 COLUMNS: dict[str, str] = {
     "path": "utf8",
     "label": "utf8",

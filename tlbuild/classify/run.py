@@ -197,22 +197,25 @@ def classify(
     engine = open_engine(options, warn)
     try:
         local = local_model(model, options.model_cache or default_model_cache(), options.artifact)
-        choice = engine.choose_model(model, local)
-        return _classify(inputs, choice, engine, out, options, on_batch, warn, kept or Kept())
+        plan = _plan(engine.choose_model(model, local), out, options)
+        return _classify(inputs, plan, engine, options, on_batch, warn, kept or Kept())
     finally:
         engine.close()
 
 
-def _classify(
-    inputs: list[str],
-    choice: ModelChoice,
-    engine: Engine,
-    out: str,
-    options: ClassifyOptions,
-    on_batch: Callable[[int], None] | None,
-    warn: Callable[[str], None] | None,
-    kept: Kept,
-) -> ClassifySummary:
+@dataclass
+class _Plan:
+    """What a run settles before its first row, from the chosen model and its manifest."""
+
+    choice: ModelChoice
+    decider: Decider
+    sha256: str
+    identity: dict[str, Any]
+    summary: ClassifySummary
+
+
+def _plan(choice: ModelChoice, out: str, options: ClassifyOptions) -> _Plan:
+    """The run's decision rule and results identity, from the chosen model's manifest."""
     manifest = read_manifest(choice.folder)
     classes = manifest.classes
     ok_class = _resolve_ok_class(options, manifest, classes)
@@ -234,15 +237,29 @@ def _classify(
     summary.decision = decided
     summary.engine = options.engine
     summary.rule = decider.rule
+    return _Plan(choice, decider, sha, identity, summary)
+
+
+def _classify(
+    inputs: list[str],
+    plan: _Plan,
+    engine: Engine,
+    options: ClassifyOptions,
+    on_batch: Callable[[int], None] | None,
+    warn: Callable[[str], None] | None,
+    kept: Kept,
+) -> ClassifySummary:
+    """Every input under `inputs` not yet in the results, through `engine`, into them."""
+    summary = plan.summary
 
     def warned(msg: str) -> None:
         summary.warnings += 1
         if warn is not None:
             warn(msg)
 
-    results = kept.results = _open_results(out, identity, options, warned)
+    results = kept.results = _open_results(summary.out, plan.identity, options, warned)
     summary.previous_rows = results.previous_rows
-    for reason in choice.passed_over:
+    for reason in plan.choice.passed_over:
         warned(f"passed over {reason}")
     walker = InputWalker(options.extensions, warned)
 
@@ -261,7 +278,7 @@ def _classify(
 
     t0 = time.perf_counter()
     try:
-        for cols in engine.rows(todo(), choice, decider, sha):
+        for cols in engine.rows(todo(), plan.choice, plan.decider, plan.sha256):
             write(cols)
         if options.compact:
             summary.parts = results.compact()

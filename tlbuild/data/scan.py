@@ -124,27 +124,22 @@ def stratified_split(
     return train, val_s, test_s
 
 
-def scan_dataset(
-    cfg: DataConfig,
-    on_checked: Callable[[int], None] | None = None,
-    fingerprint: Callable[[Image.Image], int] | None = None,
-) -> Splits:
-    """Scan, check and split the recipe's data; raise DataError naming what to fix.
-
-    `fingerprint` is computed from the check's own decode of each file (Splits.fingerprints), so
-    the duplicate check reads no file a second time.
-    """
+def _list_splits(cfg: DataConfig) -> dict[str, dict[str, list[Path]]]:
+    """Image paths per class folder of each folder the recipe names (root, or train/val/test)."""
     if cfg.root is not None:
-        found = {"root": list_class_folders(cfg.root, cfg.extensions)}
-    else:
-        assert cfg.train is not None and cfg.val is not None
-        found = {
-            "train": list_class_folders(cfg.train, cfg.extensions),
-            "val": list_class_folders(cfg.val, cfg.extensions),
-        }
-        if cfg.test is not None:
-            found["test"] = list_class_folders(cfg.test, cfg.extensions)
+        return {"root": list_class_folders(cfg.root, cfg.extensions)}
+    assert cfg.train is not None and cfg.val is not None
+    found = {
+        "train": list_class_folders(cfg.train, cfg.extensions),
+        "val": list_class_folders(cfg.val, cfg.extensions),
+    }
+    if cfg.test is not None:
+        found["test"] = list_class_folders(cfg.test, cfg.extensions)
+    return found
 
+
+def _check_classes(cfg: DataConfig, found: dict[str, dict[str, list[Path]]]) -> list[str]:
+    """The first folder's sorted classes: at least two, and every folder's classes among them."""
     first = "root" if "root" in found else "train"
     classes = sorted(found[first])
     if len(classes) < 2:
@@ -159,59 +154,100 @@ def scan_dataset(
                 f"{split} folder has classes the training data lacks: {', '.join(unknown)}; "
                 f"add them under {getattr(cfg, first)} or remove them"
             )
+    return classes
 
-    all_paths = [p for per in found.values() for paths in per.values() for p in paths]
-    prints: dict[Path, int] = {}
-    on_decoded = None
-    if fingerprint is not None:
-        look = fingerprint
 
-        def on_decoded(p: Path, img: Image.Image) -> None:
-            prints[p] = look(img)  # from several threads: one dict assignment is atomic
+def _fingerprinter(
+    fingerprint: Callable[[Image.Image], int] | None, prints: dict[Path, int]
+) -> Callable[[Path, Image.Image], None] | None:
+    """find_unreadable's on_decoded: each decoded image's fingerprint into `prints`."""
+    if fingerprint is None:
+        return None
 
-    bad = find_unreadable(all_paths, on_checked, on_decoded)
+    def on_decoded(p: Path, img: Image.Image) -> None:
+        prints[p] = fingerprint(img)  # from several threads: one dict assignment is atomic
 
-    def usable(split: str) -> list[list[Path]]:
-        return [[p for p in found[split].get(c, []) if p not in bad] for c in classes]
+    return on_decoded
 
-    def check_counts(split: str, per_class: list[list[Path]], minimum: int) -> None:
-        base = getattr(cfg, split)
-        for c, paths in zip(classes, per_class, strict=True):
+
+@dataclass
+class _Checked:
+    """The files found per folder and class, and the unreadable ones among them."""
+
+    cfg: DataConfig
+    found: dict[str, dict[str, list[Path]]]
+    classes: list[str]
+    bad: dict[Path, str]
+
+    def usable(self, split: str) -> list[list[Path]]:
+        """The readable files of `split`, per class."""
+        return [
+            [p for p in self.found[split].get(c, []) if p not in self.bad] for c in self.classes
+        ]
+
+    def check_counts(self, split: str, per_class: list[list[Path]], minimum: int) -> None:
+        """DataError naming the first class of `split` with fewer than `minimum` usable files."""
+        base = getattr(self.cfg, split)
+        for c, paths in zip(self.classes, per_class, strict=True):
             if len(paths) < minimum:
-                n_bad = sum(1 for p in found[split].get(c, []) if p in bad)
+                n_bad = sum(1 for p in self.found[split].get(c, []) if p in self.bad)
                 why = f" ({n_bad} unreadable file(s) skipped)" if n_bad else ""
                 raise DataError(
                     f"class '{c}' has {len(paths)} usable image(s) in {base / c}{why}; "
                     f"at least {minimum} needed: add images or remove the folder"
                 )
 
-    if "root" in found:
-        per_class = usable("root")
-        # Each class needs min_per_class training images plus at least one for validation.
-        check_counts("root", per_class, cfg.min_per_class + 1)
-        train, val, test = stratified_split(
-            per_class, cfg.split.val, cfg.split.test, cfg.split.seed
-        )
-        n_train = np.bincount([s.label for s in train], minlength=len(classes))
-        for c, n, paths in zip(classes, n_train, per_class, strict=True):
-            if n < cfg.min_per_class:
-                raise DataError(
-                    f"class '{c}' keeps {n} training image(s) of {len(paths)} after the val/test "
-                    f"split; at least {cfg.min_per_class} needed: add images to {cfg.root / c} "
-                    "or lower data.split.val / data.split.test"
-                )
-    else:
-        tr, va = usable("train"), usable("val")
-        check_counts("train", tr, cfg.min_per_class)
-        check_counts("val", va, 1)
-        train = [Sample(p, i) for i, ps in enumerate(tr) for p in ps]
-        val = [Sample(p, i) for i, ps in enumerate(va) for p in ps]
-        test = (
-            [Sample(p, i) for i, ps in enumerate(usable("test")) for p in ps]
-            if "test" in found
-            else []
-        )
 
+def _split_root(checked: _Checked) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """One folder: the seeded stratified split, each class keeping enough training images."""
+    cfg, classes = checked.cfg, checked.classes
+    per_class = checked.usable("root")
+    # Each class needs min_per_class training images plus at least one for validation.
+    checked.check_counts("root", per_class, cfg.min_per_class + 1)
+    train, val, test = stratified_split(per_class, cfg.split.val, cfg.split.test, cfg.split.seed)
+    n_train = np.bincount([s.label for s in train], minlength=len(classes))
+    for c, n, paths in zip(classes, n_train, per_class, strict=True):
+        if n < cfg.min_per_class:
+            raise DataError(
+                f"class '{c}' keeps {n} training image(s) of {len(paths)} after the val/test "
+                f"split; at least {cfg.min_per_class} needed: add images to {cfg.root / c} "
+                "or lower data.split.val / data.split.test"
+            )
+    return train, val, test
+
+
+def _split_folders(checked: _Checked) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Train, val (and test) folders: the splits as they are."""
+    tr, va = checked.usable("train"), checked.usable("val")
+    checked.check_counts("train", tr, checked.cfg.min_per_class)
+    checked.check_counts("val", va, 1)
+    train = [Sample(p, i) for i, ps in enumerate(tr) for p in ps]
+    val = [Sample(p, i) for i, ps in enumerate(va) for p in ps]
+    test = (
+        [Sample(p, i) for i, ps in enumerate(checked.usable("test")) for p in ps]
+        if "test" in checked.found
+        else []
+    )
+    return train, val, test
+
+
+def scan_dataset(
+    cfg: DataConfig,
+    on_checked: Callable[[int], None] | None = None,
+    fingerprint: Callable[[Image.Image], int] | None = None,
+) -> Splits:
+    """Scan, check and split the recipe's data; raise DataError naming what to fix.
+
+    `fingerprint` is computed from the check's own decode of each file (Splits.fingerprints), so
+    the duplicate check reads no file a second time.
+    """
+    found = _list_splits(cfg)
+    classes = _check_classes(cfg, found)
+    all_paths = [p for per in found.values() for paths in per.values() for p in paths]
+    prints: dict[Path, int] = {}
+    bad = find_unreadable(all_paths, on_checked, _fingerprinter(fingerprint, prints))
+    checked = _Checked(cfg, found, classes, bad)
+    train, val, test = _split_root(checked) if "root" in found else _split_folders(checked)
     if cfg.ok_class is not None and cfg.ok_class not in classes:
         raise DataError(
             f"data.ok_class = '{cfg.ok_class}' is not one of the classes: {', '.join(classes)}"

@@ -19,7 +19,7 @@ from tlbuild.fileio import open_regular
 SAMPLE = 500
 # "auto" makes the input this many times the median short side: small crops are upsampled
 # towards the object scale the ImageNet body was trained at, but no further than the backbone's
-# own input size (benchmarks/accuracy measures the choice; README "Input size").
+# own input size (benchmarks/accuracy measures the choice; docs/recipe.md, "Input size").
 AUTO_UPSCALE = 3
 AUTO_MIN, AUTO_STEP = 64, 32
 # Advice is printed when the input is more than this many times the images' short side.

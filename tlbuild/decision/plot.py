@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -10,6 +11,58 @@ from tlbuild.decision.operating_point import Counts, Curve, Target, rule, wilson
 from tlbuild.fileio import atomic_path
 
 DECISION_PNG = "decision_curve.png"
+
+
+def _plot_curve(ax: Any, c: Curve, target: Target) -> None:
+    """The validation curve, its Wilson upper bound on the target's metric, the target line."""
+    cells = [j for j in range(c.cells) if c.reachable(j)]
+    fr = np.array([c.false_rejects[j] / c.ok for j in cells])
+    esc = np.array([c.escapes[j] / c.defective for j in cells])
+    conf = target.confidence
+    ax.plot(fr, esc, "-", color="tab:blue", lw=1.5, label="validation (FP32), every threshold")
+    if target.metric == "escape_rate":
+        bound = [wilson(int(c.escapes[j]), c.defective, conf)[1] for j in cells]
+        ax.plot(fr, bound, ":", color="tab:blue", label=f"its escape rate's {conf:.0%} upper bound")
+        ax.axhline(
+            target.limit, color="tab:red", ls="--", lw=1, label=f"{target.key} {target.limit:g}"
+        )
+    else:
+        bound = [wilson(int(c.false_rejects[j]), c.ok, conf)[1] for j in cells]
+        ax.plot(bound, esc, ":", color="tab:blue", label=f"its false-reject {conf:.0%} upper bound")
+        ax.axvline(
+            target.limit, color="tab:red", ls="--", lw=1, label=f"{target.key} {target.limit:g}"
+        )
+
+
+def _plot_chosen(ax: Any, chosen: Counts, confidence: float, label: str) -> tuple[float, float]:
+    """The chosen point with its Wilson intervals; the upper ends (false rejects, escapes)."""
+    e_lo, e_hi = wilson(chosen.escapes, chosen.defective, confidence)
+    f_lo, f_hi = wilson(chosen.false_rejects, chosen.ok, confidence)
+    x, y = chosen.false_reject_rate, chosen.escape_rate
+    ax.errorbar(
+        x,
+        y,
+        xerr=[[x - f_lo], [f_hi - x]],
+        yerr=[[y - e_lo], [e_hi - y]],
+        fmt="o",
+        color="black",
+        ms=7,
+        capsize=3,
+        label=label,
+        zorder=5,
+    )
+    return f_hi, e_hi
+
+
+def _zoom(ax: Any, target: Target, f_hi: float, e_hi: float) -> None:
+    """Axis limits from the target and the upper ends of the chosen point's intervals."""
+    # Zoomed on the corner that matters: the chosen point with its intervals and the target.
+    on_x = target.metric == "false_reject_rate"
+    x_max = min(1.0, max(0.1, 1.3 * f_hi, 1.3 * target.limit * on_x))
+    y_max = min(1.0, max(0.1, 1.3 * e_hi, 1.3 * target.limit * (not on_x)))
+    # A little room below 0, so a point at 0 escapes or 0 false rejects is not under an axis.
+    ax.set_xlim(-0.03 * x_max, x_max)
+    ax.set_ylim(-0.03 * y_max, y_max)
 
 
 def plot_decision(
@@ -29,48 +82,14 @@ def plot_decision(
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    cells = [j for j in range(c.cells) if c.reachable(j)]
-    fr = np.array([c.false_rejects[j] / c.ok for j in cells])
-    esc = np.array([c.escapes[j] / c.defective for j in cells])
-    conf = target.confidence
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ax.plot(fr, esc, "-", color="tab:blue", lw=1.5, label="validation (FP32), every threshold")
-    if target.metric == "escape_rate":
-        bound = [wilson(int(c.escapes[j]), c.defective, conf)[1] for j in cells]
-        ax.plot(fr, bound, ":", color="tab:blue", label=f"its escape rate's {conf:.0%} upper bound")
-        ax.axhline(
-            target.limit, color="tab:red", ls="--", lw=1, label=f"{target.key} {target.limit:g}"
-        )
-    else:
-        bound = [wilson(int(c.false_rejects[j]), c.ok, conf)[1] for j in cells]
-        ax.plot(bound, esc, ":", color="tab:blue", label=f"its false-reject {conf:.0%} upper bound")
-        ax.axvline(
-            target.limit, color="tab:red", ls="--", lw=1, label=f"{target.key} {target.limit:g}"
-        )
-    e_lo, e_hi = wilson(chosen.escapes, chosen.defective, conf)
-    f_lo, f_hi = wilson(chosen.false_rejects, chosen.ok, conf)
-    x, y = chosen.false_reject_rate, chosen.escape_rate
-    ax.errorbar(
-        x,
-        y,
-        xerr=[[x - f_lo], [f_hi - x]],
-        yerr=[[y - e_lo], [e_hi - y]],
-        fmt="o",
-        color="black",
-        ms=7,
-        capsize=3,
-        label=f"chosen: {rule(ok_class, threshold)} ({conf:.0%} Wilson intervals)",
-        zorder=5,
-    )
+    _plot_curve(ax, c, target)
+    conf = target.confidence
+    label = f"chosen: {rule(ok_class, threshold)} ({conf:.0%} Wilson intervals)"
+    f_hi, e_hi = _plot_chosen(ax, chosen, conf, label)
     for marker, (name, a) in zip("sDv^", artifacts.items(), strict=False):
         ax.plot(a.false_reject_rate, a.escape_rate, marker, mfc="none", ms=9, label=f"{name} at it")
-    # Zoomed on the corner that matters: the chosen point with its intervals and the target.
-    on_x = target.metric == "false_reject_rate"
-    x_max = min(1.0, max(0.1, 1.3 * f_hi, 1.3 * target.limit * on_x))
-    y_max = min(1.0, max(0.1, 1.3 * e_hi, 1.3 * target.limit * (not on_x)))
-    # A little room below 0, so a point at 0 escapes or 0 false rejects is not under an axis.
-    ax.set_xlim(-0.03 * x_max, x_max)
-    ax.set_ylim(-0.03 * y_max, y_max)
+    _zoom(ax, target, f_hi, e_hi)
     pct = matplotlib.ticker.PercentFormatter(1.0)
     ax.xaxis.set_major_formatter(pct)
     ax.yaxis.set_major_formatter(pct)

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from tlbuild.artifacts import OnnxArtifact
+from tlbuild.artifacts import Int8Scheme, OnnxArtifact
 from tlbuild.errors import BuildError
 from tlbuild.fileio import atomic_path
 
@@ -131,6 +131,29 @@ class Int8Job:
     settings: Int8Settings
 
 
+def _extra_options(scheme: Int8Scheme, cfg: Int8Settings) -> dict[str, object]:
+    """quantize_static's extra_options for this scheme and these settings."""
+    extra: dict[str, object] = {}
+    if cfg.method == "percentile":
+        extra["CalibPercentile"] = cfg.percentile
+    if scheme.symmetric:
+        extra.update(ActivationSymmetric=True, WeightSymmetric=True)
+    if not scheme.int32_bias:
+        extra.update(QuantizeBias=False, QDQDisableWeightAdjustForInt32Bias=True)
+    return extra
+
+
+def _apply_trt_float_fp16(tmp: Path, dst: Path) -> None:
+    """quantize.trt_float = "fp16" on `tmp`; a failure names `dst` and the setting to change."""
+    try:
+        _float_parts_to_fp16(tmp)
+    except Exception as e:
+        raise BuildError(
+            f"could not make the float parts of {dst.name} FP16 "
+            f'({type(e).__name__}: {e}); set quantize.trt_float = "fp32"'
+        ) from e
+
+
 def make_int8(job: Int8Job) -> None:
     """Static QDQ quantization of `job.src` into `job.dst` in the artifact's Int8Scheme."""
     from onnxruntime.quantization import (
@@ -149,13 +172,7 @@ def make_int8(job: Int8Job) -> None:
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }
-    extra: dict[str, object] = {}
-    if method == "percentile":
-        extra["CalibPercentile"] = cfg.percentile
-    if scheme.symmetric:
-        extra.update(ActivationSymmetric=True, WeightSymmetric=True)
-    if not scheme.int32_bias:
-        extra.update(QuantizeBias=False, QDQDisableWeightAdjustForInt32Bias=True)
+    extra = _extra_options(scheme, cfg)
     kwargs = {
         "activation_type": QuantType.QInt8 if scheme.activations == "int8" else QuantType.QUInt8,
         "weight_type": QuantType.QInt8,
@@ -177,13 +194,7 @@ def make_int8(job: Int8Job) -> None:
                 **kwargs,
             )
             if scheme.float_parts_follow_trt_float and cfg.trt_float == "fp16":
-                try:
-                    _float_parts_to_fp16(tmp)
-                except Exception as e:
-                    raise BuildError(
-                        f"could not make the float parts of {dst.name} FP16 "
-                        f'({type(e).__name__}: {e}); set quantize.trt_float = "fp32"'
-                    ) from e
+                _apply_trt_float_fp16(tmp, dst)
         except BuildError:
             raise
         except MemoryError:
