@@ -149,7 +149,9 @@ def test_gate_fails_the_build_naming_the_variant(
 ) -> None:
     recipe, out = _gate_recipe(tiny_build, tmp_path, "error")
     _worse_int8(monkeypatch)
-    with pytest.raises(BuildError, match=r"int8_trt loses 5.00 accuracy points.*max_drop"):
+    with pytest.raises(
+        BuildError, match=r'int8_trt is rejected and quantize.on_fail = "error": 5.00 points below'
+    ):
         run_stage("quantize", recipe, Console(quiet=True))
     assert not (out / "model.int8.trt.onnx").exists()  # nothing failed looks shippable
     assert (out / "model.int8.trt.rejected.onnx").is_file()
@@ -166,6 +168,58 @@ def test_gate_can_reject_and_continue(
     man = json.loads((out / "manifest.json").read_text())
     assert man["variants"]["int8_trt"]["status"] == "rejected"
     assert "model.int8.trt.rejected.onnx" in man["artifacts"]
+
+
+def test_a_mutated_int8_variant_is_rejected_with_what_was_tried_and_the_build_goes_on(
+    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from tlbuild.data.preprocess import Preprocessing, load_batch
+    from tlbuild.gates import evaluate_gates
+    from tlbuild.recipe import GatesConfig
+    from tlbuild.runtime import open_onnx
+    from tlbuild.stages import quantize
+
+    recipe, out = _gate_recipe(tiny_build, tmp_path, "reject")
+    q = recipe.quantize.model_copy(update={"variants": ("int8_cpu",), "search_budget": 0})
+    recipe = recipe.model_copy(update={"quantize": q, "gates": GatesConfig(max_int8_drop=1.0)})
+    # The tiny model is near chance; label each validation image with FP32's own answer, so
+    # FP32 is right on all of them and every answer the variant changes is a real loss.
+    splits = json.loads((out / "splits.json").read_text())
+    spec = Preprocessing.from_dict(json.loads((out / "manifest.json").read_text())["preprocessing"])
+    x = load_batch([Path(p) for p, _ in splits["val"]], spec)
+    answers = open_onnx(out / "model.onnx").logits_in_batches(x, 32).argmax(1)
+    splits["val"] = [[p, int(a)] for (p, _), a in zip(splits["val"], answers, strict=True)]
+    (out / "splits.json").write_text(json.dumps(splits))
+    real = quantize.make_int8
+
+    def mutated(job):  # noqa: ANN001, ANN202 - the real variant, one class's score raised
+        real(job)
+        model = onnx.load(str(job.dst))
+        gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+        bias = next(i for i in model.graph.initializer if i.name == gemm.input[2])
+        b = numpy_helper.to_array(bias).copy()
+        b[int(np.bincount(answers).argmin())] += 50.0
+        bias.CopyFrom(numpy_helper.from_array(b, bias.name))
+        onnx.save(model, str(job.dst))
+
+    monkeypatch.setattr(quantize, "make_int8", mutated)
+    run_stage("quantize", recipe, Console(quiet=True))  # the default on_fail: no error
+    assert not (out / "model.int8.cpu.onnx").exists()
+    v = json.loads((out / "manifest.json").read_text())["variants"]["int8_cpu"]
+    assert v["status"] == "rejected" and v["answers_changed"] > 0
+    assert v["drop_upper_points"] >= v["drop_points"] > 1.0
+    # What was tried is said, and only what was not is suggested.
+    assert "Tried: percentile calibration." in v["reason"]
+    assert 'calibration_method = "minmax"' in v["reason"] and "search_budget > 0" in v["reason"]
+    assert 'calibration_method = "percentile"' not in v["reason"]
+    # The report says so, and a gate on INT8 in the recipe fails on the measured drop.
+    run_stage("report", recipe, Console(quiet=True))
+    assert "int8_cpu` rejected: " in (out / "report.md").read_text()
+    (gate,) = evaluate_gates(recipe.gates, out)
+    assert gate.status == "failed" and "not shipped" in gate.note
 
 
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
@@ -202,7 +256,7 @@ def test_every_calibration_method_works_on_any_number_of_images(
 
 
 def test_calibration_batches_are_equal() -> None:
-    from tlbuild.export.quantize import calibration_batch
+    from tlbuild.export.quantize import _calibration_batch as calibration_batch
 
     for n in (1, 7, 16, 19, 24, 300, 301):
         b = calibration_batch(n)
@@ -212,6 +266,7 @@ def test_calibration_batches_are_equal() -> None:
 
 def test_a_library_failure_in_quantize_is_one_message(tmp_path: Path) -> None:
     from tlbuild.artifacts import VARIANTS
+    from tlbuild.export.calibration import Calibration
     from tlbuild.export.quantize import Int8Job, Int8Settings, make_int8
 
     bad = tmp_path / "model.onnx"
@@ -221,7 +276,7 @@ def test_a_library_failure_in_quantize_is_one_message(tmp_path: Path) -> None:
             Int8Job(
                 bad,
                 tmp_path / "q.onnx",
-                np.zeros((2, 3, 8, 8), np.float32),
+                Calibration(bad, np.zeros((2, 3, 8, 8), np.float32), tmp_path),
                 VARIANTS["int8_cpu"],
                 Int8Settings("entropy"),
             )
@@ -233,6 +288,7 @@ def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
 ) -> None:
     from tlbuild.artifacts import VARIANTS
     from tlbuild.data.preprocess import Preprocessing, load_batch
+    from tlbuild.export.calibration import Calibration
     from tlbuild.export.int8_search import (
         SearchGoal,
         SearchImages,
@@ -247,10 +303,18 @@ def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
     x = load_batch([Path(p) for p, _ in split["train"]], spec)
     y = np.array([label for _, label in split["train"]])
     dst = tmp_path / "model.int8.cpu.onnx"
+
+    def calibration(images: np.ndarray) -> Calibration:
+        folder = tmp_path / f"calibration-{len(images)}"
+        folder.mkdir(exist_ok=True)
+        return Calibration(tiny_build / "model.onnx", images, folder)
+
     # An unreachable target: the search spends its whole budget and keeps the best trial.
     settings = Int8Settings("minmax", ("first_conv", "classifier"), True, 99.9)
     found = search_int8(
-        Int8Job(tiny_build / "model.onnx", dst, x[:19], VARIANTS["int8_cpu"], settings),
+        Int8Job(
+            tiny_build / "model.onnx", dst, calibration(x[:19]), VARIANTS["int8_cpu"], settings
+        ),
         SearchImages(x[19:], y[19:], "test images"),
         SearchGoal(-1.0, 5, floor=False),
     )
@@ -264,7 +328,11 @@ def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
 
     def search(variant: str, target: float):  # noqa: ANN202
         job = Int8Job(
-            tiny_build / "model.onnx", dst, x[:16], VARIANTS[variant], Int8Settings("minmax")
+            tiny_build / "model.onnx",
+            dst,
+            calibration(x[:16]),
+            VARIANTS[variant],
+            Int8Settings("minmax"),
         )
         return search_int8(job, SearchImages(x[16:], y[16:], "test images"), SearchGoal(target, 5))
 

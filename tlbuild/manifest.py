@@ -76,6 +76,13 @@ class Variant(_Entry):
     max_abs_logit_diff: float
     evaluated_with: str
     status: str = "accepted"
+    # Of the validation images: answers that differ from FP32's, and a one-sided 95% upper
+    # bound on the points lost (export/compare.drop_bound). None in folders built before.
+    images: int | None = None
+    answers_changed: int | None = None
+    drop_upper_points: float | None = None
+    # Rejected: why, what was tried, and only what was not (stages/quantize.py).
+    reason: str | None = None
     # INT8 only: what the accuracy-aware search tried and chose (export/int8_search.py).
     search: dict[str, Any] | None = None
 

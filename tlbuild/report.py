@@ -242,13 +242,23 @@ def _variants_section(manifest: dict[str, Any], bench: dict[str, Any]) -> list[s
     variants = manifest.get("variants", {})
     if not variants:
         return []
+
+    def changed(v: dict[str, Any]) -> str:  # absent from folders built before it was measured
+        n = v.get("answers_changed")
+        return "-" if n is None else f"{n} of {v.get('images')}"
+
+    def bound(v: dict[str, Any]) -> str:
+        b = v.get("drop_upper_points")
+        return "-" if b is None else f"<= {b:.2f}"
+
     rows = [
         [
             f"`{v['file']}`",
             v["precision"],
             _pct(v["accuracy"]),
             f"{v['drop_points']:+.2f}",
-            _pct(v["top1_agreement"]),
+            bound(v),
+            changed(v),
             _speed_vs_fp32(bench, v["file"]),
             v["status"],
         ]
@@ -259,11 +269,20 @@ def _variants_section(manifest: dict[str, Any], bench: dict[str, Any]) -> list[s
         "precision",
         "accuracy",
         "drop (points)",
-        "agrees with FP32",
+        "drop, 95% bound",
+        "answers changed",
         "speed vs FP32",
         "status",
     ]
-    return ["## Precision variants", ""] + _table(header, rows, "llrrrrl") + _search_lines(manifest)
+    reasons = [
+        f"- `{v['variant']}` rejected: {v['reason']}" for v in variants.values() if v.get("reason")
+    ]
+    return (
+        ["## Precision variants", ""]
+        + _table(header, rows, "llrrrrrl")
+        + ([*reasons, ""] if reasons else [])
+        + _search_lines(manifest)
+    )
 
 
 def _engines_section(manifest: dict[str, Any]) -> list[str]:

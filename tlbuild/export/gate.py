@@ -53,6 +53,9 @@ def evaluate_variants(
             drop_points=c["drop_points"],
             top1_agreement=c["top1_agreement"],
             max_abs_logit_diff=c["max_abs_logit_diff"],
+            images=c["images"],
+            answers_changed=c["answers_changed"],
+            drop_upper_points=c["drop_upper_points"],
             evaluated_with="onnxruntime CPU, Q/DQ simulated (optimizations off)"
             if a.simulate_qdq
             else "onnxruntime CPU, optimized kernels",

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -20,6 +21,7 @@ from onnx import numpy_helper
 
 from tlbuild.artifacts import Int8Scheme, OnnxArtifact
 from tlbuild.errors import BuildError
+from tlbuild.export.calibration import Calibration, cache_supported
 from tlbuild.fileio import atomic_path
 
 
@@ -84,29 +86,6 @@ def float_node_names(model_path: Path, keep_float: list[str]) -> list[str]:
     return out
 
 
-def calibration_batch(n: int, most: int = 16) -> int:
-    """The largest batch size up to `most` that splits `n` images into equal batches.
-
-    ONNX Runtime's histogram calibrators (entropy, percentile) stack every batch's activations
-    into one array, which fails when the last batch is smaller than the others.
-    """
-    return max(d for d in range(1, min(most, n) + 1) if n % d == 0)
-
-
-class _Batches:
-    """onnxruntime CalibrationDataReader over an in-memory NCHW array, in equal batches."""
-
-    def __init__(self, input_name: str, images: np.ndarray) -> None:
-        b = calibration_batch(len(images))
-        self._it = iter([{input_name: images[i : i + b]} for i in range(0, len(images), b)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-    def rewind(self) -> None:  # part of the reader protocol; one pass is all ORT needs here
-        pass
-
-
 @dataclass(frozen=True)
 class Int8Settings:
     """The [quantize] settings one INT8 variant is made with (reduce_range resolved for this
@@ -121,12 +100,12 @@ class Int8Settings:
 
 @dataclass(frozen=True)
 class Int8Job:
-    """One INT8 variant to make: from which model into which file, calibrated on which
-    preprocessed NCHW float32 images, for which artifact (its Int8Scheme), with which settings."""
+    """One INT8 variant to make: from which model into which file, with which calibration (the
+    model's, collected once), for which artifact (its Int8Scheme), with which settings."""
 
     src: Path
     dst: Path
-    calibration: np.ndarray
+    calibration: Calibration
     artifact: OnnxArtifact
     settings: Int8Settings
 
@@ -155,15 +134,11 @@ def _apply_trt_float_fp16(tmp: Path, dst: Path) -> None:
 
 
 def make_int8(job: Int8Job) -> None:
-    """Static QDQ quantization of `job.src` into `job.dst` in the artifact's Int8Scheme."""
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    """Static QDQ quantization of `job.src` into `job.dst` in the artifact's Int8Scheme, from
+    the ranges `job.calibration` collected (once per method, whatever the variant or trial)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    src, dst, calibration, cfg = job.src, job.dst, job.calibration, job.settings
+    dst, calibration, cfg = job.dst, job.calibration, job.settings
     scheme = job.artifact.int8
     assert scheme is not None, f"{job.artifact.variant} is not an INT8 variant"
     method = cfg.method
@@ -172,42 +147,68 @@ def make_int8(job: Int8Job) -> None:
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }
-    extra = _extra_options(scheme, cfg)
     kwargs = {
         "activation_type": QuantType.QInt8 if scheme.activations == "int8" else QuantType.QUInt8,
         "weight_type": QuantType.QInt8,
         "reduce_range": cfg.reduce_range and scheme.reduce_range,
+        "quant_format": QuantFormat.QDQ,
+        "per_channel": True,
+        "extra_options": _extra_options(scheme, cfg),
     }
     with atomic_path(dst) as tmp, _quiet():
         try:
-            input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
-            excluded = float_node_names(src, list(cfg.keep_float))
-            quantize_static(
-                str(src),
-                str(tmp),
-                _Batches(input_name, calibration),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                calibrate_method=methods[method],
-                nodes_to_exclude=excluded,
-                extra_options=extra,
-                **kwargs,
-            )
+            kwargs["nodes_to_exclude"] = float_node_names(job.src, list(cfg.keep_float))
+            kwargs["calibrate_method"] = methods[method]
+            quantize_static(str(job.src), str(tmp), **_ranges_or_images(job), **kwargs)
             if scheme.float_parts_follow_trt_float and cfg.trt_float == "fp16":
                 _apply_trt_float_fp16(tmp, dst)
         except BuildError:
             raise
         except MemoryError:
             raise BuildError(
-                f"out of memory calibrating {dst.name} with {len(calibration)} images "
+                f"out of memory calibrating {dst.name} with {len(calibration.images)} images "
                 f"({method}); lower quantize.calibration_images"
             ) from None
         except Exception as e:  # a library failure: say which variant and what to try
             raise BuildError(
                 f"onnxruntime could not quantize {dst.name} ({method} calibration, "
-                f"{len(calibration)} images): {type(e).__name__}: {e}. Try another "
+                f"{len(calibration.images)} images): {type(e).__name__}: {e}. Try another "
                 "quantize.calibration_method, or report the backbone"
             ) from e
+
+
+def _ranges_or_images(job: Int8Job) -> dict[str, Any]:
+    """quantize_static's calibration arguments: the shared ranges where this onnxruntime reads
+    a calibration cache, else the images to calibrate on in this call (older releases)."""
+    cal, cfg = job.calibration, job.settings
+    if cache_supported():
+        return {
+            "calibration_data_reader": None,
+            "calibration_cache_path": str(cal.ranges(cfg.method, cfg.percentile)),
+        }
+    name = onnx.load(str(job.src), load_external_data=False).graph.input[0].name
+    return {"calibration_data_reader": _Batches(name, cal.images)}
+
+
+def _calibration_batch(n: int, most: int = 16) -> int:
+    """The largest batch size up to `most` that splits `n` images into equal batches: older
+    histogram calibrators stack every batch into one array, which fails on a short last one."""
+    return max(d for d in range(1, min(most, n) + 1) if n % d == 0)
+
+
+class _Batches:
+    """A CalibrationDataReader over every calibration image, in equal batches (older
+    onnxruntime releases, which calibrate inside each quantize_static call)."""
+
+    def __init__(self, input_name: str, images: np.ndarray) -> None:
+        b = _calibration_batch(len(images))
+        self._it = iter([{input_name: images[i : i + b]} for i in range(0, len(images), b)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # part of the reader protocol; one pass is all it needs
+        pass
 
 
 def weight_channel_axis(node: onnx.NodeProto) -> int:

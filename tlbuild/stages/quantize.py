@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -18,6 +19,7 @@ from tlbuild.data.preprocess import Preprocessing, load_batch
 from tlbuild.data.scan import Sample
 from tlbuild.data.splits_file import read_split
 from tlbuild.errors import BuildError, UsageError
+from tlbuild.export.calibration import Calibration
 from tlbuild.export.gate import evaluate_variants
 from tlbuild.export.int8_search import SearchGoal, SearchImages, Trial, search_int8
 from tlbuild.export.quantize import (
@@ -28,6 +30,7 @@ from tlbuild.export.quantize import (
     make_int8,
     trt_qdq_problems,
 )
+from tlbuild.export.rejection import rejection_reason
 from tlbuild.manifest import Variant, read_manifest_if_any, write_section
 from tlbuild.recipe import QuantizeConfig, Recipe
 from tlbuild.runtime.backends import open_onnx
@@ -46,6 +49,10 @@ def calibration_samples(train: list[Sample], n: int, seed: int) -> list[Sample]:
         k = min(len(group), max(1, round(n * len(group) / len(train))))
         picked += [group[i] for i in sorted(rng.choice(len(group), k, replace=False))]
     return picked
+
+
+def _work(out: Path) -> Path:
+    return out / SCRATCH / STAGE.name
 
 
 def _remove_variants(out: Path) -> None:
@@ -100,7 +107,12 @@ def _make_variants(
     reduce_range = not cpu_has_vnni() if cfg.reduce_range == "auto" else bool(cfg.reduce_range)
     searches: dict[str, dict[str, Any]] = {}
     int8 = any(a.precision == "int8" for a in wanted)
-    images = load_batch([sm.path for sm in calib], spec) if int8 else None
+    # Collected once per calibration method, in the stage's scratch folder with the candidates.
+    calibration = (
+        Calibration(out / MODEL_ONNX, load_batch([sm.path for sm in calib], spec), _work(out))
+        if int8
+        else None
+    )
     held_out = None
     if int8 and cfg.search_budget:
         x = load_batch([sm.path for sm in search], spec)
@@ -117,9 +129,9 @@ def _make_variants(
             if a.precision == "fp16":
                 make_fp16(out / MODEL_ONNX, dst)
             else:
-                assert images is not None and a.int8 is not None
+                assert calibration is not None and a.int8 is not None
                 record = _make_int8(
-                    ctx, Int8Job(out / MODEL_ONNX, dst, images, a, settings), held_out
+                    ctx, Int8Job(out / MODEL_ONNX, dst, calibration, a, settings), held_out
                 )
                 if record is not None:
                     searches[a.variant] = record
@@ -132,7 +144,9 @@ def _make_variants(
     return reduce_range, searches
 
 
-def _publish(ctx: StageContext, results: dict[str, Variant], candidates: dict[str, Path]) -> None:
+def _publish(
+    ctx: StageContext, results: dict[str, Variant], candidates: dict[str, Path], train: int
+) -> None:
     """Give each gated candidate its name: its own if accepted, the rejected name (never
     mistaken for one that ships) if not. Nothing has a shippable name before its gate."""
     cfg = ctx.recipe.quantize
@@ -140,8 +154,12 @@ def _publish(ctx: StageContext, results: dict[str, Variant], candidates: dict[st
         if r.drop_points > cfg.max_drop:
             r.status = "rejected"
             r.file = VARIANTS[r.variant].rejected_file
+            r.reason = rejection_reason(r, cfg, train)
         candidates[r.variant].replace(ctx.out / r.file)
     _print_variants(ctx.console, results, cfg.max_drop)
+    for r in results.values():
+        if r.reason:
+            ctx.console.print(f"[yellow]{r.variant} rejected:[/] {escape(r.reason)}")
 
 
 def _gate_verdict(ctx: StageContext, results: dict[str, Variant]) -> None:
@@ -151,11 +169,8 @@ def _gate_verdict(ctx: StageContext, results: dict[str, Variant]) -> None:
     if failed and cfg.on_fail == "error":
         r = failed[0]
         raise BuildError(
-            f"{r.variant} loses {r.drop_points:.2f} accuracy points against FP32 "
-            f"({r.accuracy:.2%} vs {r.fp32_accuracy:.2%}; quantize.max_drop = {cfg.max_drop}); "
-            f'kept for inspection as {r.file}. Try calibration_method = "entropy" or '
-            '"percentile", more calibration_images, or more layers in keep_float; or set '
-            'on_fail = "reject" to ship without it.'
+            f'{r.variant} is rejected and quantize.on_fail = "error": {r.reason} It is kept '
+            f'for inspection as {r.file}; on_fail = "reject" ships the build without it.'
         )
 
 
@@ -191,7 +206,7 @@ def run(ctx: StageContext) -> dict[str, Variant]:
     _remove_variants(out)
     # Made and gated in a scratch folder (a killed run's is removed by the next build), so no
     # variant is ever under a name that ships before its gate has passed.
-    work = out / SCRATCH / STAGE.name
+    work = _work(out)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     candidates = {a.variant: work / a.file for a in wanted}
@@ -202,7 +217,7 @@ def run(ctx: StageContext) -> dict[str, Variant]:
         results = evaluate_variants(out, wanted, val, spec, files=candidates)
         for name, record in searches.items():
             results[name].search = record
-        _publish(ctx, results, candidates)
+        _publish(ctx, results, candidates, len(train))
     finally:
         shutil.rmtree(work, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -226,8 +241,9 @@ def _print_variants(console: Console, results: dict[str, Variant], max_drop: flo
     table = Table(
         title=f"Variants (gate: at most {max_drop:g} points below FP32)", title_justify="left"
     )
-    for col in ("variant", "file", "accuracy", "drop", "agree w/ FP32", "status"):
+    for col in ("variant", "file", "accuracy", "drop", "drop, 95% bound", "answers changed"):
         table.add_column(col)
+    table.add_column("status")
     for r in results.values():
         colour = "green" if r.status == "accepted" else "red"
         table.add_row(
@@ -235,7 +251,8 @@ def _print_variants(console: Console, results: dict[str, Variant], max_drop: flo
             r.file,
             f"{r.accuracy:.2%}",
             f"{r.drop_points:+.2f}",
-            f"{r.top1_agreement:.1%}",
+            f"<= {r.drop_upper_points:.2f}",
+            f"{r.answers_changed} of {r.images}",
             f"[{colour}]{r.status}[/]",
         )
     console.print(table)
