@@ -284,7 +284,7 @@ def test_a_library_failure_in_quantize_is_one_message(tmp_path: Path) -> None:
 
 
 def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
-    tiny_build: Path, tmp_path: Path
+    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tlbuild.artifacts import VARIANTS
     from tlbuild.data.preprocess import Preprocessing, load_batch
@@ -321,6 +321,31 @@ def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
     assert [t.method for t in found.trials[:3]] == ["minmax", "entropy", "percentile"]
     assert len(found.trials) == 5 and not found.within_target
     assert [len(t.extra_float) for t in found.trials[3:]] == [1, 2]
+    # The TensorRT flavour, whose float parts are FP16, reaches its layer step too: its FP16
+    # form has Cast nodes (here one ranked worst, as a cast classifier output can be) that
+    # keep_float could not name in the FP32 model.
+    from tlbuild.export import int8_search
+
+    measured = int8_search.layer_sensitivity
+    monkeypatch.setattr(
+        int8_search,
+        "layer_sensitivity",
+        lambda path, images: (
+            [("logits_DequantizeLinear_cast_to_logits", 1.0)] + measured(path, images)
+        ),
+    )
+    trt = search_int8(
+        Int8Job(
+            tiny_build / "model.onnx",
+            tmp_path / "model.int8.trt.onnx",
+            calibration(x[:19]),
+            VARIANTS["int8_trt"],
+            settings,
+        ),
+        SearchImages(x[19:], y[19:], "test images"),
+        SearchGoal(-1.0, 4, floor=False),
+    )
+    assert [len(t.extra_float) for t in trt.trials] == [0, 0, 0, 1]
     assert (found.drop_points, found.disagreement_points) == min(t.key() for t in found.trials)
     assert dst.is_file()
     ranked = layer_sensitivity(dst, x[:4])

@@ -240,7 +240,11 @@ def _search(
     if not ok(best) and budget > 1:
         best = _other_methods(run, best, budget, ok)
     if not ok(best) and len(run.done) < budget:
-        sensitivity = layer_sensitivity(run.file(best), run.images[:SENSITIVITY_IMAGES])
+        measured = layer_sensitivity(run.file(best), run.images[:SENSITIVITY_IMAGES])
+        # Only nodes of the FP32 model can be kept in float: the FP16 form of int8_trt adds
+        # Cast nodes (at the output) that keep_float would refuse.
+        ours = {n.name for n in onnx.load(str(run.job.src), load_external_data=False).graph.node}
+        sensitivity = [(name, db) for name, db in measured if name in ours]
         best = _float_layers(run, best, [name for name, _ in sensitivity], budget, ok)
     return best, sensitivity
 
