@@ -241,9 +241,10 @@ def _print_variants(console: Console, results: dict[str, Variant], max_drop: flo
     table = Table(
         title=f"Variants (gate: at most {max_drop:g} points below FP32)", title_justify="left"
     )
-    for col in ("variant", "file", "accuracy", "drop", "drop, 95% bound", "answers changed"):
+    table.add_column("variant")
+    table.add_column("file", no_wrap=True)
+    for col in ("accuracy", "drop", "95% bound", "changed", "status"):
         table.add_column(col)
-    table.add_column("status")
     for r in results.values():
         colour = "green" if r.status == "accepted" else "red"
         table.add_row(
