@@ -249,17 +249,7 @@ def suite_export(name: str, work: Path, data_root: Path) -> Path:
     data = datasets.build(name, data_root)
     work.mkdir(parents=True, exist_ok=True)
     path = work / f"{name}.toml"
-    path.write_text(
-        f"""
-name = "{name}"
-output_dir = "{work}"
-[data]
-train = "{data / "train"}"
-val = "{data / "val"}"
-[model]
-preprocess = {{ input_size = {SUITE_SIZES[name]}, resize = "resize" }}
-"""
-    )
+    path.write_text(datasets.default_recipe(name, data, work, SUITE_SIZES[name]))
     recipe = load_recipe(path)
     console = Console(quiet=True)
     t0 = time.perf_counter()

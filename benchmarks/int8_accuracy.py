@@ -65,15 +65,7 @@ def _quantize(recipe, console: Console, method: str, budget: int) -> dict:  # no
 def run_set(name: str, methods: list[str], work: Path) -> list[dict]:
     """Train and export once, then quantize per method, without and with the search."""
     data = datasets.build(name, DATA_ROOT)
-    text = f"""
-name = "{name}"
-output_dir = "{work}"
-[data]
-train = "{data / "train"}"
-val = "{data / "val"}"
-[model]
-preprocess = {{ input_size = {SIZES[name]}, resize = "resize" }}
-"""
+    text = datasets.default_recipe(name, data, work, SIZES[name])
     path = work / f"{name}.toml"
     path.write_text(text)
     recipe = load_recipe(path)

@@ -21,6 +21,7 @@ Sources (all real photographs or scans, none generated):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -168,3 +169,18 @@ def build(name: str, root: Path) -> Path:
         BUILDERS[name](folder)
         (folder / ".complete").write_text("ok\n")
     return folder
+
+
+def default_recipe(name: str, data: Path, work: Path, size: int | str) -> str:
+    """A recipe naming only a built set's data folders and the input size: what a new user
+    writes, and what the suite's benchmarks train with."""
+    size_toml = json.dumps(size) if size == "auto" else size
+    return f"""
+name = "{name}"
+output_dir = "{work}"
+[data]
+train = "{data / "train"}"
+val = "{data / "val"}"
+[model]
+preprocess = {{ input_size = {size_toml}, resize = "resize" }}
+"""

@@ -38,16 +38,7 @@ def tlbuild_default(
     data: Path, size: int | str, work: Path, extra: str = "", int8: bool = False
 ) -> dict:
     """`tlbuild train` (and quantize with --int8) with a recipe naming only data and input size."""
-    text = f"""
-name = "{data.name}"
-output_dir = "{work}"
-[data]
-train = "{data / "train"}"
-val = "{data / "val"}"
-[model]
-preprocess = {{ input_size = {json.dumps(size) if size == "auto" else size}, resize = "resize" }}
-{extra}
-"""
+    text = datasets.default_recipe(data.name, data, work, size) + f"{extra}\n"
     if int8:  # measure every INT8 variant, whether or not it passes the accuracy gate
         text += '\n[quantize]\nvariants = ["int8_trt", "int8_cpu"]\non_fail = "reject"\n'
 
