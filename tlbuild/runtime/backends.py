@@ -36,9 +36,7 @@ class OnnxPredictor(Predictor):
         super().__init__(path, classes, spec, precision)
         o = options or OrtOptions()
         self.options = o
-        self._session = ort_session(
-            path, o.provider, o.threads, o.spinning, o.simulate_qdq, o.profile_prefix, o.tensorrt
-        )
+        self._session = ort_session(path, o)
         self._input = self._session.get_inputs()[0].name
         width = self._session.get_outputs()[0].shape[-1]
         # The manifest's classes name the outputs: a model of another width (a swapped file
@@ -84,7 +82,12 @@ def open_onnx(
     The gates, parity, the INT8 search and bench's timer check open files this way; with
     `simulate_qdq` every Q/DQ node runs as written (ort_session explains why).
     """
-    options = OrtOptions(threads=threads, simulate_qdq=simulate_qdq, profile_prefix=profile_prefix)
+    options = OrtOptions(
+        threads=threads,
+        simulate_qdq=simulate_qdq,
+        profile_prefix=profile_prefix,
+        memory_arena=False,  # checks hold several sessions at once (OrtOptions says why)
+    )
     return OnnxPredictor(Path(path), options=options)
 
 
