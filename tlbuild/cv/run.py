@@ -134,12 +134,9 @@ def _train_fold(
     recipe: Recipe, classes: list[str], fold: _Fold, work: Path, console: Console
 ) -> np.ndarray:
     """Fine-tune on the fold's `train` (early stopping on `val`); probabilities for `held`."""
-    from torch.utils.data import DataLoader
-
-    from tlbuild.data.dataset import EvalTransform, ImageDataset
     from tlbuild.train.events import RichEvents
     from tlbuild.train.from_recipe import train_from_recipe
-    from tlbuild.train.validate import evaluate
+    from tlbuild.train.validate import evaluate_samples
 
     ckpt = work / "last.pt"
     key_file = work / "key"
@@ -160,8 +157,8 @@ def _train_fold(
         console.print(f"[yellow]  {ckpt} cannot be resumed; this fold starts over[/]")
         ckpt.unlink(missing_ok=True)
         return _train_fold(recipe, classes, fold, work, console)
-    loader = DataLoader(ImageDataset(fold.held, EvalTransform(built.preprocessing)), batch_size=64)
-    _, logits, _ = evaluate(result.model, loader, torch.device(result.device), None)
+    device = torch.device(result.device)
+    _, logits, _ = evaluate_samples(result.model, fold.held, built.preprocessing, device, 64)
     return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
 
 

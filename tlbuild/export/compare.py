@@ -84,12 +84,13 @@ def compare_artifacts(
         for name, p in taking.items():
             got[name].append(p.logits(x))
     out: dict[str, dict[str, Any]] = {}
+    reference_logits = np.concatenate(ref) if ref else None
     for name, parts in got.items():
-        if not parts:
+        if not parts or reference_logits is None:
             raise UsageError(
                 f"{name} ran none of the batches it was to be compared on (there were none, "
                 "or none of a batch size it runs)"
             )
         logits = np.concatenate(parts)
-        out[name] = compare_logits(np.concatenate(ref)[: len(logits)], logits, labels)
+        out[name] = compare_logits(reference_logits[: len(logits)], logits, labels)
     return out

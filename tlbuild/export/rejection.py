@@ -19,10 +19,12 @@ def _tried(r: Variant, cfg: QuantizeConfig) -> tuple[set[str], int, int]:
     return methods, max(len(t["extra_float"]) for t in trials), len(trials)
 
 
-def _untried(r: Variant, cfg: QuantizeConfig, train_images: int) -> list[str]:
+def _untried(
+    r: Variant, cfg: QuantizeConfig, tried: tuple[set[str], int, int], train_images: int
+) -> list[str]:
     if r.precision != "int8":  # FP16 has no settings to try
         return []
-    methods, _, trials = _tried(r, cfg)
+    methods, _, trials = tried
     out = [f'calibration_method = "{m}"' for m in METHODS if m not in methods]
     if cfg.search_budget == 0:
         out.append("an INT8 search (quantize.search_budget > 0)")
@@ -43,13 +45,14 @@ def rejection_reason(r: Variant, cfg: QuantizeConfig, train_images: int) -> str:
             "at 95% confidence)"
         )
     said += f", over quantize.max_drop = {cfg.max_drop:g}."
-    methods, most_float, trials = _tried(r, cfg)
+    record = _tried(r, cfg)
+    methods, most_float, trials = record
     if r.precision == "int8":
         tried = f" Tried: {', '.join(sorted(methods))} calibration"
         if most_float:
             tried += f", up to {most_float} more layer(s) kept in float"
         said += tried + (f" ({trials} trials)." if trials else ".")
-    untried = _untried(r, cfg, train_images)
+    untried = _untried(r, cfg, record, train_images)
     if n and 100.0 / n > cfg.max_drop / 2:
         # Where one image is a large share of the gate, the verdict turns on a few images.
         untried.append(f"more validation images (one of {n} is {100.0 / n:.2f} points)")

@@ -69,13 +69,10 @@ def _history_csv(history: list[dict[str, Any]]) -> str:
 def _evaluate_split(
     tm: TrainedModel, samples: list[Sample], ok_class: str | None, batch: int = 32
 ) -> tuple[dict[str, Any], np.ndarray]:
-    from torch.utils.data import DataLoader
+    from tlbuild.train.validate import evaluate_samples
 
-    from tlbuild.data.dataset import EvalTransform, ImageDataset
-    from tlbuild.train.validate import evaluate
-
-    loader = DataLoader(ImageDataset(samples, EvalTransform(tm.preprocessing)), batch_size=batch)
-    loss, logits, labels = evaluate(tm.model, loader, torch.device("cpu"), None)
+    cpu = torch.device("cpu")
+    loss, logits, labels = evaluate_samples(tm.model, samples, tm.preprocessing, cpu, batch)
     m = classification_metrics(labels, logits.argmax(1), tm.classes, ok_class)
     m["loss"] = loss
     return m, logits

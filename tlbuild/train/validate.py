@@ -11,6 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 if TYPE_CHECKING:
+    from tlbuild.data.preprocess import Preprocessing
+    from tlbuild.data.scan import Sample
     from tlbuild.train.run import TrainRun
 
 
@@ -34,6 +36,21 @@ def evaluate(
     lg, lb = torch.cat(logits), torch.cat(labels)
     loss = float(nn.functional.cross_entropy(lg, lb))
     return loss, lg.numpy(), lb.numpy()
+
+
+def evaluate_samples(
+    model: nn.Module,
+    samples: list[Sample],
+    spec: Preprocessing,
+    device: torch.device,
+    batch: int = 32,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """`evaluate` over image samples with the inference preprocessing (a trained model scored
+    on a split: the train stage's evaluation and each cv fold's held-out images)."""
+    from tlbuild.data.dataset import EvalTransform, ImageDataset
+
+    loader = DataLoader(ImageDataset(samples, EvalTransform(spec)), batch_size=batch)
+    return evaluate(model, loader, device, None)
 
 
 def validate_epoch(
