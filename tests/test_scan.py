@@ -81,3 +81,36 @@ def test_one_class_is_not_a_classifier(tiny_data: Path, tmp_path: Path) -> None:
 def test_split_that_leaves_too_few_training_images_stops(tiny_data: Path) -> None:
     with pytest.raises(DataError, match=r"keeps 1 training image\(s\) of 8 .*lower data.split.val"):
         scan_dataset(_cfg(root=tiny_data, split={"val": 0.5, "test": 0.35}, min_per_class=2))
+
+
+def test_holdout_is_seeded_stratified_and_leaves_each_class_its_minimum(tiny_data: Path) -> None:
+    from tlbuild.data.holdout import hold_out
+
+    cfg = _cfg(root=tiny_data, split={"val": 0.25, "seed": 3}, holdout=8, min_per_class=2)
+    splits = scan_dataset(cfg)
+    a, b = hold_out(splits, cfg), hold_out(splits, cfg)
+    assert a.holdout == b.holdout and a.train == b.train  # seeded
+    assert a.counts()["holdout"] == {c: 2 for c in a.classes}  # each class its share
+    assert a.counts()["train"] == {c: 4 for c in a.classes}
+    assert not {s.path for s in a.holdout} & {s.path for s in a.train + a.val}
+    assert sorted(s.path for s in a.train + a.holdout) == sorted(s.path for s in splits.train)
+    # Asking for more than the classes can spare leaves each its min_per_class images.
+    greedy = hold_out(splits, cfg.model_copy(update={"holdout": 1000, "min_per_class": 5}))
+    assert greedy.counts()["train"] == {c: 5 for c in a.classes}
+    none = hold_out(splits, cfg.model_copy(update={"holdout": 0}))
+    assert none.holdout == [] and none.train == splits.train and "holdout" not in none.counts()
+
+
+@pytest.mark.parametrize(
+    ("n_train", "held"), [(24, 0), (300, 0), (320, 32), (1000, 100), (9000, 256)]
+)
+def test_auto_holdout_is_a_tenth_between_32_and_256(n_train: int, held: int) -> None:
+    from tlbuild.data.holdout import holdout_size
+
+    assert holdout_size("auto", n_train) == held
+    assert holdout_size(7, n_train) == 7
+
+
+def test_a_negative_holdout_is_refused_by_name(tiny_data: Path) -> None:
+    with pytest.raises(ValueError, match="holdout"):
+        _cfg(root=tiny_data, holdout=-1)

@@ -58,6 +58,22 @@ def test_train_writes_model_history_metrics_and_plots(tiny_build: Path) -> None:
     assert set(m["val"]["per_class"]) == {"crack", "ok", "scratch", "spot"}
 
 
+def test_holdout_images_are_kept_out_of_training_and_recorded(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    from tests.conftest import TINY_TRAIN
+    from tlbuild.data.splits_file import read_split
+
+    rest = TINY_TRAIN.format(head=1, ft=1)
+    recipe = load_recipe(small_recipe(tmp_path, tiny_data, "held", rest, data_extra="holdout = 8"))
+    out = run_stage("train", recipe, Console(quiet=True))
+    assert out.splits.counts()["holdout"] == {c: 2 for c in out.splits.classes}
+    assert out.splits.counts()["train"] == {c: 4 for c in out.splits.classes}
+    held = read_split(recipe.out_dir, "holdout")
+    assert {s.path for s in held} == {s.path for s in out.splits.holdout}
+    assert not {s.path for s in held} & {s.path for s in read_split(recipe.out_dir, "train")}
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 

@@ -70,6 +70,12 @@ class DataConfig(_Section):
     split: SplitConfig = SplitConfig()
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     min_per_class: int = Field(2, ge=1, description="fewest usable training images per class")
+    # Measured on the accuracy suite's sets (benchmarks/accuracy/run.py): see docs/recipe.md.
+    holdout: int | Literal["auto"] = Field(
+        "auto",
+        description="training images kept out of training for the INT8 search to decide on; "
+        "auto: a tenth of the training split (32 to 256), none when that is under 32",
+    )
     balance: Literal["none", "loss", "sampler"] = "none"
     ok_class: str | None = Field(None, description="the 'good part' class, for escape rates")
     workers: int | Literal["auto"] = "auto"
@@ -102,6 +108,13 @@ class DataConfig(_Section):
     )
 
     _resolve_paths = field_validator("root", "train", "val", "test")(_resolve)
+
+    @field_validator("holdout")
+    @classmethod
+    def _holdout_not_negative(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError('holdout is a number of images (0: none) or "auto"')
+        return v
 
     @field_validator("extensions")
     @classmethod
@@ -375,7 +388,7 @@ class QuantizeConfig(_Section):
         description="INT8 trials (quantize + evaluate) when the first misses max_drop; 0: none",
     )
     search_images: int = Field(
-        256, ge=16, description="held-out training images the INT8 search decides on"
+        256, ge=16, description="most images the INT8 search decides on (data.holdout)"
     )
     seed: int = 0
 

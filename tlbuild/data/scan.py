@@ -33,15 +33,17 @@ class Splits:
     val: list[Sample]
     test: list[Sample] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    # Training images kept out of training for later decisions (data/holdout.py).
+    holdout: list[Sample] = field(default_factory=list)
     # Each readable file's fingerprint when the scan was given one (the duplicate check's pHash).
     fingerprints: dict[Path, int] = field(default_factory=dict)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class per split."""
         out: dict[str, dict[str, int]] = {}
-        for split in ("train", "val", "test"):
+        for split in ("train", "holdout", "val", "test"):
             samples: list[Sample] = getattr(self, split)
-            if split == "test" and not samples:
+            if split in ("test", "holdout") and not samples:
                 continue
             per = [0] * len(self.classes)
             for s in samples:

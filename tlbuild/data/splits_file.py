@@ -12,7 +12,8 @@ from tlbuild.fileio import read_recorded_json
 
 
 def splits_json(splits: Splits) -> dict[str, Any]:
-    """JSON form: classes, counts, the three lists as [path, label] and the skipped files."""
+    """JSON form: classes, counts, the lists (train, val, test, holdout) as [path, label] and
+    the skipped files."""
 
     def paths(samples: list[Sample]) -> list[list[Any]]:
         return [[str(s.path), s.label] for s in samples]
@@ -23,12 +24,14 @@ def splits_json(splits: Splits) -> dict[str, Any]:
         "train": paths(splits.train),
         "val": paths(splits.val),
         "test": paths(splits.test),
+        "holdout": paths(splits.holdout),
         "skipped": [[str(p), why] for p, why in splits.skipped],
     }
 
 
 def read_split(folder: Path, split: str, classes: list[str] | None = None) -> list[Sample]:
-    """One split recorded in folder/splits.json; with `classes`, checked against the model's."""
+    """One split recorded in folder/splits.json; with `classes`, checked against the model's.
+    A split the file does not record (holdout, in files written before it existed) is empty."""
     path = folder / SPLITS_JSON
     recorded = read_recorded_json(path, "run `tlbuild train` again")
     if not isinstance(recorded, dict):

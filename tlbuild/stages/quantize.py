@@ -61,14 +61,20 @@ def _remove_variants(out: Path) -> None:
 
 
 def search_samples(
-    train: list[Sample], calib: list[Sample], n: int, seed: int
+    train: list[Sample], holdout: list[Sample], calib: list[Sample], n: int, seed: int
 ) -> tuple[list[Sample], str]:
-    """Held-out training images for the INT8 search (never the validation split the gate
-    uses); the calibration images themselves when too few are left over."""
+    """The images the INT8 search decides on (never the validation split the gate uses): the
+    training images held out of training (data.holdout), else training images other than the
+    calibration ones, else the calibration images themselves."""
+    if holdout:
+        picked = calibration_samples(holdout, min(n, len(holdout)), seed + 1)
+        return picked, "training images held out of training (data.holdout)"
     used = {s.path for s in calib}
     rest = [s for s in train if s.path not in used]
     if len(rest) >= 32:
-        return calibration_samples(rest, min(n, len(rest)), seed + 1), "held-out training images"
+        return calibration_samples(rest, min(n, len(rest)), seed + 1), (
+            "training images (the model trained on them; data.holdout keeps some out)"
+        )
     return calib, "the calibration images (fewer than 32 training images left over)"
 
 
@@ -200,8 +206,9 @@ def run(ctx: StageContext) -> dict[str, Variant]:
     spec = Preprocessing.from_dict(manifest.preprocessing)
     train = read_split(out, "train", manifest.classes)
     val = read_split(out, "val", manifest.classes)
+    holdout = read_split(out, "holdout", manifest.classes)
     calib = calibration_samples(train, cfg.calibration_images, cfg.seed)
-    search, search_source = search_samples(train, calib, cfg.search_images, cfg.seed)
+    search, search_source = search_samples(train, holdout, calib, cfg.search_images, cfg.seed)
     wanted = [VARIANTS[v] for v in cfg.variants]
     _remove_variants(out)
     # Made and gated in a scratch folder (a killed run's is removed by the next build), so no

@@ -22,6 +22,7 @@ from tlbuild.artifacts import (
     TRAINING_FILES,
 )
 from tlbuild.data.duplicates_report import check_duplicates
+from tlbuild.data.holdout import hold_out
 from tlbuild.data.load import load_data
 from tlbuild.data.scan import Sample, Splits
 from tlbuild.data.sizes import SizeSummary, size_advice
@@ -166,7 +167,7 @@ def _write_metrics(
 def _train_beside_rank0(ctx: StageContext) -> TrainOutputs:
     """Another torchrun process: scan, build and train like rank 0; print and write nothing."""
     quiet = StageContext(ctx.recipe, Console(quiet=True), ctx.resume)
-    splits = load_data(quiet.recipe, quiet.console)
+    splits = hold_out(load_data(quiet.recipe, quiet.console), quiet.recipe.data)
     return TrainOutputs(_fit(quiet, splits, SilentEvents())[1], {}, splits)
 
 
@@ -180,6 +181,12 @@ def run(ctx: StageContext) -> TrainOutputs:
         return _train_beside_rank0(ctx)
     splits = load_data(ctx.recipe, ctx.console)
     check_duplicates(ctx.recipe.data, splits, ctx.out, ctx.console)  # "error" stops it here
+    splits = hold_out(splits, ctx.recipe.data)
+    if splits.holdout:
+        ctx.console.print(
+            f"{len(splits.holdout)} training images held out of training for the INT8 search "
+            "(data.holdout)"
+        )
     tm, result = _fit(ctx, splits, RichEvents(ctx.console))
     save_trained(ctx.out / MODEL_PT, tm)
     write_json(ctx.out / SPLITS_JSON, splits_json(splits))
