@@ -369,6 +369,39 @@ def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
     assert one.tolerance_points == pytest.approx(100 / len(x[16:]), abs=1e-3)
 
 
+def test_one_search_image_lost_is_within_a_floor_of_one_image(
+    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlbuild.artifacts import VARIANTS
+    from tlbuild.data.preprocess import Preprocessing, load_batch
+    from tlbuild.export import int8_search
+    from tlbuild.export.calibration import Calibration
+    from tlbuild.export.int8_search import SearchGoal, SearchImages, search_int8
+    from tlbuild.export.quantize import Int8Job, Int8Settings
+
+    man = json.loads((tiny_build / "manifest.json").read_text())
+    split = json.loads((tiny_build / "splits.json").read_text())
+    x = load_batch(
+        [Path(p) for p, _ in split["train"][:6]], Preprocessing.from_dict(man["preprocessing"])
+    )
+    labels = np.zeros(6, dtype=int)
+    # Every trial gets the first of 6 images wrong that FP32 gets right: 16.6667 points, one
+    # image's worth, which the floor of 100 / 6 points must accept at the first trial.
+    wrong = np.tile([10.0, 0.0], (6, 1))
+    wrong[0] = [0.0, 10.0]
+    monkeypatch.setattr(int8_search, "_logits", lambda path, images, simulate: wrong)
+    job = Int8Job(
+        tiny_build / "model.onnx",
+        tmp_path / "int8.onnx",
+        Calibration(tiny_build / "model.onnx", x, tmp_path),
+        VARIANTS["int8_cpu"],
+        Int8Settings("minmax"),
+    )
+    found = search_int8(job, SearchImages(x, labels, "six", labels), SearchGoal(1.0, 4))
+    assert len(found.trials) == 1 and found.within_target
+    assert found.drop_points == found.tolerance_points == pytest.approx(100 / 6, abs=1e-4)
+
+
 def _qdq_weight_graph(
     tmp_path: Path, op: str, w_shape: tuple[int, ...], axis: int, **attrs: int
 ) -> Path:
@@ -430,3 +463,23 @@ def test_trt_float_fp32_and_no_search_run_end_to_end(tiny_build: Path, tmp_path:
     dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear")
     assert inits[dq.input[1]].dtype == np.float32
     assert not trt_qdq_problems(out / "model.int8.trt.onnx")
+
+
+def test_the_search_decides_on_the_images_training_held_out(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "held"
+    shutil.copytree(tiny_build, out)
+    splits = json.loads((out / "splits.json").read_text())
+    # As the train stage records data.holdout: images moved from train to holdout.
+    splits["holdout"], splits["train"] = (
+        splits["train"][::3],
+        [e for i, e in enumerate(splits["train"]) if i % 3],
+    )
+    (out / "splits.json").write_text(json.dumps(splits))
+    recipe = load_recipe(tiny_build.parent.parent / "tiny.toml")
+    q = QuantizeConfig(variants=("int8_cpu",), search_budget=1, max_drop=100.0)
+    recipe = recipe.model_copy(update={"output_dir": tmp_path, "name": "held", "quantize": q})
+    search = run_stage("quantize", recipe)["int8_cpu"].search
+    assert search["images"] == len(splits["holdout"]) == 8
+    assert "held out of training" in search["images_source"]
