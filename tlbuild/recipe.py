@@ -70,7 +70,7 @@ class DataConfig(_Section):
     split: SplitConfig = SplitConfig()
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     min_per_class: int = Field(2, ge=1, description="fewest usable training images per class")
-    # Measured on the accuracy suite's sets (benchmarks/accuracy/run.py): see docs/recipe.md.
+    # What holding out cost FP32 on the accuracy suite's sets: docs/recipe.md.
     holdout: int | Literal["auto"] = Field(
         "auto",
         description="training images kept out of training for the INT8 search to decide on; "

@@ -16,7 +16,7 @@ from tlbuild.data.scan import Sample, Splits
 from tlbuild.recipe import DataConfig
 
 # "auto": a tenth of the training split, between these bounds. Under AUTO_MIN held-out images
-# one changed answer is over 3 points, finer than nothing a search could resolve, so a
+# one changed answer is over 3 points, too coarse a step for a search to tell trials apart, so a
 # training split too small to spare AUTO_MIN keeps every image.
 AUTO_SHARE = 0.1
 AUTO_MIN = 32
