@@ -483,3 +483,62 @@ def test_the_search_decides_on_the_images_training_held_out(
     search = run_stage("quantize", recipe)["int8_cpu"].search
     assert search["images"] == len(splits["holdout"]) == 8
     assert "held out of training" in search["images_source"]
+
+
+def test_max_changed_gates_answers_changed_at_any_accuracy_and_steers_the_search(
+    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlbuild.export import int8_search
+    from tlbuild.stages import quantize
+
+    out = tmp_path / "changed"
+    shutil.copytree(tiny_build, out)
+    real = quantize.make_int8
+
+    def mutated(job):  # noqa: ANN001, ANN202 - the real variant, class 0's score raised
+        real(job)
+        model = onnx.load(str(job.dst))
+        gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+        bias = next(i for i in model.graph.initializer if i.name == gemm.input[2])
+        b = numpy_helper.to_array(bias).copy()
+        b[0] += 50.0
+        bias.CopyFrom(numpy_helper.from_array(b, bias.name))
+        onnx.save(model, str(job.dst))
+
+    monkeypatch.setattr(quantize, "make_int8", mutated)
+    monkeypatch.setattr(int8_search, "make_int8", mutated)
+    base = load_recipe(tiny_build.parent.parent / "tiny.toml")
+
+    def build(**settings: object) -> dict:
+        # max_drop = 100: the accuracy gate never rejects, so any rejection is max_changed's.
+        q = QuantizeConfig(variants=("int8_cpu",), max_drop=100.0, **settings)
+        recipe = base.model_copy(update={"output_dir": tmp_path, "name": "changed", "quantize": q})
+        run_stage("quantize", recipe, Console(quiet=True))
+        return json.loads((out / "manifest.json").read_text())["variants"]["int8_cpu"]
+
+    # Every image is now called class 0: the answers FP32 gave another class all changed.
+    v = build(max_changed=0.0, search_budget=3)
+    assert v["status"] == "rejected" and v["answers_changed"] > 0
+    assert "over quantize.max_changed = 0%" in v["reason"]
+    assert "quantize.max_drop" not in v["reason"]
+    assert not (out / "model.int8.cpu.onnx").exists()
+    # The search judged each trial by answers changed too, so it spent its budget.
+    assert len(v["search"]["trials"]) == 3 and not v["search"]["within_target"]
+    assert v["search"]["changed_tolerance_points"] > 0  # floored at one search image
+    # Unset (the default), answers changed are reported but not gated.
+    v = build(search_budget=3)
+    assert v["status"] == "accepted" and v["answers_changed"] > 0
+    assert len(v["search"]["trials"]) == 1
+    assert (out / "model.int8.cpu.onnx").is_file()
+
+
+def test_max_changed_is_read_from_a_recipe_and_range_checked(tmp_path: Path) -> None:
+    from tlbuild.errors import RecipeError
+
+    path = tmp_path / "r.toml"
+    (tmp_path / "d").mkdir()
+    path.write_text('[data]\nroot = "d"\n[quantize]\nmax_changed = 2\n')
+    assert load_recipe(path).quantize.max_changed == 2.0
+    path.write_text(path.read_text().replace("max_changed = 2", "max_changed = -1"))
+    with pytest.raises(RecipeError, match="quantize.max_changed"):
+        load_recipe(path)

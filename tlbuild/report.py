@@ -223,12 +223,15 @@ def _search_lines(manifest: dict[str, Any]) -> list[str]:
         extra = s["extra_float"]
         kept = f"{len(extra)} more layer(s) kept in float ({', '.join(f'`{n}`' for n in extra)})"
         verdict = "within" if s["within_target"] else "**not within**"
+        target = f"{s['target_points']:g}-point target"
+        if s.get("changed_tolerance_points") is not None:
+            target += f" and {s['changed_tolerance_points']:g}% of answers changed"
         out.append(
             f"- `{v['file']}`: {s['method']} calibration, "
             + (kept if extra else f"no layer in float beyond keep_float {keep}")
             + f"; {s['drop_points']:+.2f} points against FP32 ({s['disagreement_points']:.2f} "
             f"points of answers changed) on {s['images']} {s['images_source']} ({verdict} the "
-            f"{s['target_points']:g}-point target); "
+            f"{target}); "
             f"{len(s['trials'])} trial(s) in {s['seconds']:.0f} s"
         )
         for x in s.get("sensitivity", []):

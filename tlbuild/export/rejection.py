@@ -35,16 +35,38 @@ def _untried(
     return out
 
 
-def rejection_reason(r: Variant, cfg: QuantizeConfig, train_images: int) -> str:
-    """One paragraph: the measured loss with its uncertainty, what was tried, what was not."""
+def changed_percent(r: Variant) -> float:
+    """Share of the validation answers `r` changed against FP32, in percent (0 if unknown)."""
+    return 100.0 * (r.answers_changed or 0) / r.images if r.images else 0.0
+
+
+def misses_gate(r: Variant, cfg: QuantizeConfig) -> bool:
+    """Over quantize.max_drop, or over quantize.max_changed where that is set."""
+    over_changed = cfg.max_changed is not None and changed_percent(r) > cfg.max_changed
+    return r.drop_points > cfg.max_drop or over_changed
+
+
+def _measured(r: Variant, cfg: QuantizeConfig) -> str:
+    """What was measured, and which limit (or both) it is over."""
     n = r.images or 0
     said = f"{r.drop_points:.2f} points below FP32 on {n} validation images"
     if r.answers_changed is not None and r.drop_upper_points is not None:
         said += (
-            f" ({r.answers_changed} answers changed; at most {r.drop_upper_points:.2f} points "
-            "at 95% confidence)"
+            f" ({r.answers_changed} answers changed, {changed_percent(r):.2f}%; at most "
+            f"{r.drop_upper_points:.2f} points lost at 95% confidence)"
         )
-    said += f", over quantize.max_drop = {cfg.max_drop:g}."
+    over = []
+    if r.drop_points > cfg.max_drop:
+        over.append(f"quantize.max_drop = {cfg.max_drop:g}")
+    if cfg.max_changed is not None and changed_percent(r) > cfg.max_changed:
+        over.append(f"quantize.max_changed = {cfg.max_changed:g}%")
+    return said + (f", over {' and '.join(over)}." if over else ".")
+
+
+def rejection_reason(r: Variant, cfg: QuantizeConfig, train_images: int) -> str:
+    """One paragraph: the measured loss with its uncertainty, what was tried, what was not."""
+    n = r.images or 0
+    said = _measured(r, cfg)
     record = _tried(r, cfg)
     methods, most_float, trials = record
     if r.precision == "int8":
@@ -53,7 +75,9 @@ def rejection_reason(r: Variant, cfg: QuantizeConfig, train_images: int) -> str:
             tried += f", up to {most_float} more layer(s) kept in float"
         said += tried + (f" ({trials} trials)." if trials else ".")
     untried = _untried(r, cfg, record, train_images)
-    if n and 100.0 / n > cfg.max_drop / 2:
+    # The finer limit decides how coarse one image is; a limit of 0 is no count of images.
+    finest = min(cfg.max_drop, cfg.max_changed or cfg.max_drop)
+    if n and 100.0 / n > finest / 2:
         # Where one image is a large share of the gate, the verdict turns on a few images.
         untried.append(f"more validation images (one of {n} is {100.0 / n:.2f} points)")
     left = f" Not tried: {'; '.join(untried)}." if untried else ""

@@ -30,7 +30,7 @@ from tlbuild.export.quantize import (
     make_int8,
     trt_qdq_problems,
 )
-from tlbuild.export.rejection import rejection_reason
+from tlbuild.export.rejection import misses_gate, rejection_reason
 from tlbuild.manifest import Variant, read_manifest_if_any, write_section
 from tlbuild.recipe import QuantizeConfig, Recipe
 from tlbuild.runtime.backends import open_onnx
@@ -94,7 +94,7 @@ def _make_int8(
             f"FP32, {t.disagreement_points:.2f} points of answers changed ({t.seconds:.1f}s)"
         )
 
-    goal = SearchGoal(cfg.max_drop, cfg.search_budget)
+    goal = SearchGoal(cfg.max_drop, cfg.search_budget, max_changed=cfg.max_changed)
     return search_int8(job, search, goal, on_trial=show).to_dict()
 
 
@@ -157,12 +157,12 @@ def _publish(
     mistaken for one that ships) if not. Nothing has a shippable name before its gate."""
     cfg = ctx.recipe.quantize
     for r in results.values():
-        if r.drop_points > cfg.max_drop:
+        if misses_gate(r, cfg):
             r.status = "rejected"
             r.file = VARIANTS[r.variant].rejected_file
             r.reason = rejection_reason(r, cfg, train)
         candidates[r.variant].replace(ctx.out / r.file)
-    _print_variants(ctx.console, results, cfg.max_drop)
+    _print_variants(ctx.console, results, cfg)
     for r in results.values():
         if r.reason:
             ctx.console.print(f"[yellow]{r.variant} rejected:[/] {escape(r.reason)}")
@@ -244,10 +244,11 @@ def run(ctx: StageContext) -> dict[str, Variant]:
     return results
 
 
-def _print_variants(console: Console, results: dict[str, Variant], max_drop: float) -> None:
-    table = Table(
-        title=f"Variants (gate: at most {max_drop:g} points below FP32)", title_justify="left"
-    )
+def _print_variants(console: Console, results: dict[str, Variant], cfg: QuantizeConfig) -> None:
+    gate = f"at most {cfg.max_drop:g} points below FP32"
+    if cfg.max_changed is not None:
+        gate += f", {cfg.max_changed:g}% of answers changed"
+    table = Table(title=f"Variants (gate: {gate})", title_justify="left")
     table.add_column("variant")
     table.add_column("file", no_wrap=True)
     for col in ("accuracy", "drop", "95% bound", "changed", "status"):
