@@ -191,10 +191,11 @@ def test_an_engine_already_loaded_becomes_a_predictor() -> None:
     class Engine:  # stands in for TensorRTEngine: profile 2..4
         path = Path("model.int8-trt.b2-4.sm87.trt10.3.engine")
         min_batch, max_batch = 2, 4
+        output_name = "logits"
 
-        def run(self, x: np.ndarray) -> np.ndarray:
+        def run_all(self, x: np.ndarray) -> dict[str, np.ndarray]:
             assert 2 <= len(x) <= 4
-            return x.reshape(len(x), -1)[:, :5]
+            return {"logits": x.reshape(len(x), -1)[:, :5]}
 
     p = TensorRTPredictor.from_engine(Engine())  # type: ignore[arg-type]
     assert p.precision == "int8-trt" and p.backend == "tensorrt" and p.classes is None

@@ -47,12 +47,17 @@ class _FakeEngine:
         self.path, self.min_batch, self.max_batch = path, 1, 8
         self._onnx = open_onnx(path.parent / "model.onnx")
 
+    output_name = "logits"
+
     def run(self, x: np.ndarray) -> np.ndarray:
-        y = self._onnx.logits(x)
+        return self.run_all(x)["logits"]
+
+    def run_all(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        y, features = self._onnx.logits_and_features(x)
         n = min(self.flip, len(y))
         y[:n] = np.roll(y[:n], 1, axis=1)
         _FakeEngine.flip -= n
-        return y
+        return {"logits": y, "features": features}
 
 
 def _fake_tensorrt(monkeypatch: pytest.MonkeyPatch, fail: set[str] = frozenset()) -> None:

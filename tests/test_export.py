@@ -20,8 +20,8 @@ def test_onnx_is_one_file_with_dynamic_batch_and_named_io(tiny_build: Path) -> N
     path = tiny_build / "model.onnx"
     assert not list(tiny_build.glob("*.data")) and not list(tiny_build.glob(".*tmp*"))
     m = onnx.load(str(path))
-    (inp,), (out,) = m.graph.input, m.graph.output
-    assert inp.name == "input" and out.name == "logits"
+    (inp,), (out, features) = m.graph.input, m.graph.output
+    assert inp.name == "input" and out.name == "logits" and features.name == "features"
     assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == [
         "batch",
         3,
@@ -29,8 +29,15 @@ def test_onnx_is_one_file_with_dynamic_batch_and_named_io(tiny_build: Path) -> N
         64,
     ]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    width = sum(
+        b["width"]
+        for b in json.loads((tiny_build / "manifest.json").read_text())["onnx"]["features"][
+            "layout"
+        ]
+    )
     for n in (1, 5):
-        assert sess.run(None, {"input": np.zeros((n, 3, 64, 64), np.float32)})[0].shape == (n, 4)
+        logits, feats = sess.run(None, {"input": np.zeros((n, 3, 64, 64), np.float32)})
+        assert logits.shape == (n, 4) and feats.shape == (n, width)
 
 
 def test_manifest_records_preprocessing_io_parity_and_hashes(tiny_build: Path) -> None:

@@ -115,18 +115,23 @@ def test_engine_batches_outside_the_profile_are_split_or_padded() -> None:
 
     class Core:  # stands in for TensorRTEngine: profile 2..4, logits = row sums
         min_batch, max_batch = 2, 4
+        output_name = "logits"
         calls: list[int] = []
 
-        def run(self, x: np.ndarray) -> np.ndarray:
+        def run_all(self, x: np.ndarray) -> dict[str, np.ndarray]:
             assert 2 <= len(x) <= 4
             self.calls.append(len(x))
-            return x.reshape(len(x), -1).sum(1, keepdims=True)
+            sums = x.reshape(len(x), -1).sum(1, keepdims=True)
+            return {"logits": sums, "features": -sums}
 
     p = TensorRTPredictor.__new__(TensorRTPredictor)
     p._core = Core()
     x = np.arange(9, dtype=np.float32).reshape(9, 1, 1, 1)
     assert p.logits(x).ravel().tolist() == list(range(9))
     assert Core.calls == [4, 4, 2] and p.supports_batch(3) and not p.supports_batch(8)
+    # The features output is split and trimmed with the logits, row for row.
+    logits, features = p.logits_and_features(x[:3])
+    assert logits.ravel().tolist() == [0, 1, 2] and features.ravel().tolist() == [0, -1, -2]
 
 
 def test_tensorrt_provider_gets_caches_profiles_and_int8_only_for_qdq(

@@ -358,8 +358,9 @@ class _FakeCudart:
         return (0,)
 
 
-def _fake_tensorrt_module(cuda: _FakeCudart) -> types.ModuleType:
-    """Enough of `tensorrt` for TensorRTEngine: an engine whose logits are x[:, :5] summed."""
+def _fake_tensorrt_module(cuda: _FakeCudart, features: bool = False) -> types.ModuleType:
+    """Enough of `tensorrt` for TensorRTEngine: an engine whose logits are x[:, :5] summed
+    (and, with `features`, a second output: the first two values of each image)."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "10.3.0.26"  # type: ignore[attr-defined]
     trt.DataType = SimpleNamespace(FLOAT="float", HALF="half")  # type: ignore[attr-defined]
@@ -381,7 +382,7 @@ def _fake_tensorrt_module(cuda: _FakeCudart) -> types.ModuleType:
             return True
 
         def get_tensor_shape(self, name: str) -> tuple:
-            return (self.shape[0], 5)
+            return (self.shape[0], 5 if name == "logits" else 2)
 
         def set_tensor_address(self, name: str, ptr: int) -> None:
             self.addr[name] = ptr
@@ -391,13 +392,16 @@ def _fake_tensorrt_module(cuda: _FakeCudart) -> types.ModuleType:
             x = np.frombuffer(cuda.mem[self.addr["input"]], np.float32, n * 48).reshape(n, 48)
             y = np.stack([x[:, i::5].sum(1) for i in range(5)], 1).astype(np.float32)
             cuda.mem[self.addr["logits"]][: y.nbytes] = y.tobytes()
+            if features:
+                f = np.ascontiguousarray(x[:, :2])
+                cuda.mem[self.addr["features"]][: f.nbytes] = f.tobytes()
             return True
 
     class Engine:
-        num_io_tensors = 2
+        num_io_tensors = 3 if features else 2
 
         def get_tensor_name(self, i: int) -> str:
-            return ("input", "logits")[i]
+            return ("input", "logits", "features")[i]
 
         def get_tensor_mode(self, name: str) -> str:
             return "in" if name == "input" else "out"
@@ -443,3 +447,23 @@ def test_engine_runner_moves_batches_through_cuda_python_without_torch(
         engine.run(np.zeros((5, 3, 4, 4), np.float32))
     del engine
     assert cuda.mem == {}  # buffers freed
+
+
+def test_engine_runner_returns_the_features_output_beside_the_logits(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cuda = _FakeCudart()
+    monkeypatch.setattr(rt, "import_trt", lambda: _fake_tensorrt_module(cuda, features=True))
+    monkeypatch.setattr(rt, "cudart", lambda: cuda)
+    engine_file = tmp_path / "model.fp16.b1-4.sm87.trt10.3.engine"
+    engine_file.write_bytes(b"serialized")
+    engine = TensorRTEngine(engine_file)
+    assert engine.output_names == ["logits", "features"]
+    x = np.random.default_rng(1).standard_normal((3, 3, 4, 4)).astype(np.float32)
+    out = engine.run_all(x)
+    flat = x.reshape(3, 48)
+    np.testing.assert_allclose(out["features"], flat[:, :2], rtol=1e-6)
+    np.testing.assert_allclose(engine.run(x), out["logits"])
+    assert out["logits"].shape == (3, 5)
+    del engine
+    assert cuda.mem == {}  # every output's buffer freed

@@ -15,14 +15,20 @@ from torch import nn
 
 from tlbuild.data.preprocess import Preprocessing
 from tlbuild.errors import BuildError
+from tlbuild.export.feature_graph import FEATURES_NAME
+from tlbuild.export.features import WithFeatures, feature_layout, supports_features
 from tlbuild.fileio import atomic_path
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-def export_onnx(model: nn.Module, spec: Preprocessing, path: Path, opset: int) -> None:
-    """Write `path`: FP32, NCHW input 'input', output 'logits', batch dimension 'batch'.
+def export_onnx(
+    model: nn.Module, spec: Preprocessing, path: Path, opset: int
+) -> list[dict[str, Any]]:
+    """Write `path`: FP32, NCHW input 'input', outputs 'logits' and (where timm gives the
+    backbone's feature maps) 'features', batch dimension 'batch'. Returns the features'
+    layout (export/features.py), empty without them.
 
     Uses the dynamo exporter with the weights inside the file (external_data=False), so the
     single .onnx is what ships. The example batch is 2: a batch of 1 lets the exporter
@@ -32,6 +38,9 @@ def export_onnx(model: nn.Module, spec: Preprocessing, path: Path, opset: int) -
     h, w = spec.input_size
     example = torch.randn(2, 3, h, w)
     batch = torch.export.Dim("batch", min=1, max=65536)
+    layout = feature_layout(model, example) if supports_features(model) else []
+    exported = WithFeatures(model) if layout else model
+    outputs = [OUTPUT_NAME, FEATURES_NAME] if layout else [OUTPUT_NAME]
     with atomic_path(path) as tmp:
         try:
             # The exporter is chatty (progress prints and warnings); keep the CLI output clean.
@@ -39,11 +48,11 @@ def export_onnx(model: nn.Module, spec: Preprocessing, path: Path, opset: int) -
                 warnings.simplefilter("ignore")
                 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
                 torch.onnx.export(
-                    model,
+                    exported,
                     (example,),
                     str(tmp),
                     input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
+                    output_names=outputs,
                     dynamo=True,
                     external_data=False,
                     dynamic_shapes=({0: batch},),
@@ -57,6 +66,7 @@ def export_onnx(model: nn.Module, spec: Preprocessing, path: Path, opset: int) -
         except Exception as e:
             raise BuildError(f"exported ONNX model does not pass onnx.checker: {e}") from e
         _name_batch_dim(tmp)
+    return layout
 
 
 def _name_batch_dim(path: Path) -> None:

@@ -25,12 +25,17 @@ class ParityResult:
     atol: float
     min_top1_agreement: float
     provider: str
+    # The features output's largest difference over its largest magnitude (None: no features).
+    features_max_rel_diff: float | None = None
 
     @property
     def passed(self) -> bool:
-        """Within tolerance on both counts."""
+        """Within tolerance on every count."""
+        features_ok = self.features_max_rel_diff is None or self.features_max_rel_diff <= self.atol
         return (
-            self.max_abs_logit_diff <= self.atol and self.top1_agreement >= self.min_top1_agreement
+            self.max_abs_logit_diff <= self.atol
+            and self.top1_agreement >= self.min_top1_agreement
+            and features_ok
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,9 +53,16 @@ def check_parity(
 ) -> ParityResult:
     """Run both on `images` (NCHW float32) and compare logits and top-1 classes."""
     onnx = open_onnx(onnx_path)
-    c = compare_artifacts(
-        TorchPredictor.from_module(model), {"onnx": onnx}, batches_of(images, batch_size)
-    )["onnx"]
+    torch_model = TorchPredictor.from_module(model)
+    c = compare_artifacts(torch_model, {"onnx": onnx}, batches_of(images, batch_size))["onnx"]
+    worst, scale = None, 0.0
+    for x in batches_of(images, batch_size):
+        _, want = torch_model.logits_and_features(x)
+        _, got = onnx.logits_and_features(x)
+        if want is None or got is None:
+            break
+        worst = max(worst or 0.0, float(np.abs(want - got).max()))
+        scale = max(scale, float(np.abs(want).max()))
     return ParityResult(
         images=c["images"],
         max_abs_logit_diff=c["max_abs_logit_diff"],
@@ -59,4 +71,5 @@ def check_parity(
         atol=atol,
         min_top1_agreement=min_top1_agreement,
         provider=onnx.active_provider,
+        features_max_rel_diff=None if worst is None else worst / max(scale, 1e-12),
     )

@@ -22,6 +22,7 @@ from onnx import numpy_helper
 from tlbuild.artifacts import Int8Scheme, OnnxArtifact
 from tlbuild.errors import BuildError
 from tlbuild.export.calibration import Calibration, cache_supported
+from tlbuild.export.feature_graph import feature_only_nodes
 from tlbuild.fileio import atomic_path
 
 
@@ -157,7 +158,10 @@ def make_int8(job: Int8Job) -> None:
     }
     with atomic_path(dst) as tmp, _quiet():
         try:
-            kwargs["nodes_to_exclude"] = float_node_names(job.src, list(cfg.keep_float))
+            src_graph = onnx.load(str(job.src), load_external_data=False).graph
+            kwargs["nodes_to_exclude"] = float_node_names(
+                job.src, list(cfg.keep_float)
+            ) + feature_only_nodes(src_graph, src_graph.output[0].name)
             kwargs["calibrate_method"] = methods[method]
             quantize_static(str(job.src), str(tmp), **_ranges_or_images(job), **kwargs)
             if scheme.float_parts_follow_trt_float and cfg.trt_float == "fp16":

@@ -11,6 +11,7 @@ import numpy as np
 from tlbuild.artifacts import precision_of
 from tlbuild.data.preprocess import Preprocessing
 from tlbuild.errors import UsageError
+from tlbuild.export.feature_graph import FEATURES_NAME
 from tlbuild.runtime.base import Predictor
 from tlbuild.runtime.sessions import OrtOptions, ort_session
 
@@ -38,6 +39,9 @@ class OnnxPredictor(Predictor):
         self.options = o
         self._session = ort_session(path, o)
         self._input = self._session.get_inputs()[0].name
+        names = [o.name for o in self._session.get_outputs()]
+        self._logits_name = names[0]
+        self._features_name = FEATURES_NAME if FEATURES_NAME in names[1:] else None
         width = self._session.get_outputs()[0].shape[-1]
         # The manifest's classes name the outputs: a model of another width (a swapped file
         # and a manifest that vouches for it) would fail mid-run or label every row wrongly.
@@ -57,7 +61,16 @@ class OnnxPredictor(Predictor):
         return f"onnxruntime:{self.active_provider}"
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self._session.run(None, {self._input: batch})[0].astype(np.float32)
+        out = self._session.run([self._logits_name], {self._input: batch})[0]
+        return out.astype(np.float32)
+
+    def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._features_name is None:
+            return self.logits(batch), None
+        logits, features = self._session.run(
+            [self._logits_name, self._features_name], {self._input: batch}
+        )
+        return logits.astype(np.float32), features.astype(np.float32)
 
     def outputs(self, batch: np.ndarray) -> dict[str, Any]:
         """Every graph output by name, as ONNX Runtime returns it (the INT8 search's probes)."""
@@ -118,7 +131,7 @@ class TensorRTPredictor(Predictor):
     def supports_batch(self, n: int) -> bool:
         return self._core.min_batch <= n <= self._core.max_batch
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
+    def _run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         # Any batch size works: split above the engine's profile, pad below it (then trim),
         # so classify's last, partial batch never fails.
         core, outs = self._core, []
@@ -127,5 +140,12 @@ class TensorRTPredictor(Predictor):
             n = len(part)
             if n < core.min_batch:
                 part = np.concatenate([part, np.repeat(part[-1:], core.min_batch - n, axis=0)])
-            outs.append(core.run(part)[:n])
-        return np.concatenate(outs)
+            outs.append({k: v[:n] for k, v in core.run_all(part).items()})
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self._run_all(batch)[self._core.output_name]
+
+    def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self._run_all(batch)
+        return out[self._core.output_name], out.get(FEATURES_NAME)

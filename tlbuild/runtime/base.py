@@ -50,6 +50,11 @@ class Predictor(ABC):
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw outputs for an NCHW float32 batch already preprocessed."""
 
+    def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and the novelty features (export/features.py) for a preprocessed batch;
+        None where the artifact has no features output (a model exported before them)."""
+        return self.logits(batch), None
+
     def supports_batch(self, n: int) -> bool:
         """Whether one call at batch size `n` runs natively (TensorRT engines have a range)."""
         return True

@@ -195,30 +195,37 @@ class TensorRTEngine:
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or len(outputs) != 1:
+        # The logits, and the novelty features where the model has them (export/features.py).
+        if len(inputs) != 1 or not 1 <= len(outputs) <= 2:
             raise BuildError(
                 f"{engine_path.name} has inputs {inputs} and outputs {outputs}; "
-                "one image input and one logits output expected"
+                "one image input and a logits output (and features) expected"
             )
-        self.input_name, self.output_name = inputs[0], outputs[0]
+        self.input_name = inputs[0]
+        self.output_name = "logits" if "logits" in outputs else outputs[0]
+        self.output_names = [self.output_name] + [n for n in outputs if n != self.output_name]
         self._in_dtype = _np_dtype(trt, self._engine.get_tensor_dtype(self.input_name))
-        self._out_dtype = _np_dtype(trt, self._engine.get_tensor_dtype(self.output_name))
+        self._out_dtypes = {
+            n: _np_dtype(trt, self._engine.get_tensor_dtype(n)) for n in self.output_names
+        }
         # Profile 0 is the only one compile_engine creates: (min, opt, max) input shapes.
         lo, opt, hi = (tuple(s) for s in self._engine.get_tensor_profile_shape(self.input_name, 0))
         self.min_batch, self.opt_batch, self.max_batch = int(lo[0]), int(opt[0]), int(hi[0])
         self.input_chw = tuple(int(d) for d in hi[1:])
         self._context.set_input_shape(self.input_name, (self.max_batch, *self.input_chw))
-        out_max = tuple(int(d) for d in self._context.get_tensor_shape(self.output_name))
         self._stream = cuda_call(self._rt.cudaStreamCreate())
         in_bytes = (
             int(np.prod((self.max_batch, *self.input_chw))) * np.dtype(self._in_dtype).itemsize
         )
-        out_bytes = int(np.prod(out_max)) * np.dtype(self._out_dtype).itemsize
         self._d_in = cuda_call(self._rt.cudaMalloc(in_bytes))
-        self._d_out = cuda_call(self._rt.cudaMalloc(out_bytes))
+        self._d_outs: dict[str, int] = {}
+        for n in self.output_names:
+            largest = tuple(int(d) for d in self._context.get_tensor_shape(n))
+            size = int(np.prod(largest)) * np.dtype(self._out_dtypes[n]).itemsize
+            self._d_outs[n] = cuda_call(self._rt.cudaMalloc(size))
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits (float32, [N, classes]) for a float32 NCHW batch within the engine's range."""
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output (float32) for a float32 NCHW batch within the engine's range."""
         batch = np.asarray(batch)
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_chw:
             raise UsageError(
@@ -235,25 +242,37 @@ class TensorRTEngine:
         x = np.ascontiguousarray(batch, dtype=self._in_dtype)
         if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
             raise BuildError(f"TensorRT rejected input shape {tuple(x.shape)}")
-        y = np.empty(tuple(ctx.get_tensor_shape(self.output_name)), dtype=self._out_dtype)
+        ys = {
+            name: np.empty(tuple(ctx.get_tensor_shape(name)), dtype=self._out_dtypes[name])
+            for name in self.output_names
+        }
         h2d, d2h = (
             rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
             rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
         )
         cuda_call(rt.cudaMemcpyAsync(self._d_in, x.ctypes.data, x.nbytes, h2d, self._stream))
         ctx.set_tensor_address(self.input_name, int(self._d_in))
-        ctx.set_tensor_address(self.output_name, int(self._d_out))
+        for name, ptr in self._d_outs.items():
+            ctx.set_tensor_address(name, int(ptr))
         if not ctx.execute_async_v3(int(self._stream)):
             raise BuildError(f"TensorRT inference failed:\n{log_tail(self._logger)}")
-        cuda_call(rt.cudaMemcpyAsync(y.ctypes.data, self._d_out, y.nbytes, d2h, self._stream))
+        for name, y in ys.items():
+            cuda_call(
+                rt.cudaMemcpyAsync(y.ctypes.data, self._d_outs[name], y.nbytes, d2h, self._stream)
+            )
         cuda_call(rt.cudaStreamSynchronize(self._stream))
-        return y.astype(np.float32)
+        return {name: y.astype(np.float32) for name, y in ys.items()}
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits (float32, [N, classes]) for a float32 NCHW batch within the engine's range."""
+        return self.run_all(batch)[self.output_name]
 
     def __del__(self) -> None:
         rt = getattr(self, "_rt", None)
         if rt is None:
             return
-        for ptr in (getattr(self, "_d_in", None), getattr(self, "_d_out", None)):
+        buffers = [getattr(self, "_d_in", None), *getattr(self, "_d_outs", {}).values()]
+        for ptr in buffers:
             if ptr is not None:
                 rt.cudaFree(ptr)
         if getattr(self, "_stream", None) is not None:

@@ -46,3 +46,13 @@ class TorchPredictor(Predictor):
         with self._torch.inference_mode():
             x = self._torch.from_numpy(batch).to(self._device)
             return self._model(x).float().cpu().numpy()
+
+    def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        from tlbuild.export.features import WithFeatures, supports_features
+
+        if not supports_features(self._model):
+            return self.logits(batch), None
+        with self._torch.inference_mode():
+            x = self._torch.from_numpy(batch).to(self._device)
+            logits, features = WithFeatures(self._model)(x)
+            return logits.float().cpu().numpy(), features.float().cpu().numpy()

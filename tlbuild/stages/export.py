@@ -19,6 +19,7 @@ from tlbuild.data.preprocess import load_batch
 from tlbuild.data.scan import Sample
 from tlbuild.data.splits_file import read_split
 from tlbuild.errors import BuildError, UsageError
+from tlbuild.export.feature_graph import FEATURES_NAME
 from tlbuild.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_io
 from tlbuild.export.parity import ParityResult, check_parity
 from tlbuild.fileio import atomic_path, read_json_or_empty, sha256_file, write_json
@@ -37,7 +38,9 @@ def _parity_samples(samples: list[Sample], n: int) -> list[Sample]:
     return [samples[i] for i in idx]
 
 
-def _export_checked(ctx: StageContext, tm: TrainedModel, val: list[Sample]) -> ParityResult:
+def _export_checked(
+    ctx: StageContext, tm: TrainedModel, val: list[Sample]
+) -> tuple[ParityResult, list[dict[str, Any]]]:
     """Export beside the final name and check parity before the rename: a model.onnx on disk
     has always passed its check."""
     cfg = ctx.recipe.export
@@ -46,17 +49,24 @@ def _export_checked(ctx: StageContext, tm: TrainedModel, val: list[Sample]) -> P
     samples = _parity_samples(val, cfg.parity_images)
     images = load_batch([s.path for s in samples], tm.preprocessing)
     with atomic_path(ctx.out / MODEL_ONNX) as tmp:
-        export_onnx(tm.model, tm.preprocessing, tmp, cfg.opset)
+        layout = export_onnx(tm.model, tm.preprocessing, tmp, cfg.opset)
         parity = check_parity(tm.model, tmp, images, cfg.parity_atol, cfg.min_top1_agreement)
         if not parity.passed:
+            features = (
+                ""
+                if parity.features_max_rel_diff is None
+                else f", features' largest difference {parity.features_max_rel_diff:.2e} of "
+                "their largest value"
+            )
             raise BuildError(
                 f"ONNX export disagrees with PyTorch on {parity.images} validation images: "
                 f"max |logit diff| {parity.max_abs_logit_diff:.2e} "
                 f"(allowed {cfg.parity_atol:.1e}), "
                 f"top-1 agreement {parity.top1_agreement:.1%} (required "
-                f"{cfg.min_top1_agreement:.0%}). Try another export.opset, or report the backbone."
+                f"{cfg.min_top1_agreement:.0%}){features}. Try another export.opset, or report "
+                "the backbone."
             )
-    return parity
+    return parity, layout
 
 
 def _write_device_batch(
@@ -104,8 +114,12 @@ def _training_summary(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _manifest_fields(
-    ctx: StageContext, tm: TrainedModel, parity: ParityResult, batch: dict[str, Any] | None
+    ctx: StageContext,
+    tm: TrainedModel,
+    checked: tuple[ParityResult, list[dict[str, Any]]],
+    batch: dict[str, Any] | None,
 ) -> dict[str, Any]:
+    parity, layout = checked
     io_desc = onnx_io(ctx.out / MODEL_ONNX)
     metrics = read_json_or_empty(ctx.out / METRICS_JSON)
     trained = tm.meta.get("recipe", {})
@@ -124,6 +138,8 @@ def _manifest_fields(
             "opset": io_desc.pop("opset"),
             "input": INPUT_NAME,
             "output": OUTPUT_NAME,
+            # The novelty features beside the logits: blocks in order (export/features.py).
+            "features": {"output": FEATURES_NAME, "layout": layout} if layout else None,
             **io_desc,
             "parity": parity.to_dict(),
         },
@@ -143,7 +159,8 @@ def run(ctx: StageContext) -> ParityResult:
     """Export model.pt to ONNX, verify it against PyTorch on validation images, write manifest."""
     tm = load_trained(ctx.out / MODEL_PT)
     val = read_split(ctx.out, "val", tm.classes)
-    parity = _export_checked(ctx, tm, val)
+    checked = _export_checked(ctx, tm, val)
+    parity = checked[0]
     batch = _write_device_batch(ctx, tm, val)
     ctx.console.print(
         f"ONNX parity on {parity.images} validation images: max |logit diff| "
@@ -151,7 +168,7 @@ def run(ctx: StageContext) -> ParityResult:
     )
     write_json(ctx.out / LABELS_JSON, tm.classes)
     files = [MODEL_ONNX, LABELS_JSON, *TRAINING_FILES] + ([DEVICE_BATCH] if batch else [])
-    write_section(ctx.out, "export", _manifest_fields(ctx, tm, parity, batch), files)
+    write_section(ctx.out, "export", _manifest_fields(ctx, tm, checked, batch), files)
     ctx.console.print(f"Wrote {ctx.out / MODEL_ONNX} and {ctx.out / MANIFEST_JSON}")
     return parity
 
