@@ -185,8 +185,11 @@ def test_classify_writes_one_row_per_input_and_keeps_bad_files(
         for t, lab in zip(good.topk_labels.map(json.loads), good.label, strict=True)
     )
     assert (good.width > 0).all() and (good.file_size > 0).all()
-    assert set(good.decided_by) == {"argmax"}  # ok_class comes from the model's manifest
-    assert (good.defective == (good.label != "ok")).all()
+    # ok_class comes from the model's manifest; photographs of other things the novelty
+    # score flags are never good parts, and say so.
+    assert set(good[~good.novel.astype(bool)].decided_by) <= {"argmax"}
+    assert good[good.novel.astype(bool)].decided_by.str.startswith("novelty>").all()
+    assert (good.defective == ((good.label != "ok") | good.novel.astype(bool))).all()
     manifest = json.loads((tiny_build / "manifest.json").read_text())
     assert set(df.model_sha256) == {manifest["artifacts"]["model.int8.cpu.onnx"]["sha256"]}
     assert set(df.precision) == {"int8"} and df.classified_at.notna().all()
@@ -331,7 +334,8 @@ def test_killing_the_process_and_rerunning_completes_the_file(
 def test_threshold_rule_and_error_rate_gate(tiny_build: Path, tmp_path: Path) -> None:
     photos = _photos(tmp_path / "in")
     out = tmp_path / "t.parquet"
-    base = [str(tmp_path / "in"), "--model", str(tiny_build), "--out", str(out)]
+    # The threshold rule alone (the novelty flag would decide the photographs it flags).
+    base = [str(tmp_path / "in"), "--model", str(tiny_build), "--out", str(out), "--novelty", "off"]
     assert _classify(*base, "--ok-class", "ok", "--threshold", "0.999").exit_code == 0
     df = pd.read_parquet(out)
     assert set(df.decided_by) == {"p(ok)<0.999"}

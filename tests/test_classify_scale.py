@@ -223,10 +223,12 @@ def test_inputs_model_and_out_in_storage_match_local_files(
     assert (
         classify(["memory://job/in"], "memory://job/model", "memory://job/out/", options).rows == 0
     )
-    # The model was fetched once into the cache, and only the files a Predictor may open.
+    # The model was fetched once into the cache, and only the files a Predictor may open
+    # and the novelty score's.
     fetched = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(fetched) == 1
-    assert {p.suffix for p in fetched[0].iterdir()} <= {".onnx", ".json", ".engine"}
+    assert {p.suffix for p in fetched[0].iterdir()} <= {".onnx", ".json", ".engine", ".npz"}
+    assert (fetched[0] / "novelty.npz").is_file()
 
 
 def test_a_fetched_model_is_checked_against_its_manifest(tiny_build: Path, tmp_path: Path) -> None:

@@ -300,6 +300,7 @@ def test_classify_applies_the_manifest_threshold_and_threshold_overrides_it(
     t = json.loads((decided / "manifest.json").read_text())["decision"]["threshold"]
     out = tmp_path / "r.parquet"
     args = ["classify", str(tiny_data / "ok"), str(tiny_data / "crack"), "--model", str(decided)]
+    args.append("--novelty=off")  # the threshold rule alone decides here
     r = runner_cli.invoke(app, [*args, "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert (

@@ -32,6 +32,7 @@ from tlbuild.errors import UsageError
 
 runner = CliRunner()
 IDENT = {"model_sha256": "abc", "artifact": "m.onnx", "ok_class": None, "threshold": None}
+IDENT = {**IDENT, "novelty_threshold": None}
 IDENT = {**IDENT, "topk": 1, "decode": "jpeg-draft"}
 # Wide enough that rich never wraps a message the tests read.
 WIDE = {**os.environ, "COLUMNS": "500"}

@@ -60,6 +60,7 @@ def test_a_copied_build_is_fresh_and_each_section_reruns_only_its_stages(
         "engines": "reused",
         "bench": "ran",
         "explain": "reused",  # heat maps follow training alone
+        "novelty": "reused",  # follows the model and its variants, not the benchmark
         "decision": "disabled",
         "report": "ran",
     }
@@ -71,7 +72,9 @@ def test_a_copied_build_is_fresh_and_each_section_reruns_only_its_stages(
     assert rows["export"].why == ["recipe [export] changed"]
     ran = _actions(runner.run(load_recipe(recipe), QUIET))
     assert ran["train"] == "reused"
-    assert all(ran[s] == "ran" for s in ("export", "quantize", "engines", "bench", "report"))
+    assert all(
+        ran[s] == "ran" for s in ("export", "quantize", "engines", "bench", "novelty", "report")
+    )
     assert (out / "model.pt").stat().st_mtime_ns == model_mtime  # never retrained
 
     forced = _actions(runner.run(load_recipe(recipe), QUIET, force=("bench",)))
@@ -268,7 +271,8 @@ def test_each_stage_is_one_module_keyed_on_the_code_it_imports() -> None:
 
     package = Path(__file__).parent.parent / "tlbuild"
     assert [s.name for s in STAGES] == [
-        *("train", "export", "quantize", "engines", "bench", "explain", "decision", "report")
+        *("train", "export", "quantize", "engines", "bench", "explain", "novelty", "decision"),
+        "report",
     ]
     code = {
         s.name: {p.relative_to(package).as_posix() for p in module_closure(s.module)}
@@ -302,6 +306,7 @@ def test_a_stage_whose_code_changed_reruns_alone_when_it_writes_the_same_files(
         "engines": "reused",
         "bench": "reused",
         "explain": "reused",
+        "novelty": "reused",
         "decision": "disabled",
         "report": "reused",
     }

@@ -9,6 +9,7 @@ MODEL_ONNX = "model.onnx"
 LABELS_JSON = "labels.json"
 TIMING_CACHE = "tensorrt.timing.cache"
 DEVICE_BATCH = "device_batch.npz"  # validation images, labels and FP32 logits for a device
+NOVELTY_NPZ = "novelty.npz"  # the novelty score (tlbuild/novelty/score.py)
 SPLITS_JSON = "splits.json"
 METRICS_JSON = "metrics.json"
 HISTORY_CSV = "history.csv"

@@ -357,6 +357,7 @@ def classify(
     topk: Annotated[int, _co("topk")] = _CO.topk,
     ok_class: Annotated[str | None, _co("ok_class")] = _CO.ok_class,
     threshold: Annotated[float | None, _co("threshold")] = _CO.threshold,
+    novelty: Annotated[str, _co("novelty")] = _CO.novelty,
     # The command line takes the extensions as one comma-separated string ('' = all).
     ext: Annotated[str, _co("extensions")] = "",
     exact_decode: Annotated[bool, _co("exact_decode")] = _CO.exact_decode,
@@ -402,6 +403,7 @@ def classify(
             topk=topk,
             ok_class=ok_class,
             threshold=threshold,
+            novelty=novelty,
             exact_decode=exact_decode,
             extensions=parse_extensions(ext),
             overwrite=overwrite,

@@ -166,6 +166,25 @@ def _decision_gates(manifest: dict[str, Any]) -> list[GateResult]:
     return results
 
 
+def _novelty_gates(manifest: dict[str, Any]) -> list[GateResult]:
+    """[novelty]'s gates, where the recipe sets them: each shipped variant flags the images FP32
+    flags (on validation and the camera-fault probe); the share of the probe the score flags."""
+    n = manifest.get("novelty")
+    if not n:
+        return []
+    results = []
+    for name, a in n.get("artifacts", {}).items() if n.get("min_agreement") is not None else ():
+        note = f"{a['images']} validation and probe images, flags compared with model.onnx"
+        gate = f"novelty.min_agreement[{name}]"
+        results.append(_check(gate, n["min_agreement"], a["agreement"], False, note))
+    if n.get("min_faults_flagged") is not None:
+        p = n["probe"]
+        note = ", ".join(f"{k} {v:.0%}" for k, v in p["flagged"].items())
+        gate = "novelty.min_faults_flagged[model.onnx]"
+        results.append(_check(gate, n["min_faults_flagged"], p["faults_flagged"], False, note))
+    return results
+
+
 def evaluate_gates(cfg: GatesConfig, out: Path) -> list[GateResult]:
     """Every configured gate against metrics.json, manifest.json and bench.json in `out`."""
     val = read_json_or_empty(out / METRICS_JSON).get("val", {})
@@ -178,6 +197,7 @@ def evaluate_gates(cfg: GatesConfig, out: Path) -> list[GateResult]:
         *_failed_run_gates(cfg, bench),
         *_speed_gates(cfg, bench),
         *_decision_gates(manifest),
+        *_novelty_gates(manifest),
     ]
 
 

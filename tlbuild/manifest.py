@@ -61,6 +61,8 @@ class OnnxInfo(_Entry):
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     parity: dict[str, Any]
+    # The novelty features output and its layout; None for a model exported before them.
+    features: dict[str, Any] | None = None
 
 
 class Variant(_Entry):
@@ -114,6 +116,25 @@ class BenchSection(_Entry):
     """The [bench] settings the last benchmark at home used (a device's `bench DIR` reuses them)."""
 
     settings: dict[str, Any] = {}
+
+
+class Novelty(_Entry):
+    """The novelty score's file, threshold and what it achieved (tlbuild/stages/novelty.py);
+    `tlbuild classify` flags images over the threshold by default."""
+
+    file: str
+    threshold: float
+    target: float
+    val: dict[str, Any]
+    probe: dict[str, Any]
+    artifacts: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _usable(self) -> Novelty:
+        # A NaN threshold would flag nothing, silently.
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"novelty threshold {self.threshold} is not a number")
+        return self
 
 
 class Decision(_Entry):
@@ -170,6 +191,8 @@ class Manifest(BaseModel):
     engines: Engines | None = None
     # bench
     bench: BenchSection | None = None
+    # novelty
+    novelty: Novelty | None = None
     # decision
     decision: Decision | None = None
     artifacts: dict[str, FileHash] = {}
@@ -255,6 +278,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "quantize": ("variants", "calibration"),
     "engines": ("engines",),
     "bench": ("bench",),
+    "novelty": ("novelty",),
     "decision": ("decision",),
 }
 

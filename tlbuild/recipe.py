@@ -463,6 +463,36 @@ class ExplainConfig(_Section):
     )
 
 
+class NoveltyConfig(_Section):
+    """The novelty score (how unlike the training images an image is) and its threshold."""
+
+    # Split-conformal on the validation split: at most this share of new images like the
+    # validation ones is flagged (in expectation); 1% as the decision targets are set.
+    target: float | Literal["off"] = Field(
+        0.01, description='share of validation-like images flagged for review; "off": no score'
+    )
+    min_faults_flagged: float | None = Field(
+        None, ge=0.0, le=1.0, description="gate: share of the camera-fault probe flagged"
+    )
+    # Reported always, gated on request: a validation split of 100 images puts 99% at one
+    # image, so a default gate would fail small builds on a single score near the threshold.
+    min_agreement: float | None = Field(
+        None, ge=0.0, le=1.0, description="gate: share of images each variant flags as FP32 does"
+    )
+    fit_images: int = Field(2000, ge=16, description="training images the score is fitted on")
+    probe_images: int = Field(
+        32, ge=1, description="validation images each camera fault of the probe is made from"
+    )
+    seed: int = 0
+
+    @field_validator("target")
+    @classmethod
+    def _target_range(cls, v: float | str) -> float | str:
+        if v != "off" and not 0.0 < float(v) < 0.5:
+            raise ValueError('expected a share between 0 and 0.5 (e.g. 0.01), or "off"')
+        return v
+
+
 class DecisionConfig(_Section):
     """The operating point: a threshold on p(ok) chosen on the validation split for one target."""
 
@@ -542,6 +572,7 @@ class Recipe(_Section):
     build: EnginesConfig = EnginesConfig()
     bench: BenchConfig = BenchConfig()
     explain: ExplainConfig = ExplainConfig()
+    novelty: NoveltyConfig = NoveltyConfig()
     decision: DecisionConfig | None = None  # no [decision]: the argmax rule
     gates: GatesConfig = GatesConfig()
 

@@ -18,6 +18,7 @@ from tlbuild.explain.summary import heatmap_lines
 from tlbuild.fileio import atomic_path, read_json_or_empty, write_text
 from tlbuild.gates import GateResult
 from tlbuild.manifest import manifest_json
+from tlbuild.novelty.report_section import novelty_lines
 
 REPORT_MD = "report.md"
 PER_CLASS_PNG = "report_per_class.png"
@@ -361,6 +362,7 @@ def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]
     lines += duplicates_lines(out)  # before the accuracy that leaks would inflate
     lines += _validation_section(out, metrics)
     lines += decision_lines(out, manifest)
+    lines += novelty_lines(out, manifest)
     lines += heatmap_lines(out)
     lines += _variants_section(manifest, bench)
     lines += _engines_section(manifest)

@@ -50,6 +50,11 @@ class ClassifyOptions:
     threshold: float | None = _opt(
         None, "Defective when p(ok class) is below this (default: argmax rule)."
     )
+    novelty: str = _opt(
+        "auto",
+        "Flag images unlike the training images for review: auto (the manifest's novelty "
+        "threshold, if the build chose one), off, or a threshold (e.g. 4.5).",
+    )
     exact_decode: bool = _opt(False, "Full-resolution JPEG decode (slower, bit-identical).")
     extensions: tuple[str, ...] = _opt(
         IMAGE_EXTENSIONS,

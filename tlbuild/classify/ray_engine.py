@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from tlbuild.classify.options import ClassifyOptions, ModelChoice, RayOptions, provider_of
+from tlbuild.classify.results import COLUMNS
 from tlbuild.classify.rows import Decider, Decoded, RowMaker, chunks, decode_batch
 from tlbuild.classify.storage import default_model_cache, is_url, local_model
 from tlbuild.data.decode_threads import DecodeThreads
@@ -53,7 +54,7 @@ def _import_ray() -> Any:
 def _arrow_schema() -> Any:
     import pyarrow as pa
 
-    return pa.schema(
+    schema = pa.schema(
         [
             ("path", pa.string()),
             ("label", pa.string()),
@@ -63,6 +64,8 @@ def _arrow_schema() -> Any:
             ("ok_score", pa.float64()),
             ("defective", pa.bool_()),
             ("decided_by", pa.string()),
+            ("novelty", pa.float64()),
+            ("novel", pa.bool_()),
             ("width", pa.int64()),
             ("height", pa.int64()),
             ("file_size", pa.int64()),
@@ -73,6 +76,9 @@ def _arrow_schema() -> Any:
             ("classified_at", pa.int64()),
         ]
     )
+    # The actors' tables become rows of the results file: the same columns, in its order.
+    assert schema.names == list(COLUMNS), "ray_engine's schema is behind results.COLUMNS"
+    return schema
 
 
 def _open_model(source: str, cache: str, artifact: str | None, provider: str, threads: int) -> Any:

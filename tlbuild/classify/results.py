@@ -43,6 +43,8 @@ COLUMNS: dict[str, str] = {
     "ok_score": "Float32",
     "defective": "boolean",
     "decided_by": "utf8",
+    "novelty": "Float32",
+    "novel": "boolean",
     "width": "Int32",
     "height": "Int32",
     "file_size": "Int64",
@@ -54,7 +56,15 @@ COLUMNS: dict[str, str] = {
 }
 META_KEY = "tlbuild.classify"
 # Settings that must match for a resumed run to append to the same file.
-IDENTITY_KEYS = ("model_sha256", "artifact", "ok_class", "threshold", "topk", "decode")
+IDENTITY_KEYS = (
+    "model_sha256",
+    "artifact",
+    "ok_class",
+    "threshold",
+    "novelty_threshold",
+    "topk",
+    "decode",
+)
 # A row group holds at least commit_rows rows and grows with the file (each commit copies the
 # file, so a fixed size would copy O(rows^2) bytes), up to this many buffered rows (memory).
 MAX_GROUP_ROWS = 65_536

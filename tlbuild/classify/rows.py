@@ -18,7 +18,9 @@ import numpy as np
 from tlbuild.classify.results import COLUMNS, storable
 from tlbuild.classify.storage import is_url, read_bytes
 from tlbuild.data.preprocess import Preprocessing, load_input
-from tlbuild.runtime.base import Predictor
+from tlbuild.errors import UsageError
+from tlbuild.novelty.score import NoveltyModel
+from tlbuild.runtime.base import Predictor, softmax
 
 
 @dataclass
@@ -85,21 +87,57 @@ def decode_batch(paths: list[str], spec: Preprocessing, exact: bool) -> Decoded:
 
 
 class Decider:
-    """Turns probabilities into label, top-k and the ok/defective decision with its rule."""
+    """Turns probabilities into label, top-k and the ok/defective decision with its rule; and,
+    with a novelty model, features into the novelty score and its flag."""
 
     def __init__(
-        self, classes: list[str], topk: int, ok_class: str | None, threshold: float | None
+        self,
+        classes: list[str],
+        topk: int,
+        ok_class: str | None,
+        threshold: float | None,
+        novelty: NoveltyModel | None = None,
     ) -> None:
         self.classes = np.asarray(classes, dtype=object)
         self.topk = min(topk, len(classes))
         self.ok = classes.index(ok_class) if ok_class is not None else None
         self.threshold = threshold
+        self.novelty = novelty
         if ok_class is None:
             self.rule = None
         elif threshold is None:
             self.rule = "argmax"
         else:
             self.rule = f"p({ok_class})<{threshold:g}"
+        self.novelty_rule = None if novelty is None else f"novelty>{novelty.threshold:.4g}"
+
+    def novelty_rows(self, features: np.ndarray | None, n: int) -> dict[str, list[Any]]:
+        """Columns novelty and novel: the score and whether it is over the threshold."""
+        if self.novelty is None:
+            return {"novelty": [None] * n, "novel": [None] * n}
+        if features is None:
+            raise UsageError(
+                "this artifact has no features output, so no novelty score; use --novelty off "
+                "or rebuild the export folder"
+            )
+        scores = self.novelty.scores(features)
+        assert self.novelty.threshold is not None
+        return {
+            "novelty": [float(s) for s in scores],
+            "novel": [bool(s > self.novelty.threshold) for s in scores],
+        }
+
+    def decide(self, logits: np.ndarray, features: np.ndarray | None) -> dict[str, list[Any]]:
+        """Every decision column for one batch: a novel image is never passed as good (it is
+        defective, and decided_by names the novelty rule)."""
+        out = self.rows(softmax(logits))
+        out.update(self.novelty_rows(features, len(logits)))
+        if self.ok is not None and self.novelty_rule is not None:
+            for i, novel in enumerate(out["novel"]):
+                if novel:
+                    out["defective"][i] = True
+                    out["decided_by"][i] = self.novelty_rule
+        return out
 
     def rows(self, probs: np.ndarray) -> dict[str, list[Any]]:
         """Columns label, score, topk_*, ok_score, defective and decided_by for `probs`."""
@@ -145,7 +183,12 @@ class RowMaker:
         cols: dict[str, list[Any]] = {c: [None] * n for c in COLUMNS}
         cols["path"] = [storable(p) for p in d.paths]
         if d.ok:
-            decided = self.decider.rows(self.predictor.predict(d.batch))
+            batch = np.ascontiguousarray(d.batch, dtype=np.float32)
+            if self.decider.novelty is None:
+                logits, features = self.predictor.logits(batch), None
+            else:
+                logits, features = self.predictor.logits_and_features(batch)
+            decided = self.decider.decide(logits, features)
             for c, values in decided.items():
                 for i, v in zip(d.ok, values, strict=True):
                     cols[c][i] = v

@@ -8,6 +8,7 @@ and streams their rows back here. Either way this process is the only writer of 
 from __future__ import annotations
 
 import importlib
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from tlbuild.classify.storage import default_model_cache, is_url, local_model
 from tlbuild.decision.rule import manifest_threshold
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.manifest import Manifest, read_manifest
+from tlbuild.novelty.score import NoveltyModel
 
 # Re-exported: the options are what callers of classify() build.
 __all__ = ["ClassifyOptions", "ClassifySummary", "Kept", "RayOptions", "classify"]
@@ -68,6 +70,8 @@ class ClassifySummary:
     defective: int = 0
     ok_class: str | None = None
     decision: str = ""  # which threshold decided and where it came from (or "": argmax)
+    novelty: str = ""  # the novelty threshold in effect and where it came from (or "": none)
+    novel: int = 0  # images flagged as unlike the training images
     seconds: float = 0.0
     labels: Counter[str] = field(default_factory=Counter)
     error_reasons: Counter[str] = field(default_factory=Counter)
@@ -85,6 +89,7 @@ class ClassifySummary:
         self.labels.update(lab for lab, e in zip(cols["label"], errors, strict=True) if e is None)
         self.error_reasons.update(reason_kind(e) for e in errors if e is not None)
         self.defective += sum(1 for d in cols["defective"] if d)
+        self.novel += sum(1 for f in cols["novel"] if f)
 
     @property
     def rate(self) -> float:
@@ -121,6 +126,44 @@ def _resolve_threshold(
         t = options.threshold
         return t, f"Decision threshold p({ok}) < {t:g} from --threshold"
     return manifest_threshold(manifest, ok)
+
+
+def _resolve_novelty(
+    options: ClassifyOptions, manifest: Manifest, folder: Path
+) -> tuple[NoveltyModel | None, str]:
+    """The novelty model with the threshold in effect (--novelty, else the manifest's), and a
+    line saying which; (None, why) when off."""
+    choice = options.novelty.strip().lower()
+    if choice == "off":
+        return None, "Novelty flag off (--novelty off)"
+    given: float | None = None
+    if choice != "auto":
+        try:
+            given = float(choice)
+        except ValueError:
+            raise UsageError(
+                f"--novelty {options.novelty!r}: use auto, off or a threshold (a number)"
+            ) from None
+        if not math.isfinite(given):
+            raise UsageError(f"--novelty {options.novelty!r}: a threshold must be a number")
+    entry = manifest.novelty
+    if entry is None:
+        if given is not None:
+            raise UsageError(
+                f"--novelty {given:g}: this model has no novelty score (its build ran with "
+                'novelty.target = "off", or before tlbuild had one); use --novelty off'
+            )
+        return None, ""
+    manifest.verify(folder, entry.file)
+    model = NoveltyModel.load(folder / entry.file)
+    if given is not None:
+        model.threshold = given
+        return model, f"Novelty threshold {given:g} from --novelty"
+    model.threshold = entry.threshold
+    return model, (
+        f"Novelty threshold {entry.threshold:.4g} from the manifest (flags "
+        f"{entry.val['flagged']:.1%} of validation images; target {entry.target:.1%})"
+    )
 
 
 def _check_options(options: ClassifyOptions) -> None:
@@ -220,13 +263,15 @@ def _plan(choice: ModelChoice, out: str, options: ClassifyOptions) -> _Plan:
     classes = manifest.classes
     ok_class = _resolve_ok_class(options, manifest, classes)
     threshold, decided = _resolve_threshold(options, manifest, ok_class)
+    novelty, novelty_said = _resolve_novelty(options, manifest, choice.folder)
     sha = manifest.artifacts[choice.artifact].sha256
-    decider = Decider(classes, options.topk, ok_class, threshold)
+    decider = Decider(classes, options.topk, ok_class, threshold, novelty)
     identity = {
         "model_sha256": sha,
         "artifact": choice.artifact,
         "ok_class": ok_class,
         "threshold": threshold,  # the effective one: a new manifest threshold is refused too
+        "novelty_threshold": None if novelty is None else novelty.threshold,
         "topk": decider.topk,
         "precision": choice.precision,
         "classes": classes,
@@ -235,6 +280,7 @@ def _plan(choice: ModelChoice, out: str, options: ClassifyOptions) -> _Plan:
     }
     summary = ClassifySummary(out, choice.artifact, choice.backend, ok_class=ok_class)
     summary.decision = decided
+    summary.novelty = novelty_said
     summary.engine = options.engine
     summary.rule = decider.rule
     return _Plan(choice, decider, sha, identity, summary)

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tlbuild.artifacts import NOVELTY_NPZ
 from tlbuild.errors import UsageError
 from tlbuild.fileio import MAX_RECORD_BYTES, sha256_file
 from tlbuild.manifest import FileHash, Manifest
@@ -139,6 +140,8 @@ def fetch_model(url: str, cache: Path, artifact: str | None = None) -> Path:
     # Only what a Predictor may open: the chosen artifact, or every model file for `auto`.
     # Every name fetched is one the manifest lists, so a plain name.
     wanted = [artifact] if artifact else [n for n in listed if n.endswith((".onnx", ".engine"))]
+    # What scoring needs beside the model: the novelty score's file, where the build made one.
+    wanted += [n for n in (NOVELTY_NPZ,) if n in listed]
     missing = [n for n in wanted if n not in listed]
     if missing:
         raise UsageError(f"{missing[0]} is not listed in {url}/manifest.json")

@@ -83,10 +83,19 @@ def print_summary(console: Console, s: ClassifySummary) -> None:
         console.print(f"Errors by reason: {reasons}")
     if s.decision:  # a threshold rule, and whether the manifest or --threshold set it
         console.print(escape(s.decision))
+    if s.novelty:
+        console.print(escape(s.novelty))
+        # Novel images are never counted as good parts: they go to review.
+        console.print(
+            f"Flagged for review (unlike the training images): {s.novel:,} of {ok_rows:,} "
+            "readable images" + (", never counted as good" if s.ok_class is not None else "")
+        )
     if s.ok_class is not None:
         # Say the rule that decided: with a threshold, an image whose top class is ok can
         # still be defective.
         how = f"not '{s.ok_class}'" if s.rule in (None, "argmax") else s.rule
+        if s.novel:
+            how += " or flagged for review"
         console.print(f"Defective ({how}): {s.defective:,} of {ok_rows:,} readable images")
     extra = []
     if s.skipped:

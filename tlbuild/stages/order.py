@@ -3,9 +3,19 @@ one entry here; the runner reads the order and names no stage."""
 
 from __future__ import annotations
 
-from tlbuild.stages import bench, decision, engines, explain, export, quantize, report, train
+from tlbuild.stages import (
+    bench,
+    decision,
+    engines,
+    explain,
+    export,
+    novelty,
+    quantize,
+    report,
+    train,
+)
 from tlbuild.stages.base import Stage
 
 STAGES: tuple[Stage, ...] = tuple(
-    m.STAGE for m in (train, export, quantize, engines, bench, explain, decision, report)
+    m.STAGE for m in (train, export, quantize, engines, bench, explain, novelty, decision, report)
 )

@@ -1,0 +1,216 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from tests.conftest import run_stage
+from tlbuild.errors import UsageError
+from tlbuild.novelty.score import NoveltyModel, conformal_threshold, ledoit_wolf
+from tlbuild.recipe import NoveltyConfig, load_recipe
+
+
+def test_ledoit_wolf_matches_scikit_learn() -> None:
+    from sklearn.covariance import LedoitWolf
+
+    x = np.random.default_rng(0).standard_normal((40, 12)) @ np.diag(np.arange(1, 13))
+    mean, cov = ledoit_wolf(x)
+    want = LedoitWolf().fit(x)
+    np.testing.assert_allclose(mean, want.location_, rtol=1e-10)
+    np.testing.assert_allclose(cov, want.covariance_, rtol=1e-8)
+
+
+def test_conformal_threshold_flags_at_most_the_target_share() -> None:
+    scores = np.arange(1, 201, dtype=float)  # 200 validation images
+    t, flagged = conformal_threshold(scores, 0.05)
+    # Above the ceil(201 * 0.95) = 191st score, halfway to the next: no image sits on it.
+    assert t == 191.5 and flagged == pytest.approx(0.045)
+    # Too few images for the target: above the largest score, nothing flagged on validation.
+    t, flagged = conformal_threshold(scores[:50], 0.01)
+    assert t == 50.5 and flagged == 0.0
+
+
+def test_the_score_is_far_for_shifted_images_and_survives_a_save(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    layout = [{"name": "wide", "width": 300}, {"name": "narrow", "width": 8}]
+    train = rng.standard_normal((120, 308))
+    model = NoveltyModel.fit(train, layout)
+    assert model.blocks[0].projection is not None  # wider than the images can estimate
+    assert model.blocks[1].projection is None
+    val = rng.standard_normal((100, 308))
+    model.standardise_on(val)
+    z = model.block_z(val)
+    assert z.mean(0) == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert z.std(0) == pytest.approx([1.0, 1.0])
+    model.threshold, _ = conformal_threshold(model.scores(val), 0.01)
+    shifted = rng.standard_normal((50, 308))
+    shifted[:, 300:] += 4.0  # only the narrow block moves: the largest block decides
+    assert model.flags(shifted).mean() > 0.9 and model.flags(val).mean() <= 0.01
+    model.save(tmp_path / "n.npz")
+    back = NoveltyModel.load(tmp_path / "n.npz")
+    np.testing.assert_allclose(back.scores(shifted), model.scores(shifted), rtol=1e-4)
+    assert back.threshold == pytest.approx(model.threshold)
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    with pytest.raises(UsageError, match=r"cannot read .*bad.npz"):
+        NoveltyModel.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("bad", [0.0, 0.5, -0.1, "on"])
+def test_novelty_target_is_a_share_or_off(bad: object) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        NoveltyConfig(target=bad)
+    assert NoveltyConfig(target="off").target == "off"
+
+
+def _frames(folder: Path, val: list[Path]) -> None:
+    """Validation images as they are, and the same images dark and as flat grey frames."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(val):
+        img = Image.open(p).convert("RGB")
+        for kind, made in (
+            ("val", img),
+            ("dark", Image.fromarray((np.asarray(img) * 0.05).astype(np.uint8))),
+            ("grey", Image.new("RGB", img.size, (128, 128, 128))),
+        ):
+            made.save(folder / f"{kind}_{i}.png")
+
+
+def test_the_build_fits_the_score_and_classify_flags_what_it_was_not_built_for(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from tlbuild.cli import app
+
+    man = json.loads((tiny_build / "manifest.json").read_text())
+    n = man["novelty"]
+    assert n["file"] == "novelty.npz" and "novelty.npz" in man["artifacts"]
+    assert n["val"]["flagged"] <= 0.02 and set(n["probe"]["flagged"]) >= {"dark", "out_of_focus"}
+    # Every shipped variant was compared with FP32 on validation and the probe.
+    assert set(n["artifacts"]) == {"model.fp16.onnx", "model.int8.trt.onnx", "model.int8.cpu.onnx"}
+    report = (tiny_build / "report.md").read_text()
+    assert "## Novelty" in report and "novelty.png" in report
+    assert (tiny_build / "novelty.png").is_file() and (
+        tiny_build / "novelty_most_novel.png"
+    ).is_file()
+    # Agreement is reported, and gated only where the recipe asks (next test).
+    assert all(0.0 <= a["agreement"] <= 1.0 and a["met"] for a in n["artifacts"].values())
+    gates = json.loads((tiny_build / "gates.json").read_text())["gates"]
+    assert not any(g["gate"].startswith("novelty.") for g in gates)
+
+    val = [Path(p) for p, _ in json.loads((tiny_build / "splits.json").read_text())["val"][:8]]
+    _frames(tmp_path / "images", val)
+    out = tmp_path / "res.parquet"
+    cli = CliRunner()
+    res = cli.invoke(
+        app,
+        [
+            "classify",
+            str(tmp_path / "images"),
+            "--model",
+            str(tiny_build),
+            "--out",
+            str(out),
+            "--artifact",
+            "model.onnx",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "Novelty threshold" in res.output and "Flagged for review" in res.output
+    df = pd.read_parquet(out).set_index("path")
+    kind = df.index.map(lambda p: Path(p).name.split("_")[0])
+    # A dead light and a flat frame are flagged; what validation looks like mostly is not.
+    assert df[kind == "dark"].novel.all() and df[kind == "grey"].novel.all()
+    assert df[kind == "val"].novel.mean() <= 0.25
+    flagged = df[df.novel]
+    # A flagged image is never a good part, and its decision says why.
+    assert flagged.defective.all() and flagged.decided_by.str.startswith("novelty>").all()
+    assert df.novelty.notna().all()
+
+    # Resuming with another threshold is refused; --novelty off writes no score.
+    other = cli.invoke(
+        app,
+        [
+            "classify",
+            str(tmp_path / "images"),
+            "--model",
+            str(tiny_build),
+            "--out",
+            str(out),
+            "--artifact",
+            "model.onnx",
+            "--novelty",
+            "1e9",
+        ],
+    )
+    assert other.exit_code == 2 and "novelty_threshold" in other.output
+    off = tmp_path / "off.parquet"
+    res = cli.invoke(
+        app,
+        [
+            "classify",
+            str(tmp_path / "images"),
+            "--model",
+            str(tiny_build),
+            "--out",
+            str(off),
+            "--novelty",
+            "off",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(off)
+    assert df.novelty.isna().all() and df.novel.isna().all()
+    assert not df.decided_by.str.startswith("novelty").any()
+    bad = cli.invoke(
+        app,
+        [
+            "classify",
+            str(tmp_path / "images"),
+            "--model",
+            str(tiny_build),
+            "--out",
+            str(tmp_path / "x.parquet"),
+            "--novelty",
+            "high",
+        ],
+    )
+    assert bad.exit_code == 2 and "--novelty 'high'" in bad.output
+
+
+def test_novelty_off_skips_the_stage_and_a_threshold_and_gates_follow_the_recipe(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    from tlbuild.gates import evaluate_gates
+    from tlbuild.runner import find_stage
+
+    out = tmp_path / "nov"
+    shutil.copytree(tiny_build, out)
+    base = load_recipe(tiny_build.parent.parent / "tiny.toml")
+    recipe = base.model_copy(
+        update={"output_dir": tmp_path, "name": "nov", "novelty": NoveltyConfig(target="off")}
+    )
+    assert find_stage("novelty").disabled(recipe) == 'novelty.target = "off"'
+    # A looser target flags more of validation; the probe gate is measured and can fail.
+    cfg = NoveltyConfig(target=0.45, min_faults_flagged=1.0, min_agreement=0.5)
+    recipe = recipe.model_copy(update={"novelty": cfg})
+    entry = run_stage("novelty", recipe, Console(quiet=True))
+    assert entry["target"] == 0.45 and entry["val"]["flagged"] > 0.0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["novelty"]["threshold"] == entry["threshold"]
+    assert man["artifacts"]["novelty.npz"]["stage"] == "novelty"
+    gates = {g.gate: g for g in evaluate_gates(recipe.gates, out)}
+    probe = gates["novelty.min_faults_flagged[model.onnx]"]
+    assert probe.threshold == 1.0 and probe.measured == entry["probe"]["faults_flagged"]
+    agreement = [g for k, g in gates.items() if k.startswith("novelty.min_agreement[")]
+    assert len(agreement) == 3 and all(g.threshold == 0.5 for g in agreement)
+    assert all(g.status == ("passed" if g.measured >= 0.5 else "failed") for g in agreement)
