@@ -214,3 +214,97 @@ def test_novelty_off_skips_the_stage_and_a_threshold_and_gates_follow_the_recipe
     agreement = [g for k, g in gates.items() if k.startswith("novelty.min_agreement[")]
     assert len(agreement) == 3 and all(g.threshold == 0.5 for g in agreement)
     assert all(g.status == ("passed" if g.measured >= 0.5 else "failed") for g in agreement)
+
+
+def test_classify_warns_of_drift_on_a_half_faulty_folder_and_keeps_each_runs_figures(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from tlbuild.cli import app
+
+    val = [Path(p) for p, _ in json.loads((tiny_build / "splits.json").read_text())["val"]]
+    same, half = tmp_path / "same", tmp_path / "half"
+    same.mkdir(), half.mkdir()
+    for i in range(120):  # validation's images again: no drift
+        img = Image.open(val[i % len(val)]).convert("RGB")
+        img.save(same / f"{i:03d}.png")
+        if i % 2:  # every other one from a station whose light failed
+            img = Image.fromarray((np.asarray(img) * 0.05).astype(np.uint8))
+        img.save(half / f"{i:03d}.png")
+    cli = CliRunner()
+    args = ["--model", str(tiny_build), "--artifact", "model.onnx"]
+    res = cli.invoke(app, ["classify", str(same), *args, "--out", str(tmp_path / "same.parquet")])
+    assert res.exit_code == 0, res.output
+    assert "Drift against validation" in res.output and "drift:" not in res.output
+    out = tmp_path / "half.parquet"
+    res = cli.invoke(app, ["classify", str(half), *args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    assert "drift: novelty drifted from validation's" in said
+    assert "drift: brightness drifted from validation's" in said
+    (run,) = json.loads((tmp_path / "half.parquet.runs.json").read_text())
+    d = run["drift"]
+    assert run["rows"] == 120 and d["judged"] and d["brightness"]["psi"] > 0.25
+    assert d["brightness"]["median"] < d["brightness"]["reference_median"]
+    import pandas as pd
+
+    df = pd.read_parquet(out)
+    dark = df.path.map(lambda p: int(Path(p).stem) % 2 == 1)
+    assert df[dark].brightness.max() < df[~dark].brightness.min()
+    # A second run on the same results adds its own record.
+    more = tmp_path / "more"
+    more.mkdir()
+    for i in range(3):
+        Image.open(val[i]).convert("RGB").save(more / f"m{i}.png")
+    res = cli.invoke(app, ["classify", str(more), *args, "--out", str(out)])
+    assert res.exit_code == 0 and "too few images to judge" in " ".join(res.output.split())
+    runs = json.loads((tmp_path / "half.parquet.runs.json").read_text())
+    assert [r["rows"] for r in runs] == [120, 3] and not runs[1]["drift"]["judged"]
+
+
+def test_select_picks_flagged_images_first_spread_out_for_a_labeller(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    import csv
+
+    import pandas as pd
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from tlbuild.classify.select import spread_out
+    from tlbuild.cli import app
+
+    # The spread: after the top pick, the farthest point, not the next copy of the same one.
+    v = np.array([[0.0, 0.0], [0.01, 0.0], [5.0, 5.0], [0.02, 0.0]])
+    assert spread_out([0, 1, 3, 2], [0, 0, 0, 0], v, 2) == [0, 2]
+    assert spread_out([0, 1, 2, 3], [0, 0, 1, 1], v, 3) == [0, 1, 2]  # a tier is used up first
+
+    val = [Path(p) for p, _ in json.loads((tiny_build / "splits.json").read_text())["val"]]
+    images = tmp_path / "in"
+    images.mkdir()
+    for i, p in enumerate(val):
+        img = Image.open(p).convert("RGB")
+        img.save(images / f"v{i}.png")
+        Image.new("RGB", img.size, (10 * i, 0, 0)).save(images / f"flat{i}.png")
+    cli = CliRunner()
+    out = tmp_path / "res.parquet"
+    res = cli.invoke(app, ["classify", str(images), "--model", str(tiny_build), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    flagged = int(pd.read_parquet(out).novel.sum())
+    assert flagged >= len(val)  # the flat frames at least
+    n = flagged + 2
+    pick = tmp_path / "pick"
+    res = cli.invoke(app, ["select", str(out), "--model", str(tiny_build), "--n", str(n),
+                           "--out", str(pick)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((pick / "selection.csv").open()))
+    assert len(rows) == n and [r["rank"] for r in rows] == [str(i) for i in range(1, n + 1)]
+    assert all(r["reason"].startswith("novel") for r in rows[:flagged])
+    assert not any(r["reason"].startswith("novel") for r in rows[flagged:])
+    for r in rows:  # a labeller opens the links
+        link = pick / r["file"]
+        assert link.is_symlink() and link.resolve() == Path(r["path"]).resolve()
+    again = cli.invoke(app, ["select", str(out), "--model", str(tiny_build), "--out", str(pick)])
+    assert again.exit_code == 2 and "not empty" in again.output

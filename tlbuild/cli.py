@@ -560,6 +560,30 @@ def explain(
     )
 
 
+@app.command()
+def select(
+    results: Annotated[str, typer.Argument(help="Results of `tlbuild classify` (file or folder).")],
+    model: Annotated[Path, typer.Option(help="The export folder that classified them.")],
+    n: Annotated[int, typer.Option(min=1, help="How many images to pick.")] = 50,
+    out: Annotated[
+        Path, typer.Option(help="New folder: selection.csv and images/ for a labeller.")
+    ] = Path("to-label"),
+    copy: Annotated[bool, typer.Option(help="Copy the images instead of linking them.")] = False,
+) -> None:
+    """The images most worth labelling next: flagged, then nearest the decision, spread out."""
+    from tlbuild.classify.select import SELECTION_CSV
+    from tlbuild.classify.select import select as pick
+
+    console = _console()
+    picks = _guard(lambda: pick(results, model, n, out, copy))
+    flagged = sum(1 for c in picks if c.tier == 0)
+    console.print(
+        f"{len(picks)} image(s) picked ({flagged} flagged as novel, {len(picks) - flagged} "
+        f"nearest the decision): {out / SELECTION_CSV}, and {out / 'images'}/ "
+        + ("(copies)" if copy else "(links)")
+    )
+
+
 @data_app.command("synth-defects")
 def synth_defects(
     out: Annotated[Path, typer.Argument(help="Output folder (class sub-folders are created).")],

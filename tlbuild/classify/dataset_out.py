@@ -38,6 +38,7 @@ from tlbuild.classify.results import (
     object_encodings,
     parquet_keys,
     results_frame,
+    runs_list,
     signals_deferred,
 )
 from tlbuild.classify.storage import filesystem, is_url
@@ -52,6 +53,7 @@ from tlbuild.fileio import (
 )
 
 IDENTITY_FILE = "_tlbuild.json"
+RUNS_FILE = "_runs.json"  # one record per finished run (its drift figures)
 LOCK_FILE = "_tlbuild.lock"
 PLAN_FILE = "_compact.json"
 ASIDE = "_unreadable"
@@ -239,6 +241,8 @@ class ResultsDataset:
         if overwrite:
             for name in self.parts():
                 self.fs.rm_file(self._p(name))
+            if self.fs.exists(self._p(RUNS_FILE)):
+                self.fs.rm_file(self._p(RUNS_FILE))
             found = None
         elif found is None and self.parts():
             raise UsageError(
@@ -380,6 +384,14 @@ class ResultsDataset:
                 fastparquet.write(str(tmp), frame, **kwargs)
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())
+
+    def record_run(self, record: dict[str, Any]) -> None:
+        """Append `record` to the folder's runs file."""
+        try:
+            text = self._read(RUNS_FILE)
+        except (OSError, UsageError):
+            text = None
+        self._write_bytes(RUNS_FILE, json.dumps([*runs_list(text), record], indent=1))
 
     def _write_bytes(self, name: str, text: str) -> None:
         with self._disk_full_named():

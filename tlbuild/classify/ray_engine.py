@@ -66,6 +66,8 @@ def _arrow_schema() -> Any:
             ("decided_by", pa.string()),
             ("novelty", pa.float64()),
             ("novel", pa.bool_()),
+            ("brightness", pa.float64()),
+            ("sharpness", pa.float64()),
             ("width", pa.int64()),
             ("height", pa.int64()),
             ("file_size", pa.int64()),

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from tlbuild.errors import DiskFullError, UsageError, disk_full
-from tlbuild.fileio import atomic_path, open_own_file, quiet_fastparquet
+from tlbuild.fileio import atomic_path, open_own_file, quiet_fastparquet, read_record_text
 
 # Column -> how it is stored. Documented in docs/classify.md ("Classify results schema").
 COLUMNS: dict[str, str] = {
@@ -45,6 +45,8 @@ COLUMNS: dict[str, str] = {
     "decided_by": "utf8",
     "novelty": "Float32",
     "novel": "boolean",
+    "brightness": "Float32",
+    "sharpness": "Float32",
     "width": "Int32",
     "height": "Int32",
     "file_size": "Int64",
@@ -100,6 +102,26 @@ def journal_row(line: bytes | str) -> dict[str, Any] | None:
     if not all(c in row and _fits(row[c], kind) for c, kind in COLUMNS.items()):
         return None
     return row
+
+
+def runs_list(text: str | bytes | None) -> list[Any]:
+    """A runs file's records; a damaged or foreign one starts a new list."""
+    try:
+        found = json.loads(text) if text else []
+    except ValueError:
+        return []
+    return found if isinstance(found, list) else []
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Add `record` to the JSON list at `path` (a new list if missing or damaged)."""
+    try:
+        text = read_record_text(path)
+    except OSError:
+        text = None
+    runs = [*runs_list(text), record]
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(runs, indent=1), encoding="utf-8")
 
 
 def count_rows(n: int) -> str:
@@ -235,6 +257,8 @@ class ResultsFile:
         self.retry_errors = retry_errors
         self.commit_seconds = commit_seconds
         self.journal_path = self.out.with_name(self.out.name + ".journal")
+        # One record per finished run (its drift figures), for dashboards to plot run by run.
+        self.runs_path = self.out.with_name(self.out.name + ".runs.json")
         self.warn = warn or (lambda msg: None)
         self.previous_rows = 0
         self.rows_added = 0  # this run's rows, journaled
@@ -285,6 +309,7 @@ class ResultsFile:
     def _resume(self, overwrite: bool) -> None:
         if overwrite:
             self.out.unlink(missing_ok=True)
+            self.runs_path.unlink(missing_ok=True)
             self._reset_journal()
             return
         if self.out.exists():
@@ -458,6 +483,10 @@ class ResultsFile:
         header = json.dumps({"journal": META_KEY, "identity": self.identity}) + "\n"
         self._journal_write(header.encode("utf-8"))
         self._last_commit = time.monotonic()
+
+    def record_run(self, record: dict[str, Any]) -> None:
+        """Append `record` to the runs file beside the results (atomically)."""
+        append_record(self.runs_path, record)
 
     def kept(self) -> str:
         """Where this run's rows are now, in words: the last message of a run cut short."""

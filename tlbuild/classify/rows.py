@@ -19,6 +19,7 @@ from tlbuild.classify.results import COLUMNS, storable
 from tlbuild.classify.storage import is_url, read_bytes
 from tlbuild.data.preprocess import Preprocessing, load_input
 from tlbuild.errors import UsageError
+from tlbuild.novelty.drift import ImageBlock
 from tlbuild.novelty.score import NoveltyModel
 from tlbuild.runtime.base import Predictor, softmax
 
@@ -86,6 +87,9 @@ def decode_batch(paths: list[str], spec: Preprocessing, exact: bool) -> Decoded:
     return d
 
 
+NOVELTY_COLUMNS = ("novelty", "novel", "brightness", "sharpness")
+
+
 class Decider:
     """Turns probabilities into label, top-k and the ok/defective decision with its rule; and,
     with a novelty model, features into the novelty score and its flag."""
@@ -97,12 +101,14 @@ class Decider:
         ok_class: str | None,
         threshold: float | None,
         novelty: NoveltyModel | None = None,
+        image: ImageBlock | None = None,
     ) -> None:
         self.classes = np.asarray(classes, dtype=object)
         self.topk = min(topk, len(classes))
         self.ok = classes.index(ok_class) if ok_class is not None else None
         self.threshold = threshold
         self.novelty = novelty
+        self.image = image  # where brightness and sharpness are read from the features
         if ok_class is None:
             self.rule = None
         elif threshold is None:
@@ -112,9 +118,11 @@ class Decider:
         self.novelty_rule = None if novelty is None else f"novelty>{novelty.threshold:.4g}"
 
     def novelty_rows(self, features: np.ndarray | None, n: int) -> dict[str, list[Any]]:
-        """Columns novelty and novel: the score and whether it is over the threshold."""
+        """Columns novelty and novel (the score and whether it is over the threshold), and the
+        image's brightness and sharpness."""
+        out: dict[str, list[Any]] = {c: [None] * n for c in NOVELTY_COLUMNS}
         if self.novelty is None:
-            return {"novelty": [None] * n, "novel": [None] * n}
+            return out
         if features is None:
             raise UsageError(
                 "this artifact has no features output, so no novelty score; use --novelty off "
@@ -122,10 +130,13 @@ class Decider:
             )
         scores = self.novelty.scores(features)
         assert self.novelty.threshold is not None
-        return {
-            "novelty": [float(s) for s in scores],
-            "novel": [bool(s > self.novelty.threshold) for s in scores],
-        }
+        out["novelty"] = [float(s) for s in scores]
+        out["novel"] = [bool(s > self.novelty.threshold) for s in scores]
+        if self.image is not None:
+            bright, sharp = self.image.measures(features)
+            out["brightness"] = [round(float(b), 5) for b in bright]
+            out["sharpness"] = [round(float(x), 5) for x in sharp]
+        return out
 
     def decide(self, logits: np.ndarray, features: np.ndarray | None) -> dict[str, list[Any]]:
         """Every decision column for one batch: a novel image is never passed as good (it is

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +26,8 @@ from tlbuild.classify.storage import default_model_cache, is_url, local_model
 from tlbuild.decision.rule import manifest_threshold
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.manifest import Manifest, read_manifest
+from tlbuild.novelty.drift import DriftCounter, image_block
+from tlbuild.novelty.drift import warnings_for as drift_warnings
 from tlbuild.novelty.score import NoveltyModel
 
 # Re-exported: the options are what callers of classify() build.
@@ -72,6 +75,8 @@ class ClassifySummary:
     decision: str = ""  # which threshold decided and where it came from (or "": argmax)
     novelty: str = ""  # the novelty threshold in effect and where it came from (or "": none)
     novel: int = 0  # images flagged as unlike the training images
+    drift: DriftCounter | None = None  # this run against validation's profile, where known
+    drift_figures: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     labels: Counter[str] = field(default_factory=Counter)
     error_reasons: Counter[str] = field(default_factory=Counter)
@@ -90,6 +95,13 @@ class ClassifySummary:
         self.error_reasons.update(reason_kind(e) for e in errors if e is not None)
         self.defective += sum(1 for d in cols["defective"] if d)
         self.novel += sum(1 for f in cols["novel"] if f)
+        if self.drift is not None:
+            self.drift.add(
+                cols["label"],
+                novelty=cols["novelty"],
+                brightness=cols["brightness"],
+                sharpness=cols["sharpness"],
+            )
 
     @property
     def rate(self) -> float:
@@ -265,7 +277,11 @@ def _plan(choice: ModelChoice, out: str, options: ClassifyOptions) -> _Plan:
     threshold, decided = _resolve_threshold(options, manifest, ok_class)
     novelty, novelty_said = _resolve_novelty(options, manifest, choice.folder)
     sha = manifest.artifacts[choice.artifact].sha256
-    decider = Decider(classes, options.topk, ok_class, threshold, novelty)
+    image = None
+    if novelty is not None and manifest.onnx is not None and manifest.onnx.features:
+        spec = manifest.preprocessing
+        image = image_block(manifest.onnx.features["layout"], spec["mean"], spec["std"])
+    decider = Decider(classes, options.topk, ok_class, threshold, novelty, image)
     identity = {
         "model_sha256": sha,
         "artifact": choice.artifact,
@@ -281,9 +297,33 @@ def _plan(choice: ModelChoice, out: str, options: ClassifyOptions) -> _Plan:
     summary = ClassifySummary(out, choice.artifact, choice.backend, ok_class=ok_class)
     summary.decision = decided
     summary.novelty = novelty_said
+    reference = (manifest.novelty.model_dump().get("reference") if manifest.novelty else None) or {}
+    if reference.get("labels"):
+        summary.drift = DriftCounter(reference)
     summary.engine = options.engine
     summary.rule = decider.rule
     return _Plan(choice, decider, sha, identity, summary)
+
+
+def _record_drift(
+    summary: ClassifySummary, results: ResultsFile | ResultsDataset, warned: Callable[[str], None]
+) -> None:
+    """Compare the run with validation's profile: warn past the limits, keep the figures."""
+    assert summary.drift is not None
+    figures = summary.drift.figures()
+    summary.drift_figures = figures
+    for msg in drift_warnings(figures):
+        warned(f"drift: {msg}")
+    results.record_run(
+        {
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "rows": summary.rows,
+            "errors": summary.errors,
+            "flagged": summary.novel,
+            "artifact": summary.artifact,
+            "drift": figures,
+        }
+    )
 
 
 def _classify(
@@ -326,6 +366,8 @@ def _classify(
     try:
         for cols in engine.rows(todo(), plan.choice, plan.decider, plan.sha256):
             write(cols)
+        if summary.drift is not None and summary.rows - summary.errors > 0:
+            _record_drift(summary, results, warned)
         if options.compact:
             summary.parts = results.compact()
     finally:

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from tlbuild.classify.options import ClassifyOptions
 from tlbuild.classify.run import ClassifySummary, Kept, classify
+from tlbuild.novelty.drift import drift_line
 
 # Beyond this many, warnings only count: a folder of bad files must not flood the terminal.
 _SHOWN_WARNINGS = 20
@@ -97,6 +98,8 @@ def print_summary(console: Console, s: ClassifySummary) -> None:
         if s.novel:
             how += " or flagged for review"
         console.print(f"Defective ({how}): {s.defective:,} of {ok_rows:,} readable images")
+    if s.drift_figures:
+        console.print(escape(drift_line(s.drift_figures)))
     extra = []
     if s.skipped:
         extra.append(f"{s.skipped:,} already in --out (resumed)")

@@ -17,6 +17,7 @@ from tlbuild.data.preprocess import Preprocessing, load_batch, preprocess
 from tlbuild.data.scan import Sample
 from tlbuild.errors import UsageError
 from tlbuild.manifest import Manifest
+from tlbuild.novelty.drift import image_block, reference
 from tlbuild.novelty.probe import FAULTS
 from tlbuild.novelty.score import NoveltyModel, conformal_threshold
 from tlbuild.recipe import NoveltyConfig
@@ -33,23 +34,33 @@ def spread(samples: list[Sample], n: int) -> list[Sample]:
     return [samples[i] for i in np.linspace(0, len(samples) - 1, n).round().astype(int)]
 
 
-def features(
+def outputs(
     predictors: Mapping[str, Predictor], batches: Iterable[np.ndarray], progress: Any = None
-) -> dict[str, np.ndarray]:
-    """Each predictor's features on the same stream of batches (decoded once)."""
-    got: dict[str, list[np.ndarray]] = {name: [] for name in predictors}
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each predictor's logits and features on the same stream of batches (decoded once)."""
+    got: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in predictors}
     for x in batches:
         for name, p in predictors.items():
-            _, f = p.logits_and_features(x)
+            logits, f = p.logits_and_features(x)
             if f is None:
                 raise UsageError(
                     f"{p.artifact.name} has no features output (exported by an older tlbuild); "
                     "rebuild it: `tlbuild run RECIPE --force export`"
                 )
-            got[name].append(f)
+            got[name].append((logits, f))
         if progress is not None:
             progress()
-    return {name: np.concatenate(parts) for name, parts in got.items()}
+    return {
+        name: (np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts]))
+        for name, parts in got.items()
+    }
+
+
+def features(
+    predictors: Mapping[str, Predictor], batches: Iterable[np.ndarray], progress: Any = None
+) -> dict[str, np.ndarray]:
+    """Each predictor's features on the same stream of batches (decoded once)."""
+    return {k: f for k, (_, f) in outputs(predictors, batches, progress).items()}
 
 
 def _file_batches(samples: list[Sample], spec: Preprocessing) -> Iterable[np.ndarray]:
@@ -82,6 +93,23 @@ def shipped_variants(folder: Path, manifest: Manifest) -> dict[str, Predictor]:
         if v.status == "accepted" and (folder / v.file).is_file():
             out[v.file] = open_onnx(folder / v.file, simulate_qdq=VARIANTS[name].simulate_qdq)
     return out
+
+
+def _drift_reference(
+    manifest: Manifest,
+    val: tuple[np.ndarray, np.ndarray],
+    scores: np.ndarray,
+    spec: Preprocessing,
+) -> dict[str, Any]:
+    """The validation images' profile for classify's drift check (tlbuild/novelty/drift.py)."""
+    logits, f = val
+    labels = [manifest.classes[i] for i in logits.argmax(1)]
+    measures: dict[str, np.ndarray] = {"novelty": scores}
+    assert manifest.onnx is not None and manifest.onnx.features
+    block = image_block(manifest.onnx.features["layout"], spec.mean, spec.std)
+    if block is not None:
+        measures["brightness"], measures["sharpness"] = block.measures(f)
+    return reference(labels, measures, manifest.classes)
 
 
 def _share(flags: np.ndarray) -> float:
@@ -117,10 +145,12 @@ def fit_novelty(
 
     train_f = features(fp32, _file_batches(inputs.fit, spec), step)[MODEL_ONNX]
     model = NoveltyModel.fit(train_f, layout)
-    val_f = features(predictors, _file_batches(inputs.val, spec), step)
+    val_out = outputs(predictors, _file_batches(inputs.val, spec), step)
+    val_f = {k: f for k, (_, f) in val_out.items()}
     model.standardise_on(val_f[MODEL_ONNX])
     val_scores = model.scores(val_f[MODEL_ONNX])
     model.threshold, val_flagged = conformal_threshold(val_scores, float(cfg.target))
+    drift_ref = _drift_reference(manifest, val_out[MODEL_ONNX], val_scores, spec)
     probe_f = features(predictors, _probe_batches(inputs.probe, spec), step)
     n = len(inputs.probe)
     probe_scores = model.scores(probe_f[MODEL_ONNX])
@@ -166,6 +196,7 @@ def fit_novelty(
             {"path": str(inputs.val[i].path), "score": round(float(val_scores[i]), 3)}
             for i in order[:8]
         ],
+        "reference": drift_ref,  # what classify's drift check compares a run with
         "min_agreement": cfg.min_agreement,
         "min_faults_flagged": cfg.min_faults_flagged,
     }
