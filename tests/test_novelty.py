@@ -111,19 +111,12 @@ def test_the_build_fits_the_score_and_classify_flags_what_it_was_not_built_for(
     _frames(tmp_path / "images", val)
     out = tmp_path / "res.parquet"
     cli = CliRunner()
-    res = cli.invoke(
-        app,
-        [
-            "classify",
-            str(tmp_path / "images"),
-            "--model",
-            str(tiny_build),
-            "--out",
-            str(out),
-            "--artifact",
-            "model.onnx",
-        ],
-    )
+
+    def classify(results: Path, *extra: str):  # noqa: ANN202 - typer's Result
+        args = [str(tmp_path / "images"), "--model", str(tiny_build), "--out", str(results)]
+        return cli.invoke(app, ["classify", *args, *extra])
+
+    res = classify(out, "--artifact", "model.onnx")
     assert res.exit_code == 0, res.output
     assert "Novelty threshold" in res.output and "Flagged for review" in res.output
     df = pd.read_parquet(out).set_index("path")
@@ -137,53 +130,15 @@ def test_the_build_fits_the_score_and_classify_flags_what_it_was_not_built_for(
     assert df.novelty.notna().all()
 
     # Resuming with another threshold is refused; --novelty off writes no score.
-    other = cli.invoke(
-        app,
-        [
-            "classify",
-            str(tmp_path / "images"),
-            "--model",
-            str(tiny_build),
-            "--out",
-            str(out),
-            "--artifact",
-            "model.onnx",
-            "--novelty",
-            "1e9",
-        ],
-    )
+    other = classify(out, "--artifact", "model.onnx", "--novelty", "1e9")
     assert other.exit_code == 2 and "novelty_threshold" in other.output
     off = tmp_path / "off.parquet"
-    res = cli.invoke(
-        app,
-        [
-            "classify",
-            str(tmp_path / "images"),
-            "--model",
-            str(tiny_build),
-            "--out",
-            str(off),
-            "--novelty",
-            "off",
-        ],
-    )
+    res = classify(off, "--novelty", "off")
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(off)
     assert df.novelty.isna().all() and df.novel.isna().all()
     assert not df.decided_by.str.startswith("novelty").any()
-    bad = cli.invoke(
-        app,
-        [
-            "classify",
-            str(tmp_path / "images"),
-            "--model",
-            str(tiny_build),
-            "--out",
-            str(tmp_path / "x.parquet"),
-            "--novelty",
-            "high",
-        ],
-    )
+    bad = classify(tmp_path / "x.parquet", "--novelty", "high")
     assert bad.exit_code == 2 and "--novelty 'high'" in bad.output
 
 
