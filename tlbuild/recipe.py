@@ -467,9 +467,12 @@ class NoveltyConfig(_Section):
     """The novelty score (how unlike the training images an image is) and its threshold."""
 
     # Split-conformal on the validation split: at most this share of new images like the
-    # validation ones is flagged (in expectation); 1% as the decision targets are set.
+    # validation ones is flagged (in expectation). 2%, measured (benchmarks/novelty.py): at 1%
+    # the threshold sits at validation's few most unusual images, and on textures it flagged
+    # 10% of out-of-focus and 75% of dark frames against 90% and 100% at 2% (validation
+    # flagged: 0.5% and 1.5%); with fewer than 99 validation images 1% is their largest score.
     target: float | Literal["off"] = Field(
-        0.01, description='share of validation-like images flagged for review; "off": no score'
+        0.02, description='share of validation-like images flagged for review; "off": no score'
     )
     min_faults_flagged: float | None = Field(
         None, ge=0.0, le=1.0, description="gate: share of the camera-fault probe flagged"

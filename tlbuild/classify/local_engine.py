@@ -10,6 +10,7 @@ from tlbuild.bench.environment import cpu_cores
 from tlbuild.classify.options import ClassifyOptions, ModelChoice, provider_of
 from tlbuild.classify.rows import Decider, Decoded, RowMaker, chunks, decode_batch
 from tlbuild.data.decode_threads import DecodeThreads
+from tlbuild.novelty.score import one_blas_thread
 from tlbuild.runtime.base import Predictor
 from tlbuild.runtime.load import load_predictor
 
@@ -53,7 +54,7 @@ class LocalEngine:
         # the run (the rows written so far are committed by the caller, in its thread). A few
         # batches decode ahead of inference: enough to hide decode behind it, few enough that
         # memory does not depend on how many files there are.
-        with DecodeThreads(workers) as pool:
+        with DecodeThreads(workers) as pool, one_blas_thread():
             for decoded in pool.imap(decode, chunks(paths, self.options.batch_size), workers + 1):
                 yield maker.rows(decoded)
 

@@ -34,6 +34,7 @@ from tlbuild.classify.rows import Decider, Decoded, RowMaker, chunks, decode_bat
 from tlbuild.classify.storage import default_model_cache, is_url, local_model
 from tlbuild.data.decode_threads import DecodeThreads
 from tlbuild.errors import TlbuildError, UsageError
+from tlbuild.novelty.score import one_blas_thread
 
 # Paths per Ray Data dataset. Each round restarts the actor pool (about a second per actor to
 # open the model), so rounds are large; the list itself costs ~100 bytes a path on the driver.
@@ -126,6 +127,9 @@ class Classifier:
         # One ORT thread per CPU the actor holds; decode gets the same number of threads.
         predictor = _open_model(model.source, model.cache, model.artifact, model.provider, threads)
         self.maker = RowMaker(predictor, decider, sha256)
+        # The actor's process is this classifier's alone: one BLAS thread for its lifetime.
+        self._blas = one_blas_thread()
+        self._blas.__enter__()
         self.exact = exact
         self.threads = threads
         self.pool = DecodeThreads(threads) if threads > 1 else None

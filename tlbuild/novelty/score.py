@@ -18,6 +18,7 @@ images against 98.4% (benchmarks/novelty.py prints the tables).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,17 @@ from tlbuild.fileio import atomic_path
 
 MAX_DIMS = 256
 METHOD = "feature-gaussian-v2"
+
+
+def one_blas_thread() -> contextlib.AbstractContextManager[Any]:
+    """numpy's BLAS on one thread while classify scores: OpenBLAS's threads spin after each
+    product and took 20% of classify's rows per second from ONNX Runtime and the decoders on 2
+    cores (0.77x with the score against 0.98x on one BLAS thread). No-op without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # a hand-made device install without it: slower, not wrong
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +200,7 @@ class NoveltyModel:
 def conformal_threshold(val_scores: np.ndarray, target: float) -> tuple[float, float]:
     """The threshold that flags at most `target` of new images like the validation ones (split
     conformal: above the ceil((n + 1)(1 - target))-th smallest validation score), and the share
-    it flags on validation. With fewer than 1/target - 1 images it is above the largest score.
+    it flags on validation. With fewer than 2/target - 1 images (99 at 2%) that is the largest.
 
     It sits halfway to the next score, or half the last gap above the largest: a threshold
     equal to one image's score would flip that image between FP32 and a variant whose score
