@@ -156,12 +156,30 @@ def run(
         _leave_process_group()
     reused = [s.stage for s in result.stages if s.action == "reused"]
     ran = [s.stage for s in result.stages if s.action == "ran"]
+    total = time.perf_counter() - t0
+    _print_stage_times(console, result.stages, total)
     console.print(
-        f"[bold]Build done[/] in {time.perf_counter() - t0:.1f}s: {result.out} "
+        f"[bold]Build done[/] in {total:.1f}s: {result.out} "
         f"(ran: {', '.join(ran) or 'nothing'}; reused: {', '.join(reused) or 'nothing'})"
     )
     _print_fine_tuning_gain(console, result.out)
     _gate_verdict(console, result.gates)
+
+
+def _print_stage_times(console: Console, stages: list, total: float) -> None:  # noqa: ANN001
+    """Where this run's minutes went: each stage that ran, its seconds and share."""
+    from rich.table import Table
+
+    ran = [s for s in stages if s.action == "ran"]
+    if not ran:
+        return
+    table = Table(title="Time per stage", title_justify="left")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    table.add_column("share", justify="right")
+    for s in sorted(ran, key=lambda s: -s.seconds):
+        table.add_row(s.stage, f"{s.seconds:.1f}", f"{s.seconds / max(total, 1e-9):.0%}")
+    console.print(table)
 
 
 def _print_fine_tuning_gain(console: Console, out: Path) -> None:
