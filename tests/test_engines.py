@@ -60,7 +60,9 @@ class _FakeEngine:
         return {"logits": y, "features": features}
 
 
-def _fake_tensorrt(monkeypatch: pytest.MonkeyPatch, fail: set[str] = frozenset()) -> None:
+def _fake_tensorrt(
+    monkeypatch: pytest.MonkeyPatch, fail: set[str] = frozenset(), raises: set[str] = frozenset()
+) -> None:
     from tlbuild.errors import BuildError
     from tlbuild.export import engines, tensorrt_compile
     from tlbuild.export.tensorrt_compile import BatchProfile, EngineInfo
@@ -68,6 +70,8 @@ def _fake_tensorrt(monkeypatch: pytest.MonkeyPatch, fail: set[str] = frozenset()
     def compile_engine(src: Path, out: Path, label: str, batches: BatchProfile, *rest):  # noqa: ANN002, ANN202
         if label in fail:
             raise BuildError(f"TensorRT failed to build an engine from {src.name}")
+        if label in raises:  # what a trt.Builder that cannot initialise CUDA raises
+            raise TypeError("pybind11::init(): factory function returned nullptr")
         lo, opt, hi = batches.min_batch, batches.opt_batch, batches.max_batch
         path = out / f"model.{label}.b{lo}-{hi}.sm87.trt10.3.engine"
         path.write_bytes(b"fake engine " + label.encode())
@@ -143,6 +147,26 @@ def test_one_engine_that_fails_to_build_follows_on_fail(
         make_engines(
             device, cfg.model_copy(update={"on_fail": "error"}), 1.0, Console(quiet=True), None
         )
+
+
+def test_an_exception_tensorrt_raises_is_that_engines_failure_and_the_others_go_on(
+    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlbuild.errors import BuildError
+    from tlbuild.export.engines import make_engines
+    from tlbuild.recipe import EnginesConfig
+
+    device = _device_copy(tiny_build, tmp_path)
+    _fake_tensorrt(monkeypatch, raises={"int8-trt"})
+    _FakeEngine.flip = 0
+    cfg = EnginesConfig(variants=("int8_trt", "fp32"), max_batch=8, on_fail="reject")
+    done = make_engines(device, cfg, 1.0, Console(quiet=True), None)
+    failed = done["engines"]["int8_trt"]
+    assert failed["status"] == "failed" and failed["reason"].startswith("TypeError: pybind11")
+    assert done["engines"]["fp32"]["status"] == "accepted"  # built after the failure
+    strict = cfg.model_copy(update={"on_fail": "error"})
+    with pytest.raises(BuildError, match=r"engine for model.int8.trt.onnx failed: TypeError"):
+        make_engines(device, strict, 1.0, Console(quiet=True), None)
 
 
 def test_an_engine_from_another_tensorrt_version_is_refused_before_loading(

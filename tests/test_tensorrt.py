@@ -112,9 +112,31 @@ def _fake_trt(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
 def test_tensorrt_status_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_trt(monkeypatch, "10.3.0.26")
     monkeypatch.setattr(rt, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(rt, "cuda_mismatch", lambda: None)  # versions agree (or are unknown)
     ok, reason = tensorrt_status()
     assert not ok
     assert reason.startswith("TensorRT 10.3 is installed but no CUDA GPU is visible")
+
+
+def test_tensorrt_status_names_a_cuda_driver_and_runtime_mismatch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # cuda-python 13 on JetPack 6's CUDA 12 driver: the device count fails; say why.
+    _fake_trt(monkeypatch, "10.3.0.26")
+    monkeypatch.setattr(rt, "cuda_device_count", lambda: 0)
+    fake = SimpleNamespace(
+        cudaDriverGetVersion=lambda: (0, 12060), cudaRuntimeGetVersion=lambda: (0, 13000)
+    )
+    monkeypatch.setattr(rt, "cudart", lambda: fake)
+    ok, reason = tensorrt_status()
+    assert not ok
+    assert "the driver supports CUDA 12.6 but cuda-python's runtime is CUDA 13.0" in reason
+    assert "'cuda-python>=12,<13'" in reason
+    # Matching versions: no mismatch to name; the generic reason stands.
+    fake.cudaRuntimeGetVersion = lambda: (0, 12040)
+    assert rt.cuda_mismatch() is None
+    fake.cudaDriverGetVersion = lambda: (0, 0)
+    assert rt.cuda_mismatch() == "no NVIDIA driver is loaded"
 
 
 def test_tensorrt_status_too_old(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -467,3 +489,20 @@ def test_engine_runner_returns_the_features_output_beside_the_logits(
     assert out["logits"].shape == (3, 5)
     del engine
     assert cuda.mem == {}  # every output's buffer freed
+
+
+def test_one_tensorrt_logger_per_process_keeps_warnings_up_and_reports_since_a_mark() -> None:
+    cuda = _FakeCudart()
+    trt = _fake_tensorrt_module(cuda)
+    trt.ILogger.INFO, trt.ILogger.VERBOSE = 3, 4  # type: ignore[attr-defined]
+    logger = rt.make_logger(trt)
+    assert rt.make_logger(trt) is logger  # every Builder and Runtime gets this one
+    logger.log(trt.ILogger.ERROR, "an earlier engine's error")
+    since = logger.mark()
+    logger.log(trt.ILogger.INFO, "building layer 12")  # below the filter: dropped
+    logger.log(trt.ILogger.WARNING, "weights out of FP16 range")
+    assert rt.log_tail(logger, since) == "  weights out of FP16 range"
+    logger.log(trt.ILogger.ERROR, "out of GPU memory")
+    # Errors first, and only this engine's: not the earlier one.
+    assert rt.log_tail(logger, since) == "  out of GPU memory"
+    assert all("layer 12" not in m for _, m in logger.records)

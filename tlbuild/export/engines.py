@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from tlbuild.artifacts import DEVICE_BATCH, MODEL_ONNX, ONNX_ARTIFACTS, TIMING_CACHE
 from tlbuild.data.preprocess import Preprocessing, load_batch
 from tlbuild.data.scan import Sample
-from tlbuild.errors import BuildError, UsageError
+from tlbuild.errors import BuildError, DiskFullError, UsageError
 from tlbuild.export.compare import batches_of, compare_artifacts
 from tlbuild.manifest import (
     Manifest,
@@ -174,11 +175,18 @@ def make_engines(
         manifest.verify(folder, a.file)  # only the file its gate accepted becomes an engine
         try:
             engines[variant] = _one_engine(folder, variant, cfg, max_drop, data, console)
-        except BuildError as e:  # one variant that will not build does not stop the others
+        except (UsageError, DiskFullError):  # the user's to fix, and the same for every variant
+            raise
+        except Exception as e:  # one variant that will not build does not stop the others
+            # TensorRT raises its own types too (a Builder that cannot initialise CUDA is a
+            # TypeError): each is this engine's failure, with the message.
+            reason = str(e) if isinstance(e, BuildError) else f"{type(e).__name__}: {e}"
             if cfg.on_fail == "error":
-                raise
-            console.print(f"[red]Engine for {a.file} failed:[/] {e}")
-            engines[variant] = {"status": "failed", "reason": str(e)}
+                if isinstance(e, BuildError):
+                    raise
+                raise BuildError(f"TensorRT engine for {a.file} failed: {reason}") from e
+            console.print(f"[red]Engine for {a.file} failed:[/] {escape(reason)}")
+            engines[variant] = {"status": "failed", "reason": reason}
     section.update(status="built", engines=engines)
     files = [e["path"] for e in engines.values() if "path" in e] + [TIMING_CACHE]
     write_section(folder, "engines", {"engines": section}, files)

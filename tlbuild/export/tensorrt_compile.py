@@ -132,9 +132,9 @@ def _parser_errors(parser: Any) -> str:
     return "\n".join(out)
 
 
-def _parse_failure(parser: Any, logger: Any, onnx_path: Path) -> str:
+def _parse_failure(parser: Any, logger: Any, onnx_path: Path, since: int = 0) -> str:
     # An unreadable file can fail before the parser records anything; the log still says why.
-    details = _parser_errors(parser) if parser.num_errors else log_tail(logger)
+    details = _parser_errors(parser) if parser.num_errors else log_tail(logger, since)
     return f"TensorRT could not parse {onnx_path.name} ({parser.num_errors} error(s)):\n{details}"
 
 
@@ -252,8 +252,9 @@ def _parse_onnx(
     """The strongly typed network parsed from `onnx_path`, and its parser."""
     network = builder.create_network(network_flags(trt.NetworkDefinitionCreationFlag, trt_major))
     parser = trt.OnnxParser(network, logger)
+    since = logger.mark()
     if not parser.parse_from_file(str(onnx_path)):
-        raise BuildError(_parse_failure(parser, logger, onnx_path))
+        raise BuildError(_parse_failure(parser, logger, onnx_path, since))
     return network, parser
 
 
@@ -288,6 +289,7 @@ def compile_engine(
     gpu_name, cc = gpu_identity()
 
     logger = make_logger(trt)
+    since = logger.mark()  # this engine's messages only: the logger is the process's
     builder = trt.Builder(logger)
     # The parser is kept until the build: the network may refer to weights it holds.
     network, _parser = _parse_onnx(trt, logger, builder, onnx_path, int(trt_xy.split(".")[0]))
@@ -306,7 +308,8 @@ def compile_engine(
     if serialized is None:
         raise BuildError(
             f"TensorRT failed to build an engine from {onnx_path.name} "
-            f"(batch {min_batch}..{max_batch}, workspace {workspace_mib} MiB):\n{log_tail(logger)}"
+            f"(batch {min_batch}..{max_batch}, workspace {workspace_mib} MiB):\n"
+            f"{log_tail(logger, since)}"
         )
 
     path = out_dir / engine_file_name(precision, min_batch, max_batch, cc, trt_xy)

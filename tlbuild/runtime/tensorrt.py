@@ -90,6 +90,32 @@ def _cuda_devices() -> tuple[int, str]:
         return 0, str(e)
 
 
+def _cuda_version(value: int) -> str:
+    """12060 -> '12.6' (CUDA's encoding: 1000 * major + 10 * minor)."""
+    return f"{value // 1000}.{(value % 1000) // 10}"
+
+
+def cuda_mismatch() -> str | None:
+    """A sentence when the driver supports an older CUDA than cuda-python's runtime needs (its
+    usual cause of 'no GPU': cuda-python 13 on a CUDA 12 driver such as JetPack 6's), else None."""
+    try:
+        rt = cudart()
+        driver = int(cuda_call(rt.cudaDriverGetVersion()))
+        runtime = int(cuda_call(rt.cudaRuntimeGetVersion()))
+    except Exception:  # no driver at all, or bindings too old to ask
+        return None
+    if driver == 0:
+        return "no NVIDIA driver is loaded"
+    if runtime // 1000 > driver // 1000 or runtime > driver:
+        major = driver // 1000
+        return (
+            f"the driver supports CUDA {_cuda_version(driver)} but cuda-python's runtime is CUDA "
+            f"{_cuda_version(runtime)}: install the cuda-python of the driver's CUDA major "
+            f"('cuda-python>={major},<{major + 1}'), or a newer driver"
+        )
+    return None
+
+
 def gpu_identity() -> tuple[str, str]:
     """(name, 'major.minor') of the current CUDA device, the one TensorRT builds for."""
     rt = cudart()
@@ -115,6 +141,9 @@ def tensorrt_status() -> tuple[bool, str]:
     if int(xy.split(".")[0]) < MIN_TRT_MAJOR:
         return False, f"TensorRT {xy} is installed; tlbuild needs TensorRT {MIN_TRT_MAJOR} or newer"
     if cuda_device_count() == 0:
+        mismatch = cuda_mismatch()
+        if mismatch:
+            return False, f"TensorRT {xy} is installed but no CUDA GPU is usable: {mismatch}"
         why = _cuda_devices()[1] or "no device"
         return False, (
             f"TensorRT {xy} is installed but no CUDA GPU is visible through cuda-python ({why}); "
@@ -134,27 +163,52 @@ def import_trt() -> Any:
     return trt
 
 
+# TensorRT treats the logger as a per-process singleton: every Builder and Runtime must be
+# given the same one (NVIDIA's ILogger reference). One per `tensorrt` module, made on first use.
+_LOGGERS: dict[int, Any] = {}
+
+
 def make_logger(trt: Any) -> Any:
-    """A TensorRT logger that keeps errors and warnings so failures can be reported in full."""
+    """The process's TensorRT logger: keeps errors and warnings (INFO and VERBOSE are dropped),
+    each numbered, so an operation reports only what was logged since it began (mark())."""
+    key = id(trt)
+    if key not in _LOGGERS:
+        _LOGGERS[key] = _capturing_logger(trt)
+    return _LOGGERS[key]
+
+
+def _capturing_logger(trt: Any) -> Any:
+    import threading
+
+    warning = int(trt.ILogger.WARNING)
+    errors = {int(trt.ILogger.INTERNAL_ERROR), int(trt.ILogger.ERROR)}
 
     class CapturingLogger(trt.ILogger):
         def __init__(self) -> None:
             # The docs require the explicit base __init__ call for Python loggers.
             trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-            self.warnings: list[str] = []
+            self._lock = threading.Lock()  # TensorRT requires a thread-safe logger
+            self.records: list[tuple[bool, str]] = []  # (is an error, message)
 
         def log(self, severity: Any, msg: str) -> None:
-            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
-                self.errors.append(msg)
-            elif severity == trt.ILogger.WARNING:
-                self.warnings.append(msg)
+            level = int(severity)
+            if level > warning:  # INFO, VERBOSE: not kept
+                return
+            with self._lock:
+                self.records.append((level in errors, msg))
+
+        def mark(self) -> int:
+            """Where the next message will go: pass it to log_tail to see only what follows."""
+            with self._lock:
+                return len(self.records)
 
     return CapturingLogger()
 
 
-def log_tail(logger: Any, limit: int = 20) -> str:
-    lines = logger.errors[-limit:] or logger.warnings[-limit:]
+def log_tail(logger: Any, since: int = 0, limit: int = 20) -> str:
+    """The errors logged since `since` (else the warnings), one indented line each."""
+    recent = logger.records[since:]
+    lines = [m for err, m in recent if err][-limit:] or [m for _, m in recent][-limit:]
     return "\n".join(f"  {m}" for m in lines) if lines else "  (TensorRT logged no error)"
 
 
@@ -182,12 +236,13 @@ class TensorRTEngine:
         self.path = engine_path
         # The logger, runtime and engine must outlive the execution context.
         self._logger = make_logger(trt)
+        since = self._logger.mark()
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self._engine is None:
             raise BuildError(
                 f"TensorRT could not load {engine_path.name}; an engine only runs with the "
-                f"TensorRT version and GPU type that built it:\n{log_tail(self._logger)}"
+                f"TensorRT version and GPU type that built it:\n{log_tail(self._logger, since)}"
             )
         self._context = self._engine.create_execution_context()
         if self._context is None:
@@ -254,8 +309,11 @@ class TensorRTEngine:
         ctx.set_tensor_address(self.input_name, int(self._d_in))
         for name, ptr in self._d_outs.items():
             ctx.set_tensor_address(name, int(ptr))
+        since = self._logger.mark()
         if not ctx.execute_async_v3(int(self._stream)):
-            raise BuildError(f"TensorRT inference failed:\n{log_tail(self._logger)}")
+            raise BuildError(
+                f"TensorRT inference failed on {self.path.name}:\n{log_tail(self._logger, since)}"
+            )
         for name, y in ys.items():
             cuda_call(
                 rt.cudaMemcpyAsync(y.ctypes.data, self._d_outs[name], y.nbytes, d2h, self._stream)
