@@ -129,43 +129,33 @@ def test_a_tampered_or_missing_device_batch_is_one_clear_message(
         make_engines(device, EnginesConfig(), 1.0, Console(quiet=True), None)
 
 
-def test_one_engine_that_fails_to_build_follows_on_fail(
-    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize(
+    ("how", "reason", "error"),
+    [
+        # TensorRT says it could not build (a BuildError of ours).
+        ("fail", "TensorRT failed to build", "failed to build"),
+        # TensorRT raises its own exception (a Builder that cannot initialise CUDA).
+        ("raises", "TypeError: pybind11", r"engine for model.int8.trt.onnx failed: TypeError"),
+    ],
+)
+def test_one_engine_that_fails_to_build_follows_on_fail_and_the_others_go_on(
+    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, reason: str,
+    error: str,
+) -> None:  # fmt: skip
     from tlbuild.errors import BuildError
     from tlbuild.export.engines import make_engines
     from tlbuild.recipe import EnginesConfig
 
     device = _device_copy(tiny_build, tmp_path)
-    _fake_tensorrt(monkeypatch, fail={"int8-trt"})
-    _FakeEngine.flip = 0
-    cfg = EnginesConfig(variants=("fp32", "int8_trt"), max_batch=8, on_fail="reject")
-    done = make_engines(device, cfg, 1.0, Console(quiet=True), None)
-    assert done["engines"]["int8_trt"]["status"] == "failed"
-    assert done["engines"]["fp32"]["status"] == "accepted"
-    with pytest.raises(BuildError, match="failed to build"):
-        make_engines(
-            device, cfg.model_copy(update={"on_fail": "error"}), 1.0, Console(quiet=True), None
-        )
-
-
-def test_an_exception_tensorrt_raises_is_that_engines_failure_and_the_others_go_on(
-    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from tlbuild.errors import BuildError
-    from tlbuild.export.engines import make_engines
-    from tlbuild.recipe import EnginesConfig
-
-    device = _device_copy(tiny_build, tmp_path)
-    _fake_tensorrt(monkeypatch, raises={"int8-trt"})
+    _fake_tensorrt(monkeypatch, **{how: {"int8-trt"}})
     _FakeEngine.flip = 0
     cfg = EnginesConfig(variants=("int8_trt", "fp32"), max_batch=8, on_fail="reject")
     done = make_engines(device, cfg, 1.0, Console(quiet=True), None)
     failed = done["engines"]["int8_trt"]
-    assert failed["status"] == "failed" and failed["reason"].startswith("TypeError: pybind11")
+    assert failed["status"] == "failed" and failed["reason"].startswith(reason)
     assert done["engines"]["fp32"]["status"] == "accepted"  # built after the failure
     strict = cfg.model_copy(update={"on_fail": "error"})
-    with pytest.raises(BuildError, match=r"engine for model.int8.trt.onnx failed: TypeError"):
+    with pytest.raises(BuildError, match=error):
         make_engines(device, strict, 1.0, Console(quiet=True), None)
 
 
