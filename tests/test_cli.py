@@ -86,3 +86,40 @@ def test_image_gone_before_export_is_one_clear_message(tiny_build: Path, tmp_pat
     res = runner.invoke(app, ["export", str(write_recipe(tmp_path / "tiny.toml", recipe))])
     assert res.exit_code == 1, res.output
     assert "vanished.jpg: file not found" in res.output and "Traceback" not in res.output
+
+
+def test_device_requirements_pin_what_the_package_pins_and_the_installer_refuses_a_typo(
+    tmp_path: Path,
+) -> None:
+    import re
+    import subprocess
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+
+    def reqs(lines: list[str]) -> dict[str, str]:
+        out = {}
+        for line in lines:
+            line = line.split("#")[0].strip()
+            if line:
+                name, spec = re.match(r"([A-Za-z0-9_.-]+)(.*)", line).groups()  # type: ignore[union-attr]
+                out[name.lower()] = spec.replace(" ", "")
+        return out
+
+    package = reqs(project["dependencies"])
+    scripts = root / "tlbuild" / "device"
+    for target in ("cpu", "jetpack6", "cuda12", "cuda13"):
+        lines = (scripts / f"requirements-{target}.txt").read_text().splitlines()
+        device = reqs(lines)
+        # Every library both need is pinned alike (the device side only drops training's).
+        for name, spec in device.items():
+            if name in package:
+                assert spec == package[name], (target, name)
+        assert not {"torch", "torchvision", "timm", "onnx"} & set(device)
+    extras = project["optional-dependencies"]
+    assert reqs(extras["tensorrt"])["cuda-python"] == ">=12,<13"  # never CUDA 13 by accident
+    done = subprocess.run(
+        ["bash", str(scripts / "install.sh"), "cuda11"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "no requirements for target 'cuda11'" in done.stderr
