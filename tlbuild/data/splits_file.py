@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tlbuild.artifacts import SPLITS_JSON
 from tlbuild.data.scan import Sample, Splits
 from tlbuild.errors import UsageError
@@ -57,3 +59,11 @@ def read_split(folder: Path, split: str, classes: list[str] | None = None) -> li
             )
         samples.append(Sample(Path(entry[0]), entry[1]))
     return samples
+
+
+def evenly_spaced(samples: list[Sample], n: int) -> list[Sample]:
+    """`n` of `samples`, evenly spaced through the (class-ordered) split, so every class is in;
+    all of them when there are no more than `n`."""
+    if len(samples) <= n:
+        return samples
+    return [samples[i] for i in np.linspace(0, len(samples) - 1, n).round().astype(int)]

@@ -27,13 +27,6 @@ from tlbuild.runtime.base import Predictor
 BATCH = 32
 
 
-def spread(samples: list[Sample], n: int) -> list[Sample]:
-    """`n` of `samples`, evenly spaced (the splits are class-ordered: every class is in)."""
-    if len(samples) <= n:
-        return samples
-    return [samples[i] for i in np.linspace(0, len(samples) - 1, n).round().astype(int)]
-
-
 def outputs(
     predictors: Mapping[str, Predictor], batches: Iterable[np.ndarray], progress: Any = None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -17,7 +17,7 @@ from tlbuild.artifacts import (
 )
 from tlbuild.data.preprocess import load_batch
 from tlbuild.data.scan import Sample
-from tlbuild.data.splits_file import read_split
+from tlbuild.data.splits_file import evenly_spaced, read_split
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.export.feature_graph import FEATURES_NAME
 from tlbuild.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_io
@@ -30,14 +30,6 @@ from tlbuild.stages.base import Stage, StageContext
 from tlbuild.train.metrics import best_label
 
 
-def _parity_samples(samples: list[Sample], n: int) -> list[Sample]:
-    # Evenly spaced through the (class-ordered) split, so every class is represented.
-    if len(samples) <= n:
-        return samples
-    idx = np.linspace(0, len(samples) - 1, n).round().astype(int)
-    return [samples[i] for i in idx]
-
-
 def _export_checked(
     ctx: StageContext, tm: TrainedModel, val: list[Sample]
 ) -> tuple[ParityResult, list[dict[str, Any]]]:
@@ -46,7 +38,7 @@ def _export_checked(
     cfg = ctx.recipe.export
     if not val:
         raise UsageError(f"{ctx.out / SPLITS_JSON} lists no validation images; retrain")
-    samples = _parity_samples(val, cfg.parity_images)
+    samples = evenly_spaced(val, cfg.parity_images)
     images = load_batch([s.path for s in samples], tm.preprocessing)
     with atomic_path(ctx.out / MODEL_ONNX) as tmp:
         layout = export_onnx(tm.model, tm.preprocessing, tmp, cfg.opset)
@@ -79,7 +71,7 @@ def _write_device_batch(
     if n == 0:
         path.unlink(missing_ok=True)
         return None
-    samples = _parity_samples(val, n)
+    samples = evenly_spaced(val, n)
     images = load_batch([s.path for s in samples], tm.preprocessing).astype(np.float16)
     # The FP16 images as the device will feed them, batch by batch, back in float32.
     logits = open_onnx(ctx.out / MODEL_ONNX).logits_in_batches(images, 32)

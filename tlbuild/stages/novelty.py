@@ -14,10 +14,10 @@ import numpy as np
 from rich.progress import Progress
 
 from tlbuild.artifacts import MODEL_ONNX, NOVELTY_NPZ, SPLITS_JSON, VARIANTS
-from tlbuild.data.splits_file import read_split
+from tlbuild.data.splits_file import evenly_spaced, read_split
 from tlbuild.errors import UsageError
 from tlbuild.manifest import read_manifest_if_any, write_section
-from tlbuild.novelty.fit import Inputs, fit_novelty, spread
+from tlbuild.novelty.fit import Inputs, fit_novelty
 from tlbuild.novelty.plot import MOST_NOVEL_PNG, NOVELTY_PNG, plot_most_novel, plot_scores
 from tlbuild.recipe import Recipe
 from tlbuild.stages.base import Stage, StageContext
@@ -37,7 +37,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     val = read_split(out, "val", classes)
     if not val:
         raise UsageError(f"{out / SPLITS_JSON} lists no validation images; retrain")
-    inputs = Inputs(fit, val, spread(val, cfg.probe_images))
+    inputs = Inputs(fit, val, evenly_spaced(val, cfg.probe_images))
     with Progress(console=ctx.console, transient=True) as progress:
         model, entry, scores = fit_novelty(out, manifest, cfg, inputs, progress)
     model.save(out / NOVELTY_NPZ)
