@@ -436,3 +436,27 @@ def test_classify_and_bench_run_where_torch_and_ray_are_not_installed(
     bench = json.loads((device / "bench.json").read_text())
     assert "model.pt" not in {r["artifact"] for r in bench["results"]}
     assert any(s["artifact"] == "model.pt" and "PyTorch" in s["reason"] for s in bench["skipped"])
+
+
+def test_resuming_results_of_another_tlbuild_version_is_refused_not_crashed(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    photos = _photos(tmp_path / "in")
+    out = tmp_path / "old.parquet"
+    args = [str(tmp_path / "in"), "--model", str(tiny_build), "--out", str(out), "--novelty", "off"]
+    assert _classify(*args).exit_code == 0
+    # As a tlbuild before the novelty columns wrote it: same identity, fewer columns.
+    df = pd.read_parquet(out).drop(columns=["novelty", "novel", "brightness", "sharpness"])
+    import warnings
+
+    import fastparquet
+
+    meta = fastparquet.ParquetFile(str(out)).key_value_metadata
+    out.unlink()
+    with warnings.catch_warnings():  # fastparquet's own pandas deprecation notices
+        warnings.simplefilter("ignore")
+        fastparquet.write(str(out), df.iloc[:2], custom_metadata=meta)
+    res = _classify(*args)
+    assert res.exit_code == 2 and "columns of another tlbuild version" in res.output
+    assert "--overwrite" in res.output and len(pd.read_parquet(out)) == 2  # untouched
+    assert len(photos) > 2

@@ -263,3 +263,29 @@ def test_select_picks_flagged_images_first_spread_out_for_a_labeller(
         assert link.is_symlink() and link.resolve() == Path(r["path"]).resolve()
     again = cli.invoke(app, ["select", str(out), "--model", str(tiny_build), "--out", str(pick)])
     assert again.exit_code == 2 and "not empty" in again.output
+
+
+def test_a_broken_feature_is_flagged_and_a_spreadless_validation_split_is_floored() -> None:
+    rng = np.random.default_rng(1)
+    layout = [{"name": "a", "width": 6}]
+    model = NoveltyModel.fit(rng.standard_normal((80, 6)), layout)
+    same = np.repeat(rng.standard_normal((1, 6)), 5, axis=0)  # validation without spread
+    model.standardise_on(same)
+    assert all(b.spread == 0.1 for b in model.blocks)  # floored: a factor 1.1 in distance
+    model.threshold = 3.0
+    like_training = rng.standard_normal((200, 6))
+    assert np.isfinite(model.scores(like_training)).all()
+    broken = like_training[:3].copy()
+    broken[0, 0], broken[1, 0] = np.inf, np.nan  # an FP16 overflow, a NaN
+    flags = model.flags(broken)
+    assert flags[0] and flags[1]  # never passed because NaN > threshold is False
+    assert np.isinf(model.scores(broken)[:2]).all()
+
+
+def test_select_starts_each_tier_at_its_top_priority() -> None:
+    from tlbuild.classify.select import spread_out
+
+    v = np.array([[0.0, 0.0], [0.0, 0.1], [9.0, 9.0]])
+    # After the novel image (tier 0), the nearest to the decision (index 1) comes first,
+    # though index 2 is farther from it.
+    assert spread_out([0, 1, 2], [0, 1, 1], v, 2) == [0, 1]

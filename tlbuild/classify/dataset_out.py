@@ -34,6 +34,7 @@ from tlbuild.classify.results import (
     IDENTITY_KEYS,
     META_KEY,
     PathIndex,
+    check_columns,
     count_rows,
     object_encodings,
     parquet_keys,
@@ -308,6 +309,7 @@ class ResultsDataset:
                 f"to {ASIDE}/ and its files will be classified again"
             )
             return
+        check_columns(list(pf.columns), f"{self.out}/{name}")  # one schema for every part
         self.index.add(keys)
         self.previous_rows += rows
 
@@ -389,7 +391,7 @@ class ResultsDataset:
         """Append `record` to the folder's runs file."""
         try:
             text = self._read(RUNS_FILE)
-        except (OSError, UsageError):
+        except (OSError, ValueError, UsageError):  # missing, damaged or not a regular file
             text = None
         self._write_bytes(RUNS_FILE, json.dumps([*runs_list(text), record], indent=1))
 

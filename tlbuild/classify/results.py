@@ -104,6 +104,17 @@ def journal_row(line: bytes | str) -> dict[str, Any] | None:
     return row
 
 
+def check_columns(found: list[str], where: str) -> None:
+    """Refuse to append to results whose columns are not this tlbuild's (an older version's)."""
+    if found != list(COLUMNS):
+        missing = [c for c in COLUMNS if c not in found]
+        raise UsageError(
+            f"{where} has the columns of another tlbuild version"
+            + (f" (no {', '.join(missing)})" if missing else "")
+            + "; use --overwrite to start over, or another --out"
+        )
+
+
 def runs_list(text: str | bytes | None) -> list[Any]:
     """A runs file's records; a damaged or foreign one starts a new list."""
     try:
@@ -117,7 +128,7 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
     """Add `record` to the JSON list at `path` (a new list if missing or damaged)."""
     try:
         text = read_record_text(path)
-    except OSError:
+    except (OSError, ValueError):  # missing, not a regular file, not UTF-8 or far too large
         text = None
     runs = [*runs_list(text), record]
     with atomic_path(path) as tmp:
@@ -315,6 +326,7 @@ class ResultsFile:
         if self.out.exists():
             self._check_identity(self._file_identity(), str(self.out))
             pf = quiet_fastparquet().ParquetFile(str(self.out))
+            check_columns(list(pf.columns), str(self.out))
             self.index.add(parquet_keys(pf, self.retry_errors)[0])
         self._fold_journal()
 

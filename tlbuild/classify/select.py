@@ -12,6 +12,7 @@ import csv
 import io
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,8 @@ def spread_out(order: list[int], tiers: list[int], vectors: np.ndarray, n: int) 
         tier = min(tiers[i] for i in left)
         pool = [i for i in left if tiers[i] == tier]
         # The first of a tier is its top priority; then the farthest from every pick so far.
-        best = pool[0] if not picked else max(pool, key=lambda i: nearest[i])
+        starts = not picked or tiers[picked[-1]] != tier
+        best = pool[0] if starts else max(pool, key=lambda i: nearest[i])
         picked.append(best)
         left.remove(best)
         nearest = np.minimum(nearest, np.linalg.norm(vectors - vectors[best], axis=1))
@@ -138,8 +140,24 @@ def select(results: str, model: Path, n: int, out: Path, copy: bool = False) -> 
     vectors = _feature_vectors(model, [c.path for c in pool])
     tiers = [c.tier for c in pool]
     picks = [pool[i] for i in spread_out(list(range(len(pool))), tiers, vectors, n)]
+    # Made beside `out` and renamed at the end: a file that cannot be read (deleted since
+    # classify, an object-storage error) leaves no half-made selection that refuses a retry.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        _write_selection(tmp, picks, copy)
+        if out.exists():
+            out.rmdir()  # empty: checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return picks
+
+
+def _write_selection(out: Path, picks: list[Candidate], copy: bool) -> None:
     images = out / "images"
-    images.mkdir(parents=True)
+    images.mkdir()
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["rank", "path", "file", "reason", "label", "score", "novelty", "ok_score"])
@@ -157,4 +175,3 @@ def select(results: str, model: Path, n: int, out: Path, copy: bool = False) -> 
         w.writerow([rank, c.path, f"images/{name}", c.reason, r["label"], r["score"],
                     r.get("novelty"), r.get("ok_score")])  # fmt: skip
     write_text(out / SELECTION_CSV, buf.getvalue())
-    return picks

@@ -12,7 +12,8 @@ req="$here/requirements-$target.txt"
 [ -f "$req" ] || { echo "no requirements for target '$target' ($req)" >&2; exit 2; }
 if compgen -G "$here/tlbuild-*.whl" > /dev/null; then  # a wheelhouse: nothing from the network
     "$py" -m pip install -q --no-index --find-links "$here" -r "$req"
-    "$py" -m pip install -q --no-index --find-links "$here" --no-deps tlbuild
+    # The wheel file itself: a name would leave an older tlbuild in place ("already satisfied").
+    "$py" -m pip install -q --no-index --no-deps --force-reinstall "$here"/tlbuild-*.whl
 else
     "$py" -m pip install -q -r "$req"
     "$py" -m pip install -q --no-deps "$here/../.."

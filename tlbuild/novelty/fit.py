@@ -25,6 +25,8 @@ from tlbuild.runtime.backends import open_onnx
 from tlbuild.runtime.base import Predictor
 
 BATCH = 32
+# Below this a threshold is one image's score, and the blocks' spreads are noise.
+MIN_VAL_IMAGES = 5
 
 
 def outputs(
@@ -123,6 +125,12 @@ def fit_novelty(
         raise UsageError(
             f"{folder / MODEL_ONNX} has no features output (exported by an older tlbuild); "
             "rebuild it: `tlbuild run RECIPE --force export`"
+        )
+    if len(inputs.val) < MIN_VAL_IMAGES:
+        raise UsageError(
+            f"the novelty threshold is chosen on the validation split, which has "
+            f"{len(inputs.val)} image(s); it needs at least {MIN_VAL_IMAGES}. Add validation "
+            'images, or set [novelty] target = "off"'
         )
     spec = Preprocessing.from_dict(manifest.preprocessing)
     layout = manifest.onnx.features["layout"]

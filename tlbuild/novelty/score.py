@@ -30,6 +30,7 @@ from tlbuild.errors import UsageError
 from tlbuild.fileio import atomic_path
 
 MAX_DIMS = 256
+MIN_SPREAD = 0.1
 METHOD = "feature-gaussian-v2"
 
 
@@ -79,7 +80,8 @@ class Block:
         if self.projection is not None:
             x = x @ self.projection
         d = x - self.mean
-        return ((d @ self.precision) * d).sum(1)  # a BLAS product: einsum here is 20x slower
+        with np.errstate(invalid="ignore", over="ignore"):  # a broken row: scores() flags it
+            return ((d @ self.precision) * d).sum(1)  # a BLAS product: einsum is 20x slower
 
     def z(self, features: np.ndarray) -> np.ndarray:
         """Log distance standardised on the validation images."""
@@ -131,13 +133,20 @@ class NoveltyModel:
         """Set each block's location and spread from the validation features."""
         for b in self.blocks:
             logs = np.log(np.maximum(b.distances(val), 1e-12))
-            b.loc, b.spread = float(logs.mean()), max(float(logs.std()), 1e-6)
+            # Floored at 0.1 (a factor of 1.1 in distance): with one or two validation images
+            # the spread is ~0 and every image would be "novel" by a rounding error.
+            b.loc, b.spread = float(logs.mean()), max(float(logs.std()), MIN_SPREAD)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """The novelty score of each row: log(sum(exp(z))) over its blocks."""
         z = self.block_z(features)
+        # A feature that overflowed (an FP16 engine) or is NaN is as far out as it gets: such
+        # an image must be flagged, never pass because NaN > threshold is False.
+        z = np.nan_to_num(z, nan=np.inf, posinf=np.inf, neginf=-np.inf)
         top = z.max(1)
-        return top + np.log(np.exp(z - top[:, None]).sum(1))
+        with np.errstate(invalid="ignore"):
+            out = top + np.log(np.exp(z - top[:, None]).sum(1))
+        return np.where(np.isinf(top) & (top > 0), np.inf, out)
 
     def flags(self, features: np.ndarray) -> np.ndarray:
         """Scores over the threshold."""

@@ -106,7 +106,8 @@ def cuda_mismatch() -> str | None:
         return None
     if driver == 0:
         return "no NVIDIA driver is loaded"
-    if runtime // 1000 > driver // 1000 or runtime > driver:
+    # Within one major, CUDA's minor-version compatibility lets a newer runtime run.
+    if runtime // 1000 > driver // 1000:
         major = driver // 1000
         return (
             f"the driver supports CUDA {_cuda_version(driver)} but cuda-python's runtime is CUDA "
