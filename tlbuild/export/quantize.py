@@ -66,7 +66,8 @@ def make_fp16(src: Path, dst: Path) -> None:
 
 
 def float_node_names(model_path: Path, keep_float: list[str]) -> list[str]:
-    """Resolve `keep_float` entries ('first_conv', 'classifier' or node names) to node names."""
+    """The nodes INT8 leaves in float: `keep_float` entries ('first_conv', 'classifier' or node
+    names) resolved to node names, and the nodes only the features output needs."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
     names = {n.name for n in graph.node}
     convs = [n.name for n in graph.node if n.op_type == "Conv"]
@@ -84,7 +85,7 @@ def float_node_names(model_path: Path, keep_float: list[str]) -> list[str]:
                 f"quantize.keep_float: no node named '{entry}' in {model_path.name}; use "
                 "'first_conv', 'classifier' or a node name from the ONNX graph"
             )
-    return out
+    return out + feature_only_nodes(graph, graph.output[0].name)
 
 
 @dataclass(frozen=True)
@@ -158,10 +159,7 @@ def make_int8(job: Int8Job) -> None:
     }
     with atomic_path(dst) as tmp, _quiet():
         try:
-            src_graph = onnx.load(str(job.src), load_external_data=False).graph
-            kwargs["nodes_to_exclude"] = float_node_names(
-                job.src, list(cfg.keep_float)
-            ) + feature_only_nodes(src_graph, src_graph.output[0].name)
+            kwargs["nodes_to_exclude"] = float_node_names(job.src, list(cfg.keep_float))
             kwargs["calibrate_method"] = methods[method]
             quantize_static(str(job.src), str(tmp), **_ranges_or_images(job), **kwargs)
             if scheme.float_parts_follow_trt_float and cfg.trt_float == "fp16":
