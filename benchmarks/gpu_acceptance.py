@@ -42,6 +42,7 @@ def machine() -> dict:
     import onnxruntime as ort
     import torch
 
+    from tlbuild.runtime.providers import provider_problem
     from tlbuild.runtime.tensorrt import tensorrt_status
 
     ok, why = tensorrt_status()
@@ -50,7 +51,8 @@ def machine() -> dict:
         "gpu": gpu,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "ort_providers": ort.get_available_providers(),
+        "onnxruntime": ort.__version__,
+        "ort_cuda_provider": provider_problem("cuda") or "starts",
         "tensorrt": why if ok else f"not usable: {why}",
     }
 
@@ -157,9 +159,15 @@ def demo_build(work: Path, quick: bool) -> dict:
     result = runner.run(recipe, Console(quiet=True))
     stages = {s.stage: round(s.seconds, 1) for s in result.stages if s.action == "ran"}
     failed = [g.gate for g in result.gates if g.failed]
+    after = round(sum(s for k, s in stages.items() if k != "train"), 1)
+    manifest = json.loads((recipe.out_dir / "manifest.json").read_text())
     return {
         "seconds": round(time.perf_counter() - t0, 1),
         "stages": stages,
+        # The goal: the stages after training take no longer than training itself.
+        "after_training_s": after,
+        "after_over_training": round(after / stages["train"], 2) if stages.get("train") else None,
+        "checks_on": {k: v["evaluated_with"] for k, v in manifest.get("variants", {}).items()},
         "gates_failed": failed,
         "out": str(recipe.out_dir),
     }
@@ -167,11 +175,10 @@ def demo_build(work: Path, quick: bool) -> dict:
 
 def classify_on_gpu(out: Path, work: Path) -> dict:
     """Classify the demo's validation images on the CUDA provider (auto elsewhere)."""
-    import onnxruntime as ort
-
     from tlbuild.classify.run import ClassifyOptions, classify
+    from tlbuild.runtime.providers import provider_problem
 
-    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    cuda = provider_problem("cuda") is None
     val = [p for p, _ in json.loads((out / "splits.json").read_text())["val"]]
     listing = work / "val.txt"
     listing.write_text("\n".join(val))
@@ -203,6 +210,8 @@ def main() -> int:
     d = report["demo_build"]
     print(f"4. demo build: {d['seconds']} s; per stage: {d['stages']}; failed gates: "
           f"{d['gates_failed'] or 'none'}", flush=True)  # fmt: skip
+    print(f"   after training: {d['after_training_s']} s = {d['after_over_training']}x training "
+          f"(goal <= 1); checks on {d['checks_on']}", flush=True)  # fmt: skip
     report["classify"] = classify_on_gpu(Path(d["out"]), work)
     c = report["classify"]
     print(f"5. classify: {c['rows']} images at {c['rows_per_s']} img/s on {c['backend']}")

@@ -41,7 +41,10 @@ def _linear_onnx(path: Path) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
         [numpy_helper.from_array(W, "w"), numpy_helper.from_array(B, "b")],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
+        str(path),
+    )
     return path
 
 
@@ -69,7 +72,10 @@ def _qdq_onnx(path: Path) -> Path:
             numpy_helper.from_array(B, "b"),
         ],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10),
+        str(path),
+    )
     return path
 
 

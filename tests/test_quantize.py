@@ -115,7 +115,10 @@ def test_qdq_simulation_follows_the_onnx_definition_exactly(tmp_path: Path) -> N
         ],
     )
     path = tmp_path / "qdq.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10),
+        str(path),
+    )
     got = ort_session(path, simulate_qdq=True).run(None, {"x": x})[0]
     xq = np.clip(np.rint(x / sx), -128, 127)  # np.rint rounds half to even, like ONNX
     ref = np.einsum("nchw,oc->nohw", xq * sx, (wq * sw[:, None, None, None])[:, :, 0, 0])
@@ -330,8 +333,8 @@ def test_int8_search_tries_methods_then_sensitive_layers_within_its_budget(
     monkeypatch.setattr(
         int8_search,
         "layer_sensitivity",
-        lambda path, images: (
-            [("logits_DequantizeLinear_cast_to_logits", 1.0)] + measured(path, images)
+        lambda path, images, on: (
+            [("logits_DequantizeLinear_cast_to_logits", 1.0)] + measured(path, images, on)
         ),
     )
     trt = search_int8(
@@ -389,7 +392,7 @@ def test_one_search_image_lost_is_within_a_floor_of_one_image(
     # image's worth, which the floor of 100 / 6 points must accept at the first trial.
     wrong = np.tile([10.0, 0.0], (6, 1))
     wrong[0] = [0.0, 10.0]
-    monkeypatch.setattr(int8_search, "_logits", lambda path, images, simulate: wrong)
+    monkeypatch.setattr(int8_search, "_logits", lambda path, images, simulate, on: wrong)
     job = Int8Job(
         tiny_build / "model.onnx",
         tmp_path / "int8.onnx",
@@ -426,7 +429,10 @@ def _qdq_weight_graph(
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     graph = helper.make_graph(nodes, "g", [x], [y], inits)
     path = tmp_path / f"{op}_{axis}.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10),
+        str(path),
+    )
     return path
 
 

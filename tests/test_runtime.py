@@ -51,7 +51,8 @@ def test_a_tampered_artifact_or_missing_provider_is_refused(
     with pytest.raises(UsageError, match="does not match the sha256"):
         load_predictor(copy / "model.onnx")
     with pytest.raises(
-        UsageError, match="not available in this onnxruntime build|did not initialise"
+        UsageError,
+        match="not available in this onnxruntime build|TensorrtExecutionProvider did not start",
     ):
         load_predictor(tiny_build, artifact="model.onnx", provider="tensorrt")
     with pytest.raises(UsageError, match="no manifest.json"):

@@ -69,6 +69,12 @@ class OnnxArtifact:
     int8: Int8Scheme | None = None  # how an INT8 variant is quantized; None for float ones
 
     @property
+    def cpu_kernels(self) -> bool:
+        """Checked on the CPU on any machine: INT8 for the CPU's own integer kernels (int8_cpu),
+        whose arithmetic, 16-bit intermediate saturation included, is what it ships with."""
+        return self.int8 is not None and not self.simulate_qdq
+
+    @property
     def rejected_file(self) -> str:
         """The name a variant gets when the accuracy gate rejects it: never mistaken for one
         that ships."""

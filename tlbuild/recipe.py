@@ -272,7 +272,12 @@ class TrainConfig(_Section):
     """Fine-tuning in phases: optimizer, schedule, regularisation, phases."""
 
     seed: int = 0
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="where training runs, and the checks after it (ONNX Runtime's CUDA "
+        "provider on that GPU where it starts, else the CPU)",
+    )
     batch_size: int = Field(
         32,
         ge=1,

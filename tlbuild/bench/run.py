@@ -31,7 +31,7 @@ from tlbuild.manifest import Manifest, read_manifest
 from tlbuild.recipe import BenchConfig
 from tlbuild.runtime.base import Predictor
 from tlbuild.runtime.load import load_predictor
-from tlbuild.runtime.sessions import ORT_PROVIDERS
+from tlbuild.runtime.providers import provider_problem
 from tlbuild.runtime.tensorrt import tensorrt_status
 
 BENCH_JSON = "bench.json"
@@ -48,9 +48,13 @@ class Target:
 
 def targets(folder: Path, manifest: Manifest) -> tuple[list[Target], list[dict[str, str]]]:
     """What this machine can benchmark, and what it skips with the reason."""
-    import onnxruntime as ort
+    problems: dict[str, str | None] = {}
 
-    providers = set(ort.get_available_providers())
+    def problem(provider: str) -> str | None:  # opened once, and only for a file that needs it
+        if provider not in problems:
+            problems[provider] = provider_problem(provider)
+        return problems[provider]
+
     found: list[Target] = []
     skipped: list[dict[str, str]] = []
 
@@ -68,7 +72,7 @@ def targets(folder: Path, manifest: Manifest) -> tuple[list[Target], list[dict[s
                 found.append(Target(MODEL_PT, "cuda"))
     if (folder / MODEL_ONNX).is_file():
         found.append(Target(MODEL_ONNX, "cpu"))
-        if ORT_PROVIDERS["cuda"] in providers:
+        if problem("cuda") is None:
             found.append(Target(MODEL_ONNX, "cuda"))
     for a in VARIANTS.values():
         if (folder / a.rejected_file).is_file():
@@ -77,10 +81,10 @@ def targets(folder: Path, manifest: Manifest) -> tuple[list[Target], list[dict[s
             continue
         if not manifest.accepted(a.file):
             skip(a.file, "rejected by the accuracy gate (or not in the manifest)")
-        elif ORT_PROVIDERS[a.provider] in providers:
+        elif (why := problem(a.provider)) is None:
             found.append(Target(a.file, a.provider))
         else:
-            skip(a.file, a.not_here)
+            skip(a.file, a.not_here + ("" if "CPU build" in why else f" ({why})"))
     engines = sorted(folder.glob("*.engine"))
     if engines:
         ok, why = tensorrt_status()

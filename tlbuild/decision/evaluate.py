@@ -35,6 +35,7 @@ from tlbuild.errors import DataError, UsageError
 from tlbuild.manifest import Manifest
 from tlbuild.recipe import DecisionConfig
 from tlbuild.runtime.base import softmax
+from tlbuild.runtime.providers import CPU, Placement
 from tlbuild.train.eval_logits import read_eval_logits
 
 _ESCAPED_SHOWN = 20  # escaping validation files named in the manifest, at most
@@ -81,10 +82,10 @@ def _check_both_kinds(is_ok: np.ndarray, ok_class: str) -> None:
 
 
 def _artifact_p_ok(
-    out: Path, manifest: Manifest, paths: Sequence[str], ok: int, console: Console
+    out: Path, manifest: Manifest, paths: Sequence[str], ok: int, console: Console, on: Placement
 ) -> dict[str, np.ndarray]:
     """p(ok) of model.onnx and of every accepted variant on the validation images, run as the
-    quantize gate runs them (ONNX Runtime CPU; int8_trt with Q/DQ as written)."""
+    quantize gate runs them (`on`, int8_cpu on the CPU; int8_trt with Q/DQ as written)."""
     from tlbuild.runtime.backends import open_onnx
 
     files = [MODEL_ONNX] + [
@@ -92,7 +93,12 @@ def _artifact_p_ok(
         for v in manifest.variants.values()
         if v.status == "accepted" and v.file in _BY_FILE and (out / v.file).is_file()
     ]
-    predictors = {f: open_onnx(out / f, simulate_qdq=_BY_FILE[f].simulate_qdq) for f in files}
+    predictors = {
+        f: open_onnx(
+            out / f, simulate_qdq=_BY_FILE[f].simulate_qdq, on=on.for_artifact(_BY_FILE[f])
+        )
+        for f in files
+    }
     spec = Preprocessing.from_dict(manifest.preprocessing)
     probs: dict[str, list[np.ndarray]] = {f: [] for f in files}
     with Progress(console=console, transient=True) as progress:
@@ -144,8 +150,11 @@ def choice_entry(
     }
 
 
-def decide(out: Path, manifest: Manifest, cfg: DecisionConfig, console: Console) -> dict[str, Any]:
-    """Choose the threshold, measure it everywhere, draw the curve; the manifest's entry."""
+def decide(
+    out: Path, manifest: Manifest, cfg: DecisionConfig, console: Console, on: Placement = CPU
+) -> dict[str, Any]:
+    """Choose the threshold, measure it everywhere, draw the curve; the manifest's entry.
+    `on`: where the shipped artifacts run."""
     ok_class = manifest.ok_class
     if ok_class is None:
         raise UsageError(
@@ -165,12 +174,12 @@ def decide(out: Path, manifest: Manifest, cfg: DecisionConfig, console: Console)
         test_counts = counts_at(_p_ok(test.logits, ok), test.labels == ok, t)
         entry["test"] = {**counts_json(test_counts, conf), "met": target.met(test_counts)}
     points: dict[str, Counts] = {}
-    for f, probs in _artifact_p_ok(out, manifest, val.paths, ok, console).items():
+    for f, probs in _artifact_p_ok(out, manifest, val.paths, ok, console, on).items():
         points[f] = counts_at(probs, is_ok, t)
     entry["artifacts"] = {
         f: {
             "precision": _BY_FILE[f].precision,
-            "evaluated_with": "onnxruntime CPU"
+            "evaluated_with": on.for_artifact(_BY_FILE[f]).label
             + (", Q/DQ as written (TensorRT's arithmetic)" if _BY_FILE[f].simulate_qdq else ""),
             **counts_json(a, conf),
             "met": target.met(a),

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from tlbuild.runtime.providers import CPU, Placement
+
 # Images per inference while collecting: memory is one batch's activations, whatever the
 # number of images.
 COLLECT_BATCH = 8
@@ -50,6 +52,7 @@ class Calibration:
     src: Path
     images: np.ndarray
     folder: Path
+    on: Placement = CPU  # where the FP32 model runs to collect them
     _done: dict[tuple[str, float], Path] = field(default_factory=dict)
 
     def ranges(self, method: str, percentile: float) -> Path:
@@ -57,12 +60,14 @@ class Calibration:
         key = (method, percentile if method == "percentile" else 0.0)
         if key not in self._done:
             path = self.folder / f"calibration-{method}-{key[1]:g}.json"
-            _collect(self.src, self.images, method, percentile, path)
+            _collect(self.src, self.images, method, percentile, path, self.on)
             self._done[key] = path
         return self._done[key]
 
 
-def _collect(src: Path, images: np.ndarray, method: str, percentile: float, dst: Path) -> None:
+def _collect(
+    src: Path, images: np.ndarray, method: str, percentile: float, dst: Path, on: Placement
+) -> None:
     """One pass of `images` through `src` for `method`; the ranges saved to `dst`."""
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
@@ -83,6 +88,7 @@ def _collect(src: Path, images: np.ndarray, method: str, percentile: float, dst:
             ops,
             augmented_model_path=str(Path(tmp) / "augmented.onnx"),
             calibrate_method=methods[method],
+            providers=on.ort_providers(),
             extra_options=extra,
         )
         for i in range(0, len(images), COLLECT_BATCH):

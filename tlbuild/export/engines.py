@@ -32,6 +32,7 @@ from tlbuild.manifest import (
 )
 from tlbuild.recipe import EnginesConfig
 from tlbuild.runtime.backends import TensorRTPredictor, open_onnx
+from tlbuild.runtime.providers import CPU, Placement
 from tlbuild.runtime.recorded import RecordedPredictor
 from tlbuild.runtime.tensorrt import TensorRTEngine, tensorrt_status
 
@@ -42,10 +43,13 @@ def _engine_check(
     images: np.ndarray,
     labels: np.ndarray,
     home: np.ndarray | None,
+    on: Placement,
 ) -> dict[str, Any]:
     """The engine against FP32 on the same batches (those its profile takes): the logits the
-    export shipped (on a device), else ONNX Runtime's here."""
-    reference = open_onnx(fp32) if home is None else RecordedPredictor(images, home, DEVICE_BATCH)
+    export shipped (on a device), else ONNX Runtime's here (`on`)."""
+    reference = (
+        open_onnx(fp32, on=on) if home is None else RecordedPredictor(images, home, DEVICE_BATCH)
+    )
     candidate = TensorRTPredictor.from_engine(engine)
     batches = batches_of(images, engine.max_batch)
     c = compare_artifacts(reference, {"engine": candidate}, batches, labels)["engine"]
@@ -97,6 +101,7 @@ def _one_engine(
     max_drop: float,
     data: tuple[np.ndarray, np.ndarray, np.ndarray | None],
     console: Console,
+    on: Placement,
 ) -> dict[str, Any]:
     from tlbuild.export.tensorrt_compile import BatchProfile, compile_engine
 
@@ -111,7 +116,8 @@ def _one_engine(
         folder / TIMING_CACHE,
     )
     images, labels, home = data
-    check = _engine_check(TensorRTEngine(info.path), folder / MODEL_ONNX, images, labels, home)
+    engine = TensorRTEngine(info.path)
+    check = _engine_check(engine, folder / MODEL_ONNX, images, labels, home, on)
     passed = check["drop_points"] <= max_drop and (
         variant != "fp32" or check["max_abs_logit_diff"] <= cfg.fp32_atol
     )
@@ -139,6 +145,7 @@ def make_engines(
     max_drop: float,
     console: Console,
     samples: Sequence[Sample] | None,
+    on: Placement = CPU,
 ) -> dict[str, Any]:
     """Compile and gate engines for `cfg.variants` in `folder`; record them in its manifest.
 
@@ -174,7 +181,7 @@ def make_engines(
             continue
         manifest.verify(folder, a.file)  # only the file its gate accepted becomes an engine
         try:
-            engines[variant] = _one_engine(folder, variant, cfg, max_drop, data, console)
+            engines[variant] = _one_engine(folder, variant, cfg, max_drop, data, console, on)
         except (UsageError, DiskFullError):  # the user's to fix, and the same for every variant
             raise
         except Exception as e:  # one variant that will not build does not stop the others

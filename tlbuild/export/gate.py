@@ -13,6 +13,7 @@ from tlbuild.data.scan import Sample
 from tlbuild.export.compare import compare_artifacts
 from tlbuild.manifest import Variant
 from tlbuild.runtime.backends import open_onnx
+from tlbuild.runtime.providers import CPU, Placement
 
 
 def evaluate_variants(
@@ -22,17 +23,22 @@ def evaluate_variants(
     spec: Preprocessing,
     batch: int = 32,
     files: Mapping[str, Path] | None = None,
+    on: Placement = CPU,
 ) -> dict[str, Variant]:
     """Stream the validation images once through FP32 and every variant in `folder`.
 
     `files`: where a variant's file is, when not yet under its name in `folder` (a candidate
     that is published only once it passes). Images are decoded batch by batch, so memory
-    stays flat however large the split.
+    stays flat however large the split. `on`: where they run (int8_cpu on the CPU always).
     """
     files = files or {}
-    fp32 = open_onnx(folder / "model.onnx")
+    fp32 = open_onnx(folder / "model.onnx", on=on)
     candidates = {
-        a.variant: open_onnx(files.get(a.variant, folder / a.file), simulate_qdq=a.simulate_qdq)
+        a.variant: open_onnx(
+            files.get(a.variant, folder / a.file),
+            simulate_qdq=a.simulate_qdq,
+            on=on.for_artifact(a),
+        )
         for a in variants
     }
     batches = (
@@ -56,8 +62,8 @@ def evaluate_variants(
             images=c["images"],
             answers_changed=c["answers_changed"],
             drop_upper_points=c["drop_upper_points"],
-            evaluated_with="onnxruntime CPU, Q/DQ simulated (optimizations off)"
-            if a.simulate_qdq
-            else "onnxruntime CPU, optimized kernels",
+            evaluated_with=on.for_artifact(a).label
+            + (", Q/DQ simulated (optimizations off)" if a.simulate_qdq else ", optimized kernels")
+            + (f"; FP32 on {on.label}" if on.for_artifact(a) != on else ""),
         )
     return results

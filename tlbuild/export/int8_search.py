@@ -34,6 +34,7 @@ from tlbuild.errors import BuildError, TlbuildError
 from tlbuild.export.quantize import Int8Job, make_int8
 from tlbuild.fileio import atomic_path
 from tlbuild.runtime.backends import open_onnx
+from tlbuild.runtime.providers import CPU, Placement
 
 METHODS = ("minmax", "entropy", "percentile")
 # SQNR is measured on this many search images: the pass keeps every quantized tensor.
@@ -78,9 +79,11 @@ class SearchResult:
         return asdict(self)
 
 
-def _logits(path: Path, images: np.ndarray, simulate_qdq: bool, batch: int = 32) -> np.ndarray:
+def _logits(
+    path: Path, images: np.ndarray, simulate_qdq: bool, on: Placement, batch: int = 32
+) -> np.ndarray:
     try:
-        return open_onnx(path, simulate_qdq=simulate_qdq).logits_in_batches(images, batch)
+        return open_onnx(path, simulate_qdq=simulate_qdq, on=on).logits_in_batches(images, batch)
     except TlbuildError:
         raise
     except Exception as e:  # a library failure while scoring a trial: one message
@@ -90,7 +93,9 @@ def _logits(path: Path, images: np.ndarray, simulate_qdq: bool, batch: int = 32)
         ) from e
 
 
-def layer_sensitivity(qdq_path: Path, images: np.ndarray) -> list[tuple[str, float]]:
+def layer_sensitivity(
+    qdq_path: Path, images: np.ndarray, on: Placement = CPU
+) -> list[tuple[str, float]]:
     """(node, SQNR dB) for every node fed by a quantized activation, least SQNR first.
 
     SQNR of an activation is measured across its own QuantizeLinear/DequantizeLinear pair
@@ -117,7 +122,7 @@ def layer_sensitivity(qdq_path: Path, images: np.ndarray) -> list[tuple[str, flo
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.onnx"
         onnx.save(model, str(probe))
-        predictor = open_onnx(probe, simulate_qdq=True)
+        predictor = open_onnx(probe, simulate_qdq=True, on=on)
         signal: dict[str, float] = {src: 0.0 for src, _ in pairs}
         noise: dict[str, float] = {src: 0.0 for src, _ in pairs}
         # One image at a time: every quantized tensor is an output, twice.
@@ -148,6 +153,7 @@ class SearchImages:
     labels: np.ndarray
     source: str
     fp32_top1: np.ndarray | None = None
+    on: Placement = CPU  # where trials run (int8_cpu's on the CPU whatever this says)
 
 
 @dataclass(frozen=True)
@@ -178,10 +184,13 @@ class _Trials:
         self, job: Int8Job, search: SearchImages, on_trial: Callable[[Trial], None] | None
     ) -> None:
         self.job, self.on_trial = job, on_trial
+        self.on = search.on.for_artifact(job.artifact)
         self.images, self.labels = search.images, search.labels
         fp32_top1 = search.fp32_top1
         self.ref = (
-            _logits(job.src, self.images, False).argmax(1) if fp32_top1 is None else fp32_top1
+            _logits(job.src, self.images, False, search.on).argmax(1)
+            if fp32_top1 is None
+            else fp32_top1
         )
         self.ref_acc = float((self.ref == self.labels).mean())
         self.done: list[Trial] = []
@@ -201,7 +210,7 @@ class _Trials:
         keep_float = (*self.job.settings.keep_float, *extra)
         settings = replace(self.job.settings, method=method, keep_float=keep_float)
         make_int8(replace(self.job, dst=path, settings=settings))
-        got = _logits(path, self.images, self.job.artifact.simulate_qdq).argmax(1)
+        got = _logits(path, self.images, self.job.artifact.simulate_qdq, self.on).argmax(1)
         drop = round(100 * (self.ref_acc - float((got == self.labels).mean())), 4)
         done = Trial(method, extra, drop, round(100 * float((got != self.ref).mean()), 4), 0.0)
         done.seconds = round(time.perf_counter() - t, 2)
@@ -254,7 +263,7 @@ def _search(
     if not ok(best) and budget > 1:
         best = _other_methods(run, best, budget, ok)
     if not ok(best) and len(run.done) < budget:
-        measured = layer_sensitivity(run.file(best), run.images[:SENSITIVITY_IMAGES])
+        measured = layer_sensitivity(run.file(best), run.images[:SENSITIVITY_IMAGES], run.on)
         # Only nodes of the FP32 model can be kept in float: the FP16 form of int8_trt adds
         # Cast nodes (at the output) that keep_float would refuse.
         ours = {n.name for n in onnx.load(str(run.job.src), load_external_data=False).graph.node}

@@ -23,6 +23,7 @@ from tlbuild.novelty.score import NoveltyModel, conformal_threshold
 from tlbuild.recipe import NoveltyConfig
 from tlbuild.runtime.backends import open_onnx
 from tlbuild.runtime.base import Predictor
+from tlbuild.runtime.providers import CPU, Placement
 
 BATCH = 32
 # Below this a threshold is one image's score, and the blocks' spreads are noise.
@@ -81,12 +82,15 @@ class Inputs:
     probe: list[Sample]
 
 
-def shipped_variants(folder: Path, manifest: Manifest) -> dict[str, Predictor]:
+def shipped_variants(folder: Path, manifest: Manifest, on: Placement = CPU) -> dict[str, Predictor]:
     """FP32 and every accepted ONNX variant, opened as the variant gate opens them."""
-    out: dict[str, Predictor] = {MODEL_ONNX: open_onnx(folder / MODEL_ONNX)}
+    out: dict[str, Predictor] = {MODEL_ONNX: open_onnx(folder / MODEL_ONNX, on=on)}
     for name, v in manifest.variants.items():
         if v.status == "accepted" and (folder / v.file).is_file():
-            out[v.file] = open_onnx(folder / v.file, simulate_qdq=VARIANTS[name].simulate_qdq)
+            a = VARIANTS[name]
+            out[v.file] = open_onnx(
+                folder / v.file, simulate_qdq=a.simulate_qdq, on=on.for_artifact(a)
+            )
     return out
 
 
@@ -117,9 +121,10 @@ def fit_novelty(
     cfg: NoveltyConfig,
     inputs: Inputs,
     progress: Progress | None = None,
+    on: Placement = CPU,
 ) -> tuple[NoveltyModel, dict[str, Any], dict[str, np.ndarray]]:
     """Fit, choose the threshold, measure: the model, the manifest's `novelty` entry, and the
-    scores of validation and of each fault (for the plot)."""
+    scores of validation and of each fault (for the plot). `on`: where the models run."""
     assert cfg.target != "off"
     if manifest.onnx is None or not manifest.onnx.features:
         raise UsageError(
@@ -134,7 +139,7 @@ def fit_novelty(
         )
     spec = Preprocessing.from_dict(manifest.preprocessing)
     layout = manifest.onnx.features["layout"]
-    predictors = shipped_variants(folder, manifest)
+    predictors = shipped_variants(folder, manifest, on)
     fp32 = {MODEL_ONNX: predictors[MODEL_ONNX]}
     n_batches = -(-len(inputs.fit) // BATCH) + -(-len(inputs.val) // BATCH)
     n_batches += len(FAULTS) * -(-len(inputs.probe) // BATCH)
@@ -182,6 +187,7 @@ def fit_novelty(
         "target": float(cfg.target),
         "threshold": model.threshold,
         "fit_images": len(inputs.fit),
+        "evaluated_with": on.label,
         "val": {
             "images": len(val_scores),
             "flagged": val_flagged,

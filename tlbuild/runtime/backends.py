@@ -13,6 +13,7 @@ from tlbuild.data.preprocess import Preprocessing
 from tlbuild.errors import UsageError
 from tlbuild.export.feature_graph import FEATURES_NAME
 from tlbuild.runtime.base import Predictor
+from tlbuild.runtime.providers import CPU, Placement
 from tlbuild.runtime.sessions import OrtOptions, ort_session
 
 if TYPE_CHECKING:
@@ -89,13 +90,17 @@ def open_onnx(
     simulate_qdq: bool = False,
     threads: int | None = None,
     profile_prefix: str | None = None,
+    on: Placement = CPU,
 ) -> OnnxPredictor:
-    """`path` on ONNX Runtime's CPU provider, for logits only: no manifest, no class names.
+    """`path` on ONNX Runtime's CPU provider (or `on` a GPU), for logits only: no manifest, no
+    class names.
 
     The gates, parity, the INT8 search and bench's timer check open files this way; with
     `simulate_qdq` every Q/DQ node runs as written (ort_session explains why).
     """
     options = OrtOptions(
+        provider=on.provider,
+        device_id=on.device_id,
         threads=threads,
         simulate_qdq=simulate_qdq,
         profile_prefix=profile_prefix,

@@ -10,6 +10,7 @@ from tlbuild.errors import UsageError
 from tlbuild.manifest import Manifest, read_manifest
 from tlbuild.runtime.backends import OnnxPredictor, TensorRTPredictor
 from tlbuild.runtime.base import Predictor
+from tlbuild.runtime.providers import provider_problem
 from tlbuild.runtime.sessions import OrtOptions, tensorrt_options
 from tlbuild.runtime.tensorrt import check_engine_version
 from tlbuild.runtime.torch_model import TorchPredictor
@@ -21,9 +22,7 @@ def _auto_candidates(
     """(artifact, provider) pairs, fastest first for this machine: TensorRT engines, then CUDA,
     then the CPU. Each is tried in turn, so an engine built for another GPU, or a CUDA provider
     whose libraries are missing, falls through to the next with its reason kept."""
-    import onnxruntime as ort
-
-    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    cuda = provider_problem("cuda") is None
     if artifact is not None:
         if artifact.endswith(".engine"):
             return [(artifact, "tensorrt")]

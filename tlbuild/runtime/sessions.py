@@ -10,13 +10,7 @@ from typing import Any
 import onnxruntime as ort
 
 from tlbuild.errors import UsageError
-
-# Short names a user passes, and the ONNX Runtime provider each one means.
-ORT_PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
+from tlbuild.runtime.providers import ORT_PROVIDERS, cuda_options, start_session
 
 
 @dataclass(frozen=True)
@@ -24,6 +18,7 @@ class OrtOptions:
     """How a session runs (ort_session); an OnnxPredictor holds one."""
 
     provider: str = "cpu"
+    device_id: int = 0  # the GPU, for cuda and tensorrt
     threads: int | None = None
     spinning: bool = True
     simulate_qdq: bool = False
@@ -74,18 +69,18 @@ def ort_session(
         so.enable_profiling = True
         so.profile_file_prefix = o.profile_prefix
     providers: list[Any] = [wanted]
+    if provider == "cuda":
+        providers = [(wanted, cuda_options(o.device_id))]
     if provider == "tensorrt":
-        providers = [(wanted, tensorrt or tensorrt_options(Path(path)))]
+        trt = {**(tensorrt or tensorrt_options(Path(path))), "device_id": str(o.device_id)}
         # Nodes TensorRT does not take run on the GPU too, not on the CPU.
-        if ORT_PROVIDERS["cuda"] in ort.get_available_providers():
-            providers.append(ORT_PROVIDERS["cuda"])
+        providers = [(wanted, trt), (ORT_PROVIDERS["cuda"], cuda_options(o.device_id))]
     if provider != "cpu":
         providers.append(ORT_PROVIDERS["cpu"])
-    session = ort.InferenceSession(str(path), so, providers=providers)
-    # ORT silently falls back to CPU when a GPU provider fails to initialise; say so instead.
-    active = session.get_providers()[0]
-    if active != wanted:
-        raise UsageError(f"{wanted} did not initialise for {Path(path).name} (active: {active})")
+    # ORT falls back to the CPU when a GPU provider fails to start; say so instead.
+    session, problem = start_session(str(path), so, providers)
+    if problem:
+        raise UsageError(f"{Path(path).name}: {problem}")
     return session
 
 

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from tlbuild.manifest import drop_section
 from tlbuild.recipe import Recipe
+from tlbuild.runtime.providers import Placement, placement_for
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,16 @@ class StageContext:
     def out(self) -> Path:
         """The export folder."""
         return self.recipe.out_dir
+
+    def checks_on(self) -> Placement:
+        """Where this stage runs its ONNX models: ONNX Runtime's CUDA provider on train.device's
+        GPU where it starts here, else the CPU (said, with the reason, where a GPU was meant)."""
+        on = placement_for(self.recipe.train.device)
+        if on.provider != "cpu":
+            self.console.print(f"  checks on {on.label}")
+        elif on.why_cpu:
+            self.console.print(f"  [yellow]checks on the CPU:[/] {escape(on.why_cpu)}")
+        return on
 
 
 def _never(recipe: Recipe) -> str | None:

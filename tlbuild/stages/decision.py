@@ -36,7 +36,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     manifest = read_manifest_if_any(out)
     if manifest is None or manifest.onnx is None:
         raise UsageError(f"no exported model in {out}; run `tlbuild run` first")
-    entry = decide(out, manifest, cfg, ctx.console)
+    entry = decide(out, manifest, cfg, ctx.console, ctx.checks_on())
     write_section(out, "decision", {"decision": entry}, [])
     (key, limit), conf = next(iter(entry["target"].items())), entry["confidence"]
     ctx.console.print(

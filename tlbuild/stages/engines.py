@@ -20,7 +20,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     """TensorRT engines for the recipe's export folder, gated on its validation images."""
     manifest = read_manifest(ctx.out)
     val = read_split(ctx.out, "val", manifest.classes)
-    return make_engines(ctx.out, ctx.recipe.build, ctx.recipe.quantize.max_drop, ctx.console, val)
+    cfg, max_drop = ctx.recipe.build, ctx.recipe.quantize.max_drop
+    return make_engines(ctx.out, cfg, max_drop, ctx.console, val, ctx.checks_on())
 
 
 def summarise(section: dict[str, Any]) -> str:

@@ -38,8 +38,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if not val:
         raise UsageError(f"{out / SPLITS_JSON} lists no validation images; retrain")
     inputs = Inputs(fit, val, evenly_spaced(val, cfg.probe_images))
+    on = ctx.checks_on()
     with Progress(console=ctx.console, transient=True) as progress:
-        model, entry, scores = fit_novelty(out, manifest, cfg, inputs, progress)
+        model, entry, scores = fit_novelty(out, manifest, cfg, inputs, progress, on)
     model.save(out / NOVELTY_NPZ)
     plot_scores(out / NOVELTY_PNG, scores, entry["threshold"])
     plot_most_novel(out / MOST_NOVEL_PNG, entry["most_novel_val"][:6], entry["threshold"])

@@ -34,6 +34,7 @@ from tlbuild.export.rejection import misses_gate, rejection_reason
 from tlbuild.manifest import Variant, read_manifest_if_any, write_section
 from tlbuild.recipe import QuantizeConfig, Recipe
 from tlbuild.runtime.backends import open_onnx
+from tlbuild.runtime.providers import Placement
 from tlbuild.stages.base import Stage, StageContext
 
 
@@ -106,6 +107,7 @@ def _make_variants(
     search: list[Sample],
     search_source: str,
     spec: Preprocessing,
+    on: Placement,
 ) -> tuple[bool, dict[str, dict[str, Any]]]:
     """Write each wanted variant to its candidate file; reduce_range as used for int8_cpu, and
     INT8 searches."""
@@ -115,16 +117,16 @@ def _make_variants(
     int8 = any(a.precision == "int8" for a in wanted)
     # Collected once per calibration method, in the stage's scratch folder with the candidates.
     calibration = (
-        Calibration(out / MODEL_ONNX, load_batch([sm.path for sm in calib], spec), _work(out))
+        Calibration(out / MODEL_ONNX, load_batch([sm.path for sm in calib], spec), _work(out), on)
         if int8
         else None
     )
     held_out = None
     if int8 and cfg.search_budget:
         x = load_batch([sm.path for sm in search], spec)
-        top1 = open_onnx(out / MODEL_ONNX).logits_in_batches(x, 32)
+        top1 = open_onnx(out / MODEL_ONNX, on=on).logits_in_batches(x, 32)
         labels = np.array([sm.label for sm in search])
-        held_out = SearchImages(x, labels, search_source, top1.argmax(1))
+        held_out = SearchImages(x, labels, search_source, top1.argmax(1), on)
     settings = Int8Settings(
         cfg.calibration_method, tuple(cfg.keep_float), reduce_range, cfg.percentile, cfg.trt_float
     )
@@ -217,11 +219,12 @@ def run(ctx: StageContext) -> dict[str, Variant]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     candidates = {a.variant: work / a.file for a in wanted}
+    on = ctx.checks_on()
     try:
         reduce_range, searches = _make_variants(
-            ctx, wanted, candidates, calib, search, search_source, spec
+            ctx, wanted, candidates, calib, search, search_source, spec, on
         )
-        results = evaluate_variants(out, wanted, val, spec, files=candidates)
+        results = evaluate_variants(out, wanted, val, spec, files=candidates, on=on)
         for name, record in searches.items():
             results[name].search = record
         _publish(ctx, results, candidates, len(train))
@@ -236,7 +239,7 @@ def run(ctx: StageContext) -> dict[str, Variant]:
         "quantize",
         {
             "variants": {k: r.model_dump() for k, r in results.items()},
-            "calibration": _calibration_record(cfg, calib, reduce_range),
+            "calibration": {**_calibration_record(cfg, calib, reduce_range), "on": on.label},
         },
         [r.file for r in results.values()],
     )
