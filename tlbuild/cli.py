@@ -38,32 +38,76 @@ _KEPT = "files finished before are kept; run the same command to go on."
 _RESUME_HINT = "finished files are kept. `--resume` continues training."
 
 
-def _guard(fn: Callable[[], T], kept: str | Callable[[], str] = _KEPT) -> T:
+def _guard(
+    fn: Callable[[], T],
+    kept: str | Callable[[], str] = _KEPT,
+    on_error: Callable[[str], None] | None = None,
+) -> T:
     """Run `fn`, turning user-facing errors into one message and the documented exit code.
 
     `kept` says what an interrupted (Ctrl-C, SIGTERM) or disk-full run kept; a callable is asked
-    only then, so the message can say what is really on disk at that moment.
+    only then, so the message can say what is really on disk at that moment. `on_error` is
+    given that message before the exit (a --junit file records it).
     """
     err = Console(stderr=True, highlight=False)
 
     def said() -> str:
         return kept() if callable(kept) else kept
 
+    def stop(message: str, code: int) -> typer.Exit:
+        if on_error is not None:
+            on_error(message)
+        return typer.Exit(code)
+
     try:
         return fn()
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted[/]; {escape(said())}")
-        raise typer.Exit(130) from None
+        raise stop(f"interrupted; {said()}", 130) from None
     except Exception as e:
         # A full disk, however deep a library wrapped it, is one message and what was kept.
         full = disk_full(e)
         if full is not None:
             err.print(f"[bold red]error:[/] {escape(full)}; {escape(said())}", soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise stop(f"{full}; {said()}", 1) from None
         if not isinstance(e, TlbuildError):
             raise
         err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
-        raise typer.Exit(e.exit_code) from None
+        raise stop(str(e), e.exit_code) from None
+
+
+JunitOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Also write the gates as JUnit XML to this file (GitLab, Jenkins and GitHub "
+        "test reports); a run that stops with an error writes it as one failed test.",
+        show_default=False,
+    ),
+]
+
+
+class _CiOutputs:
+    """Where one command's gates go besides the terminal: --junit, and the GitHub Actions job
+    summary where $GITHUB_STEP_SUMMARY is set."""
+
+    def __init__(self, junit: Path | None, suite: str) -> None:
+        self.junit, self.suite, self.started = junit, suite, time.perf_counter()
+
+    def failed(self, message: str) -> None:
+        """The command stopped before its gates were judged."""
+        from tlbuild.ci.junit import write_junit
+
+        if self.junit is not None:
+            write_junit(self.junit, self.suite, [], self.started, error=message)
+
+    def gates(self, gates: list, properties: dict[str, str], headline: list[list[str]]) -> None:  # noqa: ANN001
+        """The gates as judged (GateResult list), with the figures a CI page should show."""
+        from tlbuild.ci.github import append_step_summary, summary_markdown
+        from tlbuild.ci.junit import write_junit
+
+        if self.junit is not None:
+            write_junit(self.junit, self.suite, gates, self.started, properties=properties)
+        append_step_summary(summary_markdown(f"tlbuild {self.suite}", gates, headline))
 
 
 def _load(recipe: Path):  # noqa: ANN202 - Recipe, imported lazily to keep --help fast
@@ -123,6 +167,7 @@ def run(
         ),
     ] = None,
     nproc_per_node: NprocOption = None,
+    junit: JunitOption = None,
 ) -> None:
     """The whole build for RECIPE, redoing only what changed; exit 1 if a gate fails."""
     from tlbuild import runner
@@ -141,6 +186,7 @@ def run(
     # it, when stale, to `tlbuild train` under torchrun (whose rank 0 records it) and goes on
     # alone. Export, quantization and benchmarks are single-process work; this way the
     # children exit when training ends instead of idling through them holding GPUs.
+    ci = _CiOutputs(junit, f"run {recipe.stem}")
     try:
         result = _guard(
             lambda: runner.run(
@@ -151,6 +197,7 @@ def run(
                 launch=_train_launcher(recipe, resume, nproc_per_node),
             ),
             _RESUME_HINT,
+            ci.failed,
         )
     finally:
         _leave_process_group()
@@ -163,6 +210,10 @@ def run(
         f"(ran: {', '.join(ran) or 'nothing'}; reused: {', '.join(reused) or 'nothing'})"
     )
     _print_fine_tuning_gain(console, result.out)
+    from tlbuild.report import build_headline
+
+    props = {"export_folder": str(result.out), "ran": ",".join(ran)}
+    ci.gates(result.gates, props, build_headline(result.out))
     _gate_verdict(console, result.gates)
 
 
@@ -304,14 +355,22 @@ def bench(
     target: Annotated[
         Path, typer.Argument(help="Recipe TOML file, or an export folder (e.g. on a device).")
     ],
+    junit: JunitOption = None,
 ) -> None:
-    """Latency p50/p90/p99, throughput, accuracy and size of every artifact this machine runs."""
+    """Latency p50/p90/p99, throughput, accuracy and size of every artifact this machine runs;
+    exit 1 if one of the recipe's speed or accuracy gates fails here."""
     from tlbuild.errors import UsageError
 
     console = _console()
+    ci = _CiOutputs(junit, f"bench {target.stem or target.name}")
 
-    def go() -> None:
-        from tlbuild.bench.folder_settings import settings_for_folder, validation_if_here
+    def go():  # noqa: ANN202 - (export folder, its [gates])
+        from tlbuild import runner
+        from tlbuild.bench.folder_settings import (
+            gates_for_folder,
+            settings_for_folder,
+            validation_if_here,
+        )
         from tlbuild.bench.run import bench_folder
         from tlbuild.folder_lock import folder_lock
         from tlbuild.manifest import read_manifest
@@ -319,15 +378,24 @@ def bench(
         if not target.exists():
             raise UsageError(f"{target}: no such recipe file or export folder")
         if not target.is_dir():
-            return _stage_command("bench", target)
+            r = _load(target)
+            runner.run_one(r, console, "bench")
+            return r.out_dir, r.gates
         read_manifest(target)  # a clear message for a folder that is not an export
         cfg, source = settings_for_folder(target)
         console.print("[dim]" + escape(f"Settings [bench] {source}") + "[/]")
         # On a device the validation images are usually absent: latency only, no accuracy.
         with folder_lock(target):
             bench_folder(target, cfg, console, validation_if_here(target))
+        return target, gates_for_folder(target)
 
-    _guard(go)
+    folder, cfg = _guard(go, on_error=ci.failed)
+    from tlbuild.gates import bench_gates
+    from tlbuild.report import bench_headline
+
+    gates = bench_gates(cfg, folder)
+    ci.gates(gates, {"export_folder": str(folder)}, bench_headline(folder))
+    _gate_verdict(console, gates)
 
 
 # classify's options: their defaults and help are the options types' own (classify/options.py).
@@ -390,6 +458,7 @@ def classify(
     model_cache: Annotated[Path | None, _co("model_cache")] = _CO.model_cache,
     part_rows: Annotated[int, _co("part_rows")] = _CO.part_rows,
     compact: Annotated[bool, _co("compact")] = _CO.compact,
+    junit: JunitOption = None,
 ) -> None:
     """Classify image folders into a Parquet file: streaming, resumable, bad files kept as rows."""
     import signal
@@ -440,11 +509,21 @@ def classify(
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)
+    ci = _CiOutputs(junit, "classify")
     try:
-        summary = _guard(go, said)
+        summary = _guard(go, said, ci.failed)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print_summary(console, summary)
+    gate = summary.error_rate_gate(max_error_rate)
+    counts = {"results": str(summary.out), "rows": str(summary.rows), "errors": str(summary.errors)}
+    headline = [
+        ["images", f"{summary.rows} ({summary.errors} could not be read)"],
+        ["flagged defective", str(summary.defective)],
+        ["flagged novel", str(summary.novel)],
+        ["rate", f"{summary.rate:.1f} images/s"],
+    ]
+    ci.gates([gate] if gate else [], counts, headline)
     _guard(lambda: summary.check_error_rate(max_error_rate))
 
 

@@ -185,6 +185,18 @@ def _novelty_gates(manifest: dict[str, Any]) -> list[GateResult]:
     return results
 
 
+def bench_gates(cfg: GatesConfig, out: Path) -> list[GateResult]:
+    """The gates a benchmark decides (accuracy per artifact, speed, artifacts that would not
+    run), against bench.json in `out`: what `tlbuild bench` judges, on a device too."""
+    val = read_json_or_empty(out / METRICS_JSON).get("val", {})
+    bench = read_json_or_empty(out / "bench.json")
+    return [
+        *_accuracy_gates(cfg, val, bench),
+        *_failed_run_gates(cfg, bench),
+        *_speed_gates(cfg, bench),
+    ]
+
+
 def evaluate_gates(cfg: GatesConfig, out: Path) -> list[GateResult]:
     """Every configured gate against metrics.json, manifest.json and bench.json in `out`."""
     val = read_json_or_empty(out / METRICS_JSON).get("val", {})

@@ -195,6 +195,7 @@ class Manifest(BaseModel):
     novelty: Novelty | None = None
     # decision
     decision: Decision | None = None
+    gates: dict[str, Any] = {}  # [gates] as the report stage judged them (`bench DIR` reuses)
     artifacts: dict[str, FileHash] = {}
 
     @model_validator(mode="after")
@@ -280,6 +281,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "bench": ("bench",),
     "novelty": ("novelty",),
     "decision": ("decision",),
+    "report": ("gates",),
 }
 
 

@@ -9,7 +9,7 @@ from tlbuild.artifacts import SPLITS_JSON
 from tlbuild.data.scan import Sample
 from tlbuild.data.splits_file import read_split
 from tlbuild.manifest import read_manifest, recipe_here, recorded_settings
-from tlbuild.recipe import BenchConfig
+from tlbuild.recipe import BenchConfig, GatesConfig
 
 
 def settings_for_folder(folder: Path) -> tuple[BenchConfig, str]:
@@ -29,6 +29,19 @@ def settings_for_folder(folder: Path) -> tuple[BenchConfig, str]:
         cfg = recorded_settings(BenchConfig, recorded, folder, "bench.settings")
         return cfg, "as recorded in manifest.json"
     return BenchConfig(), "defaults (manifest.json records no [bench] settings)"
+
+
+def gates_for_folder(folder: Path) -> GatesConfig:
+    """[gates] for an export folder given without a recipe: the recipe's as it is now when it is
+    here, else those the report stage recorded, else none."""
+    manifest = read_manifest(folder)
+    recipe = recipe_here(folder, manifest)
+    if recipe is not None:
+        return recipe.gates
+    recorded = manifest.gates.get("settings")
+    if recorded:
+        return recorded_settings(GatesConfig, recorded, folder, "gates.settings")
+    return GatesConfig()
 
 
 def validation_if_here(folder: Path) -> list[Sample] | None:

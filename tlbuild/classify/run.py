@@ -25,6 +25,7 @@ from tlbuild.classify.rows import Decider, reason_kind
 from tlbuild.classify.storage import default_model_cache, is_url, local_model
 from tlbuild.decision.rule import manifest_threshold
 from tlbuild.errors import BuildError, UsageError
+from tlbuild.gates import GateResult
 from tlbuild.manifest import Manifest, read_manifest
 from tlbuild.novelty.drift import DriftCounter, image_block
 from tlbuild.novelty.drift import warnings_for as drift_warnings
@@ -107,6 +108,15 @@ class ClassifySummary:
     def rate(self) -> float:
         """Images per second over the whole run."""
         return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def error_rate_gate(self, limit: float | None) -> GateResult | None:
+        """--max-error-rate as a gate (JUnit, CI summaries); None where it was not given."""
+        if limit is None:
+            return None
+        rate = self.errors / self.rows if self.rows else 0.0
+        note = f"{self.errors} of {self.rows} inputs could not be classified"
+        verdict = "failed" if rate > limit else "passed"
+        return GateResult("max_error_rate", limit, rate, verdict, note)
 
     def check_error_rate(self, limit: float | None) -> None:
         """BuildError (exit 1) if more than `limit` (a fraction) of this run's inputs failed."""

@@ -8,7 +8,9 @@ from tlbuild.explain.summary import HEATMAPS_JSON
 from tlbuild.fileio import write_json
 from tlbuild.gates import GATES_JSON, GateResult, evaluate_gates, gates_json
 from tlbuild.incremental import StageRecords
+from tlbuild.manifest import write_section
 from tlbuild.report import LATENCY_PNG, PER_CLASS_PNG, REPORT_MD, write_report
+from tlbuild.report_html import REPORT_HTML, write_report_html
 from tlbuild.stages.base import Stage, StageContext
 
 
@@ -26,8 +28,14 @@ def run(ctx: StageContext) -> list[GateResult]:
         {"stage": name, **{k: rec[k] for k in ("finished", "seconds", "summary")}}
         for name, rec in finished
     ]
+    # Recorded so that `tlbuild bench DIR` on a device judges the same [gates] without the recipe.
+    settings = {"settings": ctx.recipe.gates.model_dump(mode="json"), "file": GATES_JSON}
+    write_section(out, "report", {"gates": settings}, [])
     path = write_report(out, gates, stages)
-    ctx.console.print(f"Wrote {path}")
+    failed = sum(g.failed for g in gates)
+    passed = sum(g.status == "passed" for g in gates)
+    page = write_report_html(path, f"Build report: {ctx.recipe.name}", passed, failed)
+    ctx.console.print(f"Wrote {path} and {page.name} (self-contained)")
     return gates
 
 
@@ -42,7 +50,7 @@ STAGE = Stage(
     sections=("gates",),
     # It reads the manifest too; every section's change reaches it through its upstream key.
     inputs=(METRICS_JSON, BENCH_JSON, HEATMAPS_JSON),
-    outputs=(REPORT_MD, PER_CLASS_PNG, LATENCY_PNG, GATES_JSON),
+    outputs=(REPORT_MD, REPORT_HTML, PER_CLASS_PNG, LATENCY_PNG, GATES_JSON),
     run=run,
     summarise=summarise,
 )

@@ -1,0 +1,1 @@
+"""What CI systems read: gates as JUnit XML, and GitHub Actions' job summary."""
