@@ -49,6 +49,7 @@ def test_a_copied_build_is_fresh_and_each_section_reruns_only_its_stages(
 
     first = _actions(runner.run(load_recipe(recipe), QUIET))
     assert first.pop("decision") == "disabled"  # the tiny recipe has no [decision]
+    assert first.pop("track") == "disabled"  # nor [track]
     assert set(first.values()) == {"reused"}  # nothing to do, even in a new folder
 
     _rewrite(recipe, "min_iters = 5", "min_iters = 6")
@@ -63,6 +64,7 @@ def test_a_copied_build_is_fresh_and_each_section_reruns_only_its_stages(
         "novelty": "reused",  # follows the model and its variants, not the benchmark
         "decision": "disabled",
         "report": "ran",
+        "track": "disabled",
     }
     assert json.loads((out / "bench.json").read_text())["settings"]["min_iters"] == 6
 
@@ -273,6 +275,7 @@ def test_each_stage_is_one_module_keyed_on_the_code_it_imports() -> None:
     assert [s.name for s in STAGES] == [
         *("train", "export", "quantize", "engines", "bench", "explain", "novelty", "decision"),
         "report",
+        "track",
     ]
     code = {
         s.name: {p.relative_to(package).as_posix() for p in module_closure(s.module)}
@@ -309,6 +312,7 @@ def test_a_stage_whose_code_changed_reruns_alone_when_it_writes_the_same_files(
         "novelty": "reused",
         "decision": "disabled",
         "report": "reused",
+        "track": "disabled",
     }
     out = tmp_path / "out" / "tiny"
     assert (out / "bench.json").is_file() and not (out / ".aside").exists()

@@ -210,7 +210,7 @@ def run(
         f"(ran: {', '.join(ran) or 'nothing'}; reused: {', '.join(reused) or 'nothing'})"
     )
     _print_fine_tuning_gain(console, result.out)
-    from tlbuild.report import build_headline
+    from tlbuild.ci.headline import build_headline
 
     props = {"export_folder": str(result.out), "ran": ",".join(ran)}
     ci.gates(result.gates, props, build_headline(result.out))
@@ -365,7 +365,6 @@ def bench(
     ci = _CiOutputs(junit, f"bench {target.stem or target.name}")
 
     def go():  # noqa: ANN202 - (export folder, its [gates])
-        from tlbuild import runner
         from tlbuild.bench.folder_settings import (
             gates_for_folder,
             settings_for_folder,
@@ -378,6 +377,8 @@ def bench(
         if not target.exists():
             raise UsageError(f"{target}: no such recipe file or export folder")
         if not target.is_dir():
+            from tlbuild import runner  # the whole build's stages: not needed on a device
+
             r = _load(target)
             runner.run_one(r, console, "bench")
             return r.out_dir, r.gates
@@ -391,7 +392,7 @@ def bench(
 
     folder, cfg = _guard(go, on_error=ci.failed)
     from tlbuild.gates import bench_gates
-    from tlbuild.report import bench_headline
+    from tlbuild.ci.headline import bench_headline
 
     gates = bench_gates(cfg, folder)
     ci.gates(gates, {"export_folder": str(folder)}, bench_headline(folder))

@@ -538,6 +538,33 @@ class DecisionConfig(_Section):
         return self
 
 
+class TrackConfig(_Section):
+    """Experiment tracking: a build that ran any stage is logged as one MLflow run."""
+
+    mlflow: str | None = Field(
+        None,
+        description='the tracking server, e.g. "http://mlflow:5000"; unset: $MLFLOW_TRACKING_URI; '
+        "neither: no tracking (needs pip install 'tlbuild[mlflow]')",
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment; default: the recipe's name"
+    )
+    required: bool = Field(
+        False,
+        description="an unreachable tracker fails the build; by default it is one warning and "
+        "the next build logs the run",
+    )
+    registered_model: str | None = Field(
+        None,
+        description="register the shipped model.onnx (with its manifest) under this name in "
+        "MLflow's model registry",
+    )
+
+    def uri(self, environ: dict[str, str]) -> str | None:
+        """The tracking URI in effect: this section's, else $MLFLOW_TRACKING_URI, else None."""
+        return self.mlflow or environ.get("MLFLOW_TRACKING_URI") or None
+
+
 class GatesConfig(_Section):
     """Thresholds that make `tlbuild run` exit 1; every gate is listed in the report."""
 
@@ -592,6 +619,7 @@ class Recipe(_Section):
     novelty: NoveltyConfig = NoveltyConfig()
     decision: DecisionConfig | None = None  # no [decision]: the argmax rule
     gates: GatesConfig = GatesConfig()
+    track: TrackConfig = TrackConfig()
 
     _resolve_out = field_validator("output_dir")(_resolve)
 

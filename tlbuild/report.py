@@ -12,6 +12,7 @@ from typing import Any
 
 from tlbuild.artifacts import CURVES_PNG, LR_FIND_PNG, METRICS_JSON
 from tlbuild.bench.run import BENCH_COLUMNS, bench_cells, short_backend
+from tlbuild.ci.headline import validation_summary
 from tlbuild.data.duplicates_report import report_section as duplicates_lines
 from tlbuild.decision.report_section import decision_lines
 from tlbuild.explain.summary import heatmap_lines
@@ -136,30 +137,6 @@ def _gates_section(gates: list[GateResult]) -> list[str]:
         for g in gates
     ]
     return lines + _table(["gate", "threshold", "measured", "result", "note"], rows, "lrrll")
-
-
-def validation_summary(metrics: dict[str, Any]) -> list[list[str]]:
-    """(label, value) rows of the validation headline: images, accuracy, F1, rates, gain."""
-    val = metrics["val"]
-    summary = [
-        ["images", str(val.get("images", "-"))],
-        ["accuracy", _pct(val.get("accuracy"))],
-        ["macro F1", f"{val.get('macro_f1', 0):.3f}"],
-    ]
-    if "escape_rate" in val:
-        summary += [
-            ["escape rate (defect predicted ok)", _pct(val["escape_rate"])],
-            ["false-reject rate (ok predicted defect)", _pct(val["false_reject_rate"])],
-        ]
-    head = metrics.get("head_only")
-    if head:
-        gain = (val.get("accuracy", 0.0) - head["accuracy"]) * 100
-        summary.append(
-            [f"head only ({head['source']})", f"{_pct(head['accuracy'])} ({gain:+.1f} pts)"]
-        )
-    for r in metrics.get("lr_find", []):
-        summary.append([f"lr found for stage '{r['stage']}'", f"{r['chosen']:.3g}"])
-    return summary
 
 
 def _per_class_lines(out: Path, val: dict[str, Any]) -> list[str]:
@@ -347,49 +324,6 @@ def _versions_section(manifest: dict[str, Any]) -> list[str]:
     if not versions:
         return []
     return ["## Versions", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
-
-
-def build_headline(out: Path) -> list[list[str]]:
-    """The figures a CI page shows for a build: validation's headline, what ships, and the
-    fastest CPU artifact's latency at the smallest batch benchmarked."""
-    metrics = read_json_or_empty(out / METRICS_JSON)
-    manifest = manifest_json(out)
-    bench = read_json_or_empty(out / "bench.json")
-    rows = validation_summary(metrics) if "val" in metrics else []
-    shipped = [
-        v["file"] for v in manifest.get("variants", {}).values() if v["status"] == "accepted"
-    ]
-    rows.append(["ships", ", ".join(["model.onnx", *shipped]) if manifest else "-"])
-    cpu = [r for r in bench.get("results", []) if "CPU" in r["backend"]]
-    if cpu:
-        batch = min(r["batch"] for r in cpu)
-        best = min((r for r in cpu if r["batch"] == batch), key=lambda r: r["p50_ms"])
-        rows.append(
-            [
-                f"fastest on this CPU, batch {batch}",
-                f"{best['artifact']}: p50 {best['p50_ms']:.2f} ms",
-            ]
-        )
-    return rows
-
-
-def bench_headline(out: Path) -> list[list[str]]:
-    """Each benchmarked artifact's p50 at the smallest batch and throughput at the largest."""
-    rows = read_json_or_empty(out / "bench.json").get("results", [])
-    lines = []
-    for key in dict.fromkeys((r["artifact"], r["backend"]) for r in rows):
-        mine = sorted(
-            (r for r in rows if (r["artifact"], r["backend"]) == key), key=lambda r: r["batch"]
-        )
-        lo, hi = mine[0], mine[-1]
-        lines.append(
-            [
-                f"{key[0]} on {key[1]}",
-                f"p50 {lo['p50_ms']:.2f} ms (batch {lo['batch']}), "
-                f"{hi['throughput_ips']:.0f} img/s (batch {hi['batch']})",
-            ]
-        )
-    return lines
 
 
 def write_report(out: Path, gates: list[GateResult], stages: list[dict[str, Any]]) -> Path:

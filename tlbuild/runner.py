@@ -26,7 +26,7 @@ from tlbuild.gates import GateResult, evaluate_gates
 from tlbuild.incremental import StageRecords
 from tlbuild.manifest import put_section, take_section
 from tlbuild.recipe import Recipe
-from tlbuild.stages.base import Stage, StageContext
+from tlbuild.stages.base import Stage, StageContext, StageDeferred
 from tlbuild.stages.order import STAGES
 from tlbuild.train import distributed
 
@@ -40,7 +40,7 @@ class StageOutcome:
     """What `run` did with one stage."""
 
     stage: str
-    action: str  # "ran", "reused", "disabled"; for `status`: "fresh", "stale", "disabled"
+    action: str  # "ran", "reused", "disabled", "deferred"; `status`: "fresh", "stale", "disabled"
     why: list[str]
     seconds: float = 0.0
 
@@ -319,7 +319,13 @@ def _run_stages(
             seconds = launch(stage)
             records = StageRecords(out)  # what the launched processes recorded
         else:
-            seconds = _run_recorded(records, stage, inputs, ctx)
+            try:
+                seconds = _run_recorded(records, stage, inputs, ctx)
+            except StageDeferred as e:
+                console.print(f"[yellow]warning:[/] {stage.name}: {escape(str(e))}")
+                records.forget(stage.name, f"put off: {e}")
+                outcomes.append(StageOutcome(stage.name, "deferred", [str(e)]))
+                continue
         outcomes.append(StageOutcome(stage.name, "ran", why, seconds))
     # Gates are checked on every run, reused stages or not: CI must fail while they fail.
     return RunResult(out, outcomes, evaluate_gates(recipe.gates, out))

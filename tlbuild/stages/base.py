@@ -16,6 +16,11 @@ from tlbuild.recipe import Recipe
 from tlbuild.runtime.providers import Placement, placement_for
 
 
+class StageDeferred(Exception):  # noqa: N818 - not an error: work put off to the next build
+    """A stage could not do its work now for a reason outside the build (an optional service
+    that does not answer): the build goes on, the stage stays stale, the next run tries again."""
+
+
 @dataclass(frozen=True)
 class StageContext:
     """What a stage runs with: the current recipe, where to print, and --resume."""

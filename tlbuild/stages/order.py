@@ -12,10 +12,12 @@ from tlbuild.stages import (
     novelty,
     quantize,
     report,
+    track,
     train,
 )
 from tlbuild.stages.base import Stage
 
 STAGES: tuple[Stage, ...] = tuple(
-    m.STAGE for m in (train, export, quantize, engines, bench, explain, novelty, decision, report)
+    m.STAGE
+    for m in (train, export, quantize, engines, bench, explain, novelty, decision, report, track)
 )

@@ -1,0 +1,1 @@
+"""Experiment tracking: each build logged as an MLflow run (`[track]`, the mlflow extra)."""
