@@ -391,8 +391,8 @@ def bench(
         return target, gates_for_folder(target)
 
     folder, cfg = _guard(go, on_error=ci.failed)
-    from tlbuild.gates import bench_gates
     from tlbuild.ci.headline import bench_headline
+    from tlbuild.gates import bench_gates
 
     gates = bench_gates(cfg, folder)
     ci.gates(gates, {"export_folder": str(folder)}, bench_headline(folder))
