@@ -13,6 +13,16 @@ from rich.console import Console
 from tlbuild.data.synth import synth_defects
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_ci_or_tracker_of_the_caller() -> Iterator[None]:
+    """A developer's $MLFLOW_TRACKING_URI, or the CI job's summary file, is not the tests' to
+    write: every build here would otherwise log to them."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("MLFLOW_TRACKING_URI", "GITHUB_STEP_SUMMARY"):
+            mp.delenv(name, raising=False)
+        yield
+
+
 def write_recipe(path: Path, text: str) -> Path:
     """Write a recipe file and return its path."""
     path.parent.mkdir(parents=True, exist_ok=True)

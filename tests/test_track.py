@@ -3,6 +3,7 @@ through MLflow's own client."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -18,6 +19,8 @@ from typer.testing import CliRunner
 
 from tests.conftest import tiny_recipe
 from tlbuild.cli import app
+from tlbuild.recipe import load_recipe
+from tlbuild.runner import stage_status
 
 mlflow = pytest.importorskip("mlflow", reason="the mlflow extra (pip install 'tlbuild[mlflow]')")
 runner = CliRunner()
@@ -29,11 +32,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow server` on a free localhost port, its runs in SQLite, its artifacts in a folder."""
-    home = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+@contextlib.contextmanager
+def _serve(home: Path, port: int) -> Iterator[str]:
+    """`mlflow server` on localhost:`port`, its runs in SQLite, its artifacts in a folder."""
+    home.mkdir(parents=True, exist_ok=True)
     uri = f"http://127.0.0.1:{port}"
     command = [
         str(Path(sys.executable).parent / "mlflow"),
@@ -68,6 +70,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One server for the module's tests."""
+    with _serve(tmp_path_factory.mktemp("mlflow"), _free_port()) as uri:
+        yield uri
 
 
 def _build(tiny_build: Path, tiny_data: Path, folder: Path, track: str) -> Path:
@@ -134,21 +143,24 @@ def test_a_build_is_one_run_with_its_recipe_metrics_history_files_and_tags(
 
 
 def test_an_unreachable_tracker_is_one_warning_and_the_next_build_logs_it(
-    server: str, tiny_build: Path, tiny_data: Path, tmp_path: Path
+    tiny_build: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
-    closed = f"http://127.0.0.1:{_free_port()}"
-    recipe = _build(tiny_build, tiny_data, tmp_path, f'mlflow = "{closed}"\nexperiment = "later"')
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    recipe = _build(tiny_build, tiny_data, tmp_path, f'mlflow = "{uri}"\nexperiment = "later"')
     res = runner.invoke(app, ["run", str(recipe)])
     assert res.exit_code == 0, res.output
     assert "warning: track: no MLflow server answers at" in res.output
     assert not (tmp_path / "out" / "tiny" / "tracking.json").exists()
-    # The tracker is back (here: the recipe names the running one): the stage was left stale,
-    # so this build logs the run although no other stage changed.
-    text = recipe.read_text().replace(closed, server)
-    recipe.write_text(text)
-    res = runner.invoke(app, ["run", str(recipe)])
-    assert res.exit_code == 0, res.output
-    assert len(_runs(server, "later")) == 1
+    (track,) = [s for s in stage_status(load_recipe(recipe)) if s.stage == "track"]
+    assert track.action == "stale" and any("put off" in w for w in track.why)
+    # The same recipe once the server is up: the stage was left stale, so this build logs the
+    # run although nothing else changed.
+    with _serve(tmp_path / "mlflow", port):
+        res = runner.invoke(app, ["run", str(recipe)])
+        assert res.exit_code == 0, res.output
+        assert "track: up to date" not in res.output
+        assert len(_runs(uri, "later")) == 1
 
 
 def test_a_required_tracker_that_does_not_answer_fails_the_build(
@@ -172,3 +184,15 @@ def test_mlflow_tracking_uri_from_the_environment(
     res = runner.invoke(app, ["run", str(recipe)], env={"MLFLOW_TRACKING_URI": ""})
     assert res.exit_code == 0, res.output
     assert len(_runs(server, "from-env")) == 1
+
+
+def test_a_tracker_error_to_fix_fails_the_build_instead_of_waiting(
+    server: str, tiny_build: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    # A deleted experiment would refuse the run at every build: it is said once, as an error.
+    client = mlflow.tracking.MlflowClient(tracking_uri=server)
+    client.delete_experiment(client.create_experiment("deleted"))
+    recipe = _build(tiny_build, tiny_data, tmp_path, f'mlflow = "{server}"\nexperiment = "deleted"')
+    res = runner.invoke(app, ["run", str(recipe)])
+    assert res.exit_code == 1
+    assert f"MLflow at {server} failed" in res.output and "fix the [track] settings" in res.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +72,8 @@ def _guard(
             err.print(f"[bold red]error:[/] {escape(full)}; {escape(said())}", soft_wrap=True)
             raise stop(f"{full}; {said()}", 1) from None
         if not isinstance(e, TlbuildError):
+            if on_error is not None:  # a bug or a library's failure: CI still gets its report
+                on_error(f"unexpected {type(e).__name__}: {e}")
             raise
         err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
         raise stop(str(e), e.exit_code) from None
@@ -86,12 +89,25 @@ JunitOption = Annotated[
 ]
 
 
+def _writable_file(path: Path, option: str) -> None:
+    from tlbuild.errors import UsageError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot create its folder ({e.strerror})") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise UsageError(f"{option} {path}: not a file that can be written here")
+
+
 class _CiOutputs:
     """Where one command's gates go besides the terminal: --junit, and the GitHub Actions job
     summary where $GITHUB_STEP_SUMMARY is set."""
 
     def __init__(self, junit: Path | None, suite: str) -> None:
         self.junit, self.suite, self.started = junit, suite, time.perf_counter()
+        if junit is not None:  # said now, not after a build of an hour
+            _guard(lambda: _writable_file(junit, "--junit"))
 
     def failed(self, message: str) -> None:
         """The command stopped before its gates were judged."""

@@ -197,6 +197,12 @@ def _run_recorded(
     return seconds
 
 
+def _put_off(records: StageRecords, stage: Stage, why: StageDeferred, console: Console) -> None:
+    """A stage that could not do its work now: said, and left stale for the next run."""
+    console.print(f"[yellow]warning:[/] {stage.name}: {escape(str(why))}")
+    records.forget(stage.name, f"put off: {why}")
+
+
 def run_one(recipe: Recipe, console: Console, name: str, resume: bool = False) -> None:
     """Run one stage unconditionally (the single-stage commands) and record it.
 
@@ -211,7 +217,10 @@ def run_one(recipe: Recipe, console: Console, name: str, resume: bool = False) -
     with _writing(recipe.out_dir):
         records = StageRecords(recipe.out_dir)
         inputs = records.inputs(stage, _earlier(stage), recipe, _Machine()(stage))
-        _run_recorded(records, stage, inputs, StageContext(recipe, console, resume))
+        try:
+            _run_recorded(records, stage, inputs, StageContext(recipe, console, resume))
+        except StageDeferred as e:
+            _put_off(records, stage, e, console)
 
 
 def call_stage(name: str, recipe: Recipe, console: Console, resume: bool = False) -> Any:
@@ -322,8 +331,7 @@ def _run_stages(
             try:
                 seconds = _run_recorded(records, stage, inputs, ctx)
             except StageDeferred as e:
-                console.print(f"[yellow]warning:[/] {stage.name}: {escape(str(e))}")
-                records.forget(stage.name, f"put off: {e}")
+                _put_off(records, stage, e, console)
                 outcomes.append(StageOutcome(stage.name, "deferred", [str(e)]))
                 continue
         outcomes.append(StageOutcome(stage.name, "ran", why, seconds))

@@ -71,9 +71,6 @@ def environment() -> dict[str, Any]:
     """A JSON-able description of this machine and its libraries."""
     import onnxruntime as ort
 
-    from tlbuild.runtime.providers import ORT_PROVIDERS, provider_problem
-
-    short = {v: k for k, v in ORT_PROVIDERS.items()}
     gpus, driver = _gpus()
     return {
         "cpu": _cpu_model(),
@@ -84,12 +81,9 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "gpus": gpus,
         "gpu_driver": driver,
-        # Those that start here: onnxruntime-gpu lists CUDA and TensorRT on any machine.
-        "onnxruntime_providers": [
-            p
-            for p in ort.get_available_providers()
-            if p not in short or provider_problem(short[p]) is None
-        ],
+        # Built in, not necessarily usable: onnxruntime-gpu lists CUDA and TensorRT on any
+        # machine (bench.json adds those that start, which takes opening them).
+        "onnxruntime_providers": ort.get_available_providers(),
         "versions": library_versions(),
     }
 

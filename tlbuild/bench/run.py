@@ -31,7 +31,7 @@ from tlbuild.manifest import Manifest, read_manifest
 from tlbuild.recipe import BenchConfig
 from tlbuild.runtime.base import Predictor
 from tlbuild.runtime.load import load_predictor
-from tlbuild.runtime.providers import provider_problem
+from tlbuild.runtime.providers import provider_problem, providers_that_start
 from tlbuild.runtime.tensorrt import tensorrt_status
 
 BENCH_JSON = "bench.json"
@@ -259,7 +259,7 @@ def bench_folder(
     result = {
         "format": "tlbuild.bench/1",
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "environment": environment(),
+        "environment": {**environment(), "onnxruntime_providers_started": providers_that_start()},
         "settings": {**cfg.model_dump(), "threads": threads},
         "validation_images": len(val) if val else 0,
         "results": rows,

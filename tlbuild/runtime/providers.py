@@ -45,8 +45,14 @@ _CAUSES = (
 
 def cuda_options(device_id: int = 0) -> dict[str, str]:
     """The CUDA provider's options for one GPU. TF32 off: with it, matrix products round to a
-    10-bit mantissa and FP32 checks on the GPU would differ from the CPU by more than rounding."""
-    return {"device_id": str(device_id), "use_tf32": "0"}
+    10-bit mantissa and FP32 checks on the GPU would differ from the CPU by more than rounding.
+    The arena grows by what is asked, not by doubling: the checks hold several models' sessions
+    at once on a GPU that training has just used."""
+    return {
+        "device_id": str(device_id),
+        "use_tf32": "0",
+        "arena_extend_strategy": "kSameAsRequested",
+    }
 
 
 @dataclass(frozen=True)
@@ -123,26 +129,39 @@ def _captured_output() -> Iterator[io.StringIO]:
             kept.write(sink.read().decode(errors="replace"))
 
 
-def start_session(model: str | bytes, options: Any, providers: list[Any]) -> tuple[Any, str]:
+def start_session(
+    model: str | bytes, options: Any, providers: list[Any], quiet: bool = False
+) -> tuple[Any, str]:
     """An InferenceSession on `providers` (first wanted, the rest fallbacks) and, when the
-    first did not start, why in one line ('' when it did). ONNX Runtime's output is kept."""
+    first did not start, why in one line ('' when it did).
+
+    `quiet` (the one-node probe only) keeps ONNX Runtime's own output off the terminal for
+    those milliseconds: the redirect is process-wide, so it is never held around a real
+    model's session, whose build can take minutes while other threads print."""
     import onnxruntime as ort
 
     first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
     if first == ORT_PROVIDERS["cpu"]:  # nothing to fall back from
         return ort.InferenceSession(model, options, providers=providers), ""
-    with _captured_output() as log:
+    with _captured_output() if quiet else contextlib.nullcontext(io.StringIO()) as log:
         # CUDA and cuDNN from the nvidia-* wheels, where no PyTorch has loaded them already
         # (onnxruntime's advice: importing a matching torch first does the same).
         if "torch" not in sys.modules and hasattr(ort, "preload_dlls"):
             with contextlib.suppress(Exception):
                 ort.preload_dlls()
-        session = ort.InferenceSession(model, options, providers=providers)
+        try:
+            session = ort.InferenceSession(model, options, providers=providers)
+        except Exception:
+            if quiet:  # what ONNX Runtime said is the explanation: not lost with the error
+                sys.stderr.write(log.getvalue())
+            raise
     if session.get_providers()[0] == first:
         return session, ""
     text = log.getvalue()
     found = (m.group(1).strip() for c in _CAUSES if (m := c.search(text)))
-    cause = next(found, "it fell back to the CPU")
+    cause = next(
+        found, "it fell back to the CPU" + ("" if quiet else "; ONNX Runtime said why above")
+    )
     if cause.startswith("libcuda.so"):
         cause = f"no NVIDIA driver: {cause}"
     note = _cuda_runtime_note()
@@ -185,9 +204,21 @@ def provider_problem(provider: str, device_id: int = 0) -> str | None:
     if provider == "tensorrt":
         providers.insert(0, (wanted, {"device_id": str(device_id)}))
     try:
-        return start_session(PROBE_MODEL, None, providers)[1] or None
+        return start_session(PROBE_MODEL, None, providers, quiet=True)[1] or None
     except Exception as e:  # a provider that raises instead of falling back
         return f"{wanted} did not start ({type(e).__name__}: {e})"
+
+
+def providers_that_start() -> list[str]:
+    """ONNX Runtime's providers that open a session here (each GPU one is opened to know)."""
+    import onnxruntime as ort
+
+    short = {v: k for k, v in ORT_PROVIDERS.items()}
+    return [
+        p
+        for p in ort.get_available_providers()
+        if p not in short or provider_problem(short[p]) is None
+    ]
 
 
 def placement_for(device: str) -> Placement:

@@ -32,7 +32,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     assert uri is not None  # disabled otherwise
     if importlib.util.find_spec("mlflow") is None:  # an extra
         raise _unavailable(ctx, "MLflow is not installed: pip install 'tlbuild[mlflow]'")
-    from tlbuild.track.mlflow_log import log_build, unreachable
+    from tlbuild.track.mlflow_log import log_build, transient, unreachable
 
     problem = unreachable(uri)
     if problem:
@@ -43,8 +43,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     experiment = cfg.experiment or ctx.recipe.name
     try:
         logged = log_build(uri, experiment, record, ctx.recipe.name, ctx.out, cfg.registered_model)
-    except Exception as e:  # the server failed mid-way: the same as unreachable
-        raise _unavailable(ctx, f"MLflow at {uri} failed ({type(e).__name__}: {e})") from e
+    except Exception as e:
+        why = f"MLflow at {uri} failed ({type(e).__name__}: {e})"
+        if transient(e):  # the server went away mid-way: the same as unreachable
+            raise _unavailable(ctx, why) from e
+        # A setting to fix (a deleted experiment, no permission): put off, it would fail at
+        # every build without a word beyond a warning.
+        raise BuildError(f"{why}; fix the [track] settings or the server, or remove [track]") from e
     write_json(ctx.out / TRACKING_JSON, logged)
     ctx.console.print(
         f"Logged to MLflow: run {logged['run_id']} in experiment '{experiment}' "

@@ -203,7 +203,21 @@ def run(ctx: StageContext) -> TrainOutputs:
     gain = fine_tuning_gain(metrics)
     if gain:
         ctx.console.print(gain)
+    del tm
+    _release_gpu_memory()
     return TrainOutputs(result, metrics, splits)
+
+
+def _release_gpu_memory() -> None:
+    """Give back the GPU memory PyTorch's allocator keeps cached: the checks after training open
+    ONNX Runtime CUDA sessions in this same process."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def summarise(out: TrainOutputs) -> str:

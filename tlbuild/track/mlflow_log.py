@@ -3,6 +3,7 @@ version in the registry. `mlflow` is imported here only (the mlflow extra)."""
 
 from __future__ import annotations
 
+import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,18 +18,40 @@ _METRICS_PER_CALL, _PARAMS_PER_CALL = 1000, 100
 
 
 def unreachable(uri: str, timeout: float = 5.0) -> str | None:
-    """Why an http(s) tracking server does not answer its /health check, or None. Other URIs
-    (a local folder, a database) are opened by MLflow itself."""
+    """Why nothing answers at an http(s) tracking URI (refused, no such host, timed out), or
+    None. Any HTTP answer, or a TLS question, is left to MLflow's client: it knows the
+    certificates and credentials MLflow's settings name. Other URIs are opened by MLflow."""
     if not uri.startswith(("http://", "https://")):
         return None
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-            if r.status == 200:
-                return None
-            return f"{uri}/health answered HTTP {r.status}"
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        return f"no MLflow server answers at {uri} ({reason})"
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError:  # a server answered (an auth proxy's 401 too)
+        return None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLError):
+            return None
+        return f"no MLflow server answers at {uri} ({e.reason})"
+    except (TimeoutError, OSError) as e:
+        return f"no MLflow server answers at {uri} ({e})"
+
+
+def transient(error: BaseException) -> bool:
+    """Whether an error from MLflow's client is the server being away (worth trying at the next
+    build) rather than a setting to fix (a deleted experiment, no permission, a bad name)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ConnectionError | TimeoutError):
+            return True
+        if type(seen).__name__ in ("ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout"):
+            return True  # requests' own, without importing it
+        code = getattr(seen, "error_code", "")
+        if code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED"):
+            return True
+        if "Max retries exceeded" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _chunks(items: list[Any], n: int) -> list[list[Any]]:

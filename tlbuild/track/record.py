@@ -22,8 +22,8 @@ from tlbuild.recipe import Recipe
 from tlbuild.report import REPORT_MD
 from tlbuild.report_html import REPORT_HTML
 
-# MLflow's key alphabet (letters, digits, _ - . / and space); anything else becomes "_".
-_KEY = re.compile(r"[^A-Za-z0-9_\-./ ]")
+# MLflow's key alphabet (word characters, any script, and - . / space); others become "_".
+_KEY = re.compile(r"[^\w\-./ ]")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_PARAM = 6000  # characters MLflow keeps of a parameter's value
 HISTORY_CSV = "history.csv"
