@@ -162,7 +162,7 @@ def test_checks_on_a_real_gpu_agree_with_the_cpu(tiny_build: Path) -> None:
     # the CPU's answer on at least 99% of images (both round differently per kernel).
     on = placement_for("auto")
     if on.provider != "cuda":
-        pytest.skip(f"ONNX Runtime's CUDA provider does not start here: {on.why_cpu}")
+        pytest.skip(f"ONNX Runtime's CUDA provider does not start here: {provider_problem('cuda')}")
     manifest = read_manifest(tiny_build)
     spec = Preprocessing.from_dict(manifest.preprocessing)
     x = load_batch([s.path for s in read_split(tiny_build, "val", manifest.classes)], spec)
