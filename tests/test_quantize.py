@@ -548,3 +548,36 @@ def test_max_changed_is_read_from_a_recipe_and_range_checked(tmp_path: Path) -> 
     path.write_text(path.read_text().replace("max_changed = 2", "max_changed = -1"))
     with pytest.raises(RecipeError, match="quantize.max_changed"):
         load_recipe(path)
+
+
+def test_a_model_truncated_on_a_full_disk_is_named_as_a_full_disk(
+    tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ONNX Runtime's writers can leave a truncated model on a full disk and fail only on
+    # reading it back; with the disk nearly full, that is said as a full disk, not a method.
+    import onnxruntime.quantization
+
+    from tlbuild.artifacts import VARIANTS
+    from tlbuild.errors import DiskFullError
+    from tlbuild.export import quantize
+    from tlbuild.export.calibration import Calibration
+    from tlbuild.export.quantize import Int8Job, Int8Settings, make_int8
+
+    def corrupt(*args: object, **kwargs: object) -> None:
+        raise ValueError("Error parsing message: Wire format was corrupt")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", corrupt)
+    images = np.zeros((4, 3, 64, 64), np.float32)
+    job = Int8Job(
+        tiny_build / "model.onnx",
+        tmp_path / "model.int8.cpu.onnx",
+        Calibration(tiny_build / "model.onnx", images, tmp_path),
+        VARIANTS["int8_cpu"],
+        Int8Settings("minmax", (), True, 99.9),
+    )
+    with pytest.raises(BuildError, match="Try another quantize.calibration_method"):
+        make_int8(job)  # room on the disk: the library's failure, as before
+    free = shutil.disk_usage(tmp_path)._replace(free=1024)
+    monkeypatch.setattr(quantize.shutil, "disk_usage", lambda path: free)
+    with pytest.raises(DiskFullError, match="no space left on the device holding"):
+        make_int8(job)

@@ -118,6 +118,10 @@ def rejected_name(file: str) -> str:
     return file.removesuffix(".onnx") + ".rejected.onnx"
 
 
+# model.onnx behind a uint8 image input with the preprocessing in the graph (export stage).
+MODEL_IMAGE_ONNX = "model_image.onnx"
+
+
 def precision_of(name: str) -> str:
     """The precision of an artifact file (an engine's is in its name: model.<label>.b...)."""
     for a in ONNX_ARTIFACTS.values():

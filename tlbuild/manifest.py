@@ -63,6 +63,8 @@ class OnnxInfo(_Entry):
     parity: dict[str, Any]
     # The novelty features output and its layout; None for a model exported before them.
     features: dict[str, Any] | None = None
+    # model_image.onnx (uint8 image in, preprocessing in the graph) and its check; None: none.
+    image_input: dict[str, Any] | None = None
 
 
 class Variant(_Entry):
@@ -236,7 +238,7 @@ class Manifest(BaseModel):
         for e in self.engine_entries().values():
             if e.get("path") == name:
                 return e.get("status") == "accepted"
-        return name in ("model.onnx", "model.pt")
+        return name in ("model.onnx", "model.pt", "model_image.onnx")
 
     def engine_entries(self) -> dict[str, dict[str, Any]]:
         """Per engine variant, its record (empty where the stage was skipped or never ran)."""

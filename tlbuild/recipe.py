@@ -346,6 +346,11 @@ class ExportConfig(_Section):
     parity_images: int = Field(64, ge=1, description="validation images compared with PyTorch")
     parity_atol: float = Field(1e-3, gt=0.0, description="max allowed |logit difference|")
     min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)
+    image_model: bool = Field(
+        True,
+        description="also write model_image.onnx: uint8 RGB at the camera's size in, the "
+        "resize, scale and normalisation inside the graph (for clients in any language)",
+    )
     device_images: int = Field(
         200,
         ge=0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,10 +21,13 @@ import onnx
 from onnx import numpy_helper
 
 from tlbuild.artifacts import Int8Scheme, OnnxArtifact
-from tlbuild.errors import BuildError
+from tlbuild.errors import BuildError, DiskFullError
 from tlbuild.export.calibration import Calibration, cache_supported
 from tlbuild.export.feature_graph import feature_only_nodes
 from tlbuild.fileio import atomic_path
+
+# Free space under which a library's failure to write a model is taken for a full disk.
+_LOW_DISK = 64 * 2**20
 
 
 def cpu_has_vnni() -> bool:
@@ -172,6 +176,10 @@ def make_int8(job: Int8Job) -> None:
                 f"({method}); lower quantize.calibration_images"
             ) from None
         except Exception as e:  # a library failure: say which variant and what to try
+            # ONNX Runtime's writers can leave a truncated model on a full disk and fail only
+            # when it is read back ("wire format was corrupt"): name the disk, not the method.
+            if shutil.disk_usage(dst.parent).free < _LOW_DISK:
+                raise DiskFullError(dst.parent) from e
             raise BuildError(
                 f"onnxruntime could not quantize {dst.name} ({method} calibration, "
                 f"{len(calibration.images)} images): {type(e).__name__}: {e}. Try another "

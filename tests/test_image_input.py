@@ -1,0 +1,120 @@
+"""model_image.onnx: uint8 RGB at the camera's own size in, tlbuild's preprocessing inside the
+graph; checked against Pillow's resize (the reference every check uses) on real photographs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+from PIL import Image
+
+from tlbuild.data.preprocess import Preprocessing, load_batch, resize_for_model
+from tlbuild.export.image_input import (
+    IMAGE_INPUT,
+    _geometry,
+    _Graph,
+    image_input_model,
+    make_image_model,
+)
+
+
+def _photos(n: int = 12) -> list[Image.Image]:
+    """Crops of varied size (odd sides too) from real colour photographs."""
+    import skimage.data
+
+    rng = np.random.default_rng(0)
+    out = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        img = np.asarray(getattr(skimage.data, name)())
+        for _ in range(n // 4):
+            big_h, big_w = img.shape[:2]
+            h, w = int(rng.integers(97, min(400, big_h))), int(rng.integers(97, min(400, big_w)))
+            y, x = int(rng.integers(0, big_h - h + 1)), int(rng.integers(0, big_w - w + 1))
+            out.append(Image.fromarray(img[y : y + h, x : x + w]))
+    return out
+
+
+def _spec(resize: str, interpolation: str) -> Preprocessing:
+    return Preprocessing(
+        input_size=(64, 80),
+        interpolation=interpolation,  # type: ignore[arg-type]
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        resize=resize,  # type: ignore[arg-type]
+        crop_pct=0.875,
+    )
+
+
+@pytest.mark.parametrize(
+    ("resize", "interpolation"),
+    [("resize", "bicubic"), ("center_crop", "bicubic"), ("resize", "bilinear")],
+)
+def test_the_graph_resizes_as_pillow_does(resize: str, interpolation: str) -> None:
+    spec = _spec(resize, interpolation)
+    g = _Graph()
+    x = g.op("Transpose", [g.op("Cast", [IMAGE_INPUT], "f", to=1)], "t", perm=[0, 3, 1, 2])
+    y = _geometry(g, x, spec)
+    graph = helper.make_graph(
+        g.nodes,
+        "geometry",
+        [helper.make_tensor_value_info(IMAGE_INPUT, TensorProto.UINT8, [1, "h", "w", 3])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],
+        g.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    diffs = []
+    for img in _photos():
+        want = np.asarray(resize_for_model(img, spec)).astype(np.float32).transpose(2, 0, 1)
+        got = session.run(None, {IMAGE_INPUT: np.asarray(img)[None]})[0][0]
+        assert got.shape == want.shape  # the geometry (centre crop included) is exact
+        diffs.append(np.abs(got - want).ravel())
+    d = np.concatenate(diffs)
+    assert (d == 0).mean() >= 0.93  # measured 95-96%: rounding of a few pixels apart
+    assert (d > 1).mean() <= 1e-3 and d.max() <= 8
+
+
+def test_the_image_model_gives_model_onnx_answers_on_photographs(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    manifest = json.loads((tiny_build / "manifest.json").read_text())
+    spec = dataclasses.replace(
+        Preprocessing.from_dict(manifest["preprocessing"]), resize="center_crop"
+    )
+    model = image_input_model(onnx.load(str(tiny_build / "model.onnx")), spec)
+    image = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(str(tiny_build / "model.onnx"), providers=["CPUExecutionProvider"])
+    name = ref.get_inputs()[0].name
+    assert [o.name for o in image.get_outputs()] == [o.name for o in ref.get_outputs()]
+    same, gaps = [], []
+    for i, img in enumerate(_photos()):
+        path = tmp_path / f"{i}.png"
+        img.save(path)
+        want = ref.run(None, {name: load_batch([path], spec)})[0][0]
+        got = image.run(None, {IMAGE_INPUT: np.asarray(img)[None]})[0][0]
+        p, q = (np.exp(v - v.max()) / np.exp(v - v.max()).sum() for v in (want, got))
+        same.append(p.argmax() == q.argmax())
+        gaps.append(np.abs(p - q).max())
+    assert np.mean(same) >= 11 / 12 and np.mean(gaps) < 5e-3
+
+
+def test_lanczos_has_no_image_model_and_says_why(tiny_build: Path, tmp_path: Path) -> None:
+    spec = _spec("resize", "lanczos")
+    record = make_image_model(tiny_build / "model.onnx", tmp_path / "m.onnx", spec, [], 0.99)
+    assert record["file"] is None and "no lanczos filter" in record["why_not"]
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_export_ships_it_hashed_and_described(tiny_build: Path) -> None:
+    manifest = json.loads((tiny_build / "manifest.json").read_text())
+    entry = manifest["onnx"]["image_input"]
+    assert entry["file"] == "model_image.onnx" and (tiny_build / "model_image.onnx").is_file()
+    assert entry["input"]["dtype"] == "uint8" and entry["input"]["layout"] == "NHWC"
+    assert entry["check"]["top1_agreement"] == 1.0 and entry["check"]["images"] > 0
+    assert "model_image.onnx" in manifest["artifacts"]
