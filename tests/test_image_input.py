@@ -104,10 +104,13 @@ def test_the_image_model_gives_model_onnx_answers_on_photographs(
     assert np.mean(same) >= 11 / 12 and np.mean(gaps) < 5e-3
 
 
-def test_lanczos_has_no_image_model_and_says_why(tiny_build: Path, tmp_path: Path) -> None:
-    spec = _spec("resize", "lanczos")
+@pytest.mark.parametrize("interpolation", ["lanczos", "nearest"])
+def test_other_filters_have_no_image_model_and_say_why(
+    interpolation: str, tiny_build: Path, tmp_path: Path
+) -> None:
+    spec = _spec("resize", interpolation)
     record = make_image_model(tiny_build / "model.onnx", tmp_path / "m.onnx", spec, [], 0.99)
-    assert record["file"] is None and "no lanczos filter" in record["why_not"]
+    assert record["file"] is None and f"not {interpolation}" in record["why_not"]
     assert not (tmp_path / "m.onnx").exists()
 
 
