@@ -121,3 +121,57 @@ def test_the_export_ships_it_hashed_and_described(tiny_build: Path) -> None:
     assert entry["input"]["dtype"] == "uint8" and entry["input"]["layout"] == "NHWC"
     assert entry["check"]["top1_agreement"] == 1.0 and entry["check"]["images"] > 0
     assert "model_image.onnx" in manifest["artifacts"]
+
+
+def test_the_centre_crop_size_is_python_s_to_the_pixel() -> None:
+    # Computed in float64 as resized_size is: in float32 some camera sizes came out one
+    # pixel apart (720x480 at 299 px and crop_pct 1.0: 448 against 449).
+    from tlbuild.data.preprocess import resized_size
+
+    cases = [((299, 299), 1.0, 720, 480), ((224, 224), 1.0, 730, 640)]
+    cameras = ((640, 480), (720, 576), (1280, 720), (2448, 2048), (123, 157))
+    for side in (48, 96, 224, 336):
+        for crop in (0.85, 0.875, 0.9, 0.96):
+            cases += [((side, side), crop, w, h) for w, h in cameras]
+    for size, crop, width, height in cases:
+        spec = dataclasses.replace(_spec("center_crop", "bilinear"), input_size=size, crop_pct=crop)
+        g = _Graph()
+        x = g.op("Transpose", [g.op("Cast", [IMAGE_INPUT], "f", to=1)], "t", perm=[0, 3, 1, 2])
+        _geometry(g, x, spec)
+        new = next(n.output[0] for n in g.nodes if "new_hw" in n.output[0])
+        graph = helper.make_graph(
+            g.nodes,
+            "sizes",
+            [helper.make_tensor_value_info(IMAGE_INPUT, TensorProto.UINT8, [1, "h", "w", 3])],
+            [helper.make_tensor_value_info(new, TensorProto.INT64, [2])],
+            g.inits,
+        )
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+        s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = s.run([new], {IMAGE_INPUT: np.zeros((1, height, width, 3), np.uint8)})[0]
+        assert tuple(got[::-1]) == resized_size(width, height, spec), (size, crop, width, height)
+
+
+def test_an_image_model_that_disagrees_is_never_under_its_name(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    from tlbuild.data.scan import Sample
+
+    manifest = json.loads((tiny_build / "manifest.json").read_text())
+    spec = Preprocessing.from_dict(manifest["preprocessing"])
+    img = tmp_path / "a.png"
+    Image.new("RGB", (90, 70), (120, 60, 30)).save(img)
+    dst = tmp_path / "model_image.onnx"
+    dst.write_bytes(b"an earlier one")
+    record = make_image_model(tiny_build / "model.onnx", dst, spec, [Sample(img, 0)], 1.01)
+    assert record["file"] is None and "under export.min_top1_agreement" in record["why_not"]
+    assert record["check"]["images"] == 1 and not dst.exists()
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_tlbuild_does_not_open_it_as_an_ordinary_model(tiny_build: Path) -> None:
+    from tlbuild.errors import UsageError
+    from tlbuild.runtime import load_predictor
+
+    with pytest.raises(UsageError, match="takes decoded images"):
+        load_predictor(tiny_build / "model_image.onnx")

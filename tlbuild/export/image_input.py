@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tlbuild.data.preprocess import Preprocessing
 from tlbuild.data.scan import Sample
+from tlbuild.errors import TlbuildError
 from tlbuild.fileio import atomic_path
 
 IMAGE_INPUT = "image"
@@ -109,13 +110,17 @@ def _geometry(g: _Graph, x: str, spec: Preprocessing) -> str:
         out_w = g.const(np.array([w], np.int64), "w")
         return _resize(g, x, dims, out_h, out_w, spec)
     # timm's eval transform, as resized_size computes it: scale so the image covers
-    # (h, w) / crop_pct, round half up, never below the input size; then cut the centre.
-    size = g.op("Cast", [g.op("Slice", [shape, *_range(g, 2, 4)], "hw")], "hw_f", to=1)
-    target = g.const(np.array([h, w], np.float64).astype(np.float32) / spec.crop_pct, "target")
+    # (h, w) / crop_pct, round half up, never below the input size; then cut the centre. In
+    # float64 as Python computes it: in float32, 720x480 at 299 px and crop_pct 1.0 resized
+    # to 448 instead of 449, and a third of the pixels moved.
+    size = g.op(
+        "Cast", [g.op("Slice", [shape, *_range(g, 2, 4)], "hw")], "hw_f", to=TensorProto.DOUBLE
+    )
+    target = g.const(np.array([h, w], np.float64) / spec.crop_pct, "target")
     ratio = g.op("ReduceMax", [g.op("Div", [target, size], "ratio")], "scale", keepdims=1)
-    half = g.const(np.array(0.5, np.float32), "half")
+    half = g.const(np.array(0.5, np.float64), "half")
     scaled = g.op("Floor", [g.op("Add", [g.op("Mul", [size, ratio], "mul"), half], "add")], "fl")
-    floor_hw = g.const(np.array([h, w], np.float32), "min_hw")
+    floor_hw = g.const(np.array([h, w], np.float64), "min_hw")
     new = g.op("Cast", [g.op("Max", [scaled, floor_hw], "max")], "new_hw", to=TensorProto.INT64)
     new_h = g.op("Slice", [new, *_range(g, 0, 1)], "new_h")
     new_w = g.op("Slice", [new, *_range(g, 1, 2)], "new_w")
@@ -137,6 +142,11 @@ def image_input_model(model: onnx.ModelProto, spec: Preprocessing) -> onnx.Model
     why = supported(spec)
     if why:
         raise ValueError(why)
+    names = {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
+    names |= {o for n in model.graph.node for o in n.output}
+    taken = sorted(n for n in names if n == IMAGE_INPUT or n.startswith(_PREFIX))
+    if taken:
+        raise ValueError(f"the model already has tensors named {', '.join(taken[:3])}")
     g = _Graph()
     pixels = g.op("Cast", [IMAGE_INPUT], "float", to=TensorProto.FLOAT)
     x = g.op("Transpose", [pixels], "nchw", perm=[0, 3, 1, 2])
@@ -183,9 +193,20 @@ def make_image_model(
     if why:
         dst.unlink(missing_ok=True)
         return {"file": None, "why_not": why}
-    with atomic_path(dst) as tmp:
-        onnx.save(image_input_model(onnx.load(str(src)), spec), str(tmp))
-        figures = _agreement(src, tmp, spec, samples)
+    figures: dict[str, Any] = {}
+    try:
+        with atomic_path(dst) as tmp:
+            onnx.save(image_input_model(onnx.load(str(src)), spec), str(tmp))
+            figures = _agreement(src, tmp, spec, samples)
+            if figures["top1_agreement"] < min_agreement:
+                raise _Rejected  # never under its name, not even for a moment
+    except _Rejected:
+        pass  # recorded below, with the figures
+    except TlbuildError:  # a full disk: the user's to see
+        raise
+    except Exception as e:  # an optional extra: the build goes on without it, saying why
+        dst.unlink(missing_ok=True)
+        return {"file": None, "why_not": f"it could not be made ({type(e).__name__}: {e})"}
     record = {
         "file": dst.name,
         "input": {
@@ -196,18 +217,22 @@ def make_image_model(
             "channel_order": "RGB",
             "decode": "upright (EXIF applied), alpha composited on white, 16-bit to 8-bit",
         },
-        "resize": f"in the graph: ONNX Resize (opset 18, antialias), {spec.interpolation}, "
-        "width then height with 8-bit rounding between, as Pillow",
+        "resize": "in the graph: ONNX Resize (antialias, opset 18 or later), "
+        f"{spec.interpolation}, width then height with 8-bit rounding between, as Pillow",
         "check": figures,
     }
     if figures["top1_agreement"] < min_agreement:
-        dst.unlink(missing_ok=True)
+        dst.unlink(missing_ok=True)  # an earlier one
         record["file"] = None
         record["why_not"] = (
             f"it gave model.onnx's answer on {figures['top1_agreement']:.1%} of "
             f"{figures['images']} validation images, under export.min_top1_agreement"
         )
     return record
+
+
+class _Rejected(Exception):
+    """The check fell short: the temporary file is not renamed."""
 
 
 def _agreement(

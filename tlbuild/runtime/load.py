@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tlbuild.artifacts import CPU_ORDER, MODEL_ONNX, ONNX_ARTIFACTS, precision_of
+from tlbuild.artifacts import (
+    CPU_ORDER,
+    MODEL_IMAGE_ONNX,
+    MODEL_ONNX,
+    ONNX_ARTIFACTS,
+    precision_of,
+)
 from tlbuild.data.preprocess import Preprocessing
 from tlbuild.errors import UsageError
 from tlbuild.manifest import Manifest, read_manifest
@@ -93,6 +99,11 @@ def _open(
 ) -> Predictor:
     if not (folder / name).is_file():
         raise UsageError(f"no {name} in {folder}")
+    if name == MODEL_IMAGE_ONNX:
+        raise UsageError(
+            f"{name} takes decoded images (uint8 RGB at their own size) and is for clients "
+            "outside tlbuild; tlbuild runs model.onnx or one of its variants"
+        )
     if not verified:  # the provider="auto" loop hashes each candidate before trying it
         manifest.verify(folder, name)
     if not manifest.accepted(name):
