@@ -241,13 +241,14 @@ def _agreement(
     from tlbuild.data.images import load_rgb
     from tlbuild.data.preprocess import load_batch
     from tlbuild.runtime.backends import open_onnx
+    from tlbuild.runtime.base import softmax
 
     reference, image = open_onnx(src), open_onnx(candidate)
     same, probs, logits = [], [], []
     for s in samples:  # one at a time: each image has its own size
-        want = reference.logits(load_batch([s.path], spec))[0]
-        got = image.logits(np.asarray(load_rgb(s.path))[None])[0]
-        p, q = _softmax(want), _softmax(got)
+        want = reference.logits(load_batch([s.path], spec))
+        got = image.logits(np.asarray(load_rgb(s.path))[None])
+        p, q = softmax(want)[0], softmax(got)[0]
         same.append(bool(p.argmax() == q.argmax()))
         probs.append(float(np.abs(p - q).max()))
         logits.append(float(np.abs(want - got).max()))
@@ -260,8 +261,3 @@ def _agreement(
         "max_abs_logit_diff": round(max(logits), 6) if n else 0.0,
         "reference": "model.onnx on tlbuild's preprocessing (Pillow resize)",
     }
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
