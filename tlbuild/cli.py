@@ -534,13 +534,9 @@ def classify(
     print_summary(console, summary)
     gate = summary.error_rate_gate(max_error_rate)
     counts = {"results": str(summary.out), "rows": str(summary.rows), "errors": str(summary.errors)}
-    headline = [
-        ["images", f"{summary.rows} ({summary.errors} could not be read)"],
-        ["flagged defective", str(summary.defective)],
-        ["flagged novel", str(summary.novel)],
-        ["rate", f"{summary.rate:.1f} images/s"],
-    ]
-    ci.gates([gate] if gate else [], counts, headline)
+    from tlbuild.ci.headline import classify_headline
+
+    ci.gates([gate] if gate else [], counts, classify_headline(summary))
     _guard(lambda: summary.check_error_rate(max_error_rate))
 
 

@@ -31,7 +31,7 @@ from tlbuild.manifest import Manifest, read_manifest
 from tlbuild.recipe import BenchConfig
 from tlbuild.runtime.base import Predictor
 from tlbuild.runtime.load import load_predictor
-from tlbuild.runtime.providers import provider_problem, providers_that_start
+from tlbuild.runtime.providers import ORT_PROVIDERS, provider_problem, providers_that_start
 from tlbuild.runtime.tensorrt import tensorrt_status
 
 BENCH_JSON = "bench.json"
@@ -48,6 +48,8 @@ class Target:
 
 def targets(folder: Path, manifest: Manifest) -> tuple[list[Target], list[dict[str, str]]]:
     """What this machine can benchmark, and what it skips with the reason."""
+    import onnxruntime as ort
+
     problems: dict[str, str | None] = {}
 
     def problem(provider: str) -> str | None:  # opened once, and only for a file that needs it
@@ -84,7 +86,9 @@ def targets(folder: Path, manifest: Manifest) -> tuple[list[Target], list[dict[s
         elif (why := problem(a.provider)) is None:
             found.append(Target(a.file, a.provider))
         else:
-            skip(a.file, a.not_here + ("" if "CPU build" in why else f" ({why})"))
+            # Why it did not start, where this onnxruntime has the provider at all.
+            listed = ORT_PROVIDERS[a.provider] in ort.get_available_providers()
+            skip(a.file, a.not_here + (f" ({why})" if listed else ""))
     engines = sorted(folder.glob("*.engine"))
     if engines:
         ok, why = tensorrt_status()

@@ -64,6 +64,16 @@ def build_headline(out: Path) -> list[list[str]]:
     return rows
 
 
+def classify_headline(summary: Any) -> list[list[str]]:
+    """A classify run's figures (its Summary): images, unreadable, flagged, rate."""
+    return [
+        ["images", f"{summary.rows} ({summary.errors} could not be read)"],
+        ["flagged defective", str(summary.defective)],
+        ["flagged novel", str(summary.novel)],
+        ["rate", f"{summary.rate:.1f} images/s"],
+    ]
+
+
 def bench_headline(out: Path) -> list[list[str]]:
     """Each benchmarked artifact's p50 at the smallest batch and throughput at the largest."""
     rows = read_json_or_empty(out / "bench.json").get("results", [])

@@ -55,6 +55,22 @@ def cuda_options(device_id: int = 0) -> dict[str, str]:
     }
 
 
+def session_providers(
+    provider: str, device_id: int = 0, tensorrt: dict[str, str] | None = None
+) -> list[Any]:
+    """An InferenceSession's `providers` for `provider` (cpu, cuda, tensorrt) on GPU `device_id`,
+    each GPU one backed by the next: TensorRT by CUDA (the nodes it does not take stay on the
+    GPU), CUDA by the CPU. `tensorrt`: the TensorRT provider's own options."""
+    chain: list[Any] = [ORT_PROVIDERS["cpu"]]
+    if provider == "cpu":
+        return chain
+    chain.insert(0, (ORT_PROVIDERS["cuda"], cuda_options(device_id)))
+    if provider == "tensorrt":
+        trt = {**(tensorrt or {}), "device_id": str(device_id)}
+        chain.insert(0, (ORT_PROVIDERS["tensorrt"], trt))
+    return chain
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where a check runs ONNX models: ONNX Runtime's CPU, or its CUDA provider on one GPU."""
@@ -76,9 +92,7 @@ class Placement:
 
     def ort_providers(self) -> list[Any]:
         """The `providers` argument of an InferenceSession that runs here."""
-        if self.provider == "cpu":
-            return [ORT_PROVIDERS["cpu"]]
-        return [(ORT_PROVIDERS["cuda"], cuda_options(self.device_id)), ORT_PROVIDERS["cpu"]]
+        return session_providers(self.provider, self.device_id)
 
 
 CPU = Placement()
@@ -199,10 +213,7 @@ def provider_problem(provider: str, device_id: int = 0) -> str | None:
             f"this onnxruntime has no {wanted} (it is the CPU build); install onnxruntime-gpu "
             "(Linux x86-64 and Windows; NVIDIA's Jetson wheel on a Jetson)"
         )
-    cuda = (ORT_PROVIDERS["cuda"], cuda_options(device_id))
-    providers: list[Any] = [cuda, ORT_PROVIDERS["cpu"]]
-    if provider == "tensorrt":
-        providers.insert(0, (wanted, {"device_id": str(device_id)}))
+    providers = session_providers(provider, device_id)
     try:
         return start_session(PROBE_MODEL, None, providers, quiet=True)[1] or None
     except Exception as e:  # a provider that raises instead of falling back

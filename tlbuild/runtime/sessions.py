@@ -10,7 +10,7 @@ from typing import Any
 import onnxruntime as ort
 
 from tlbuild.errors import UsageError
-from tlbuild.runtime.providers import ORT_PROVIDERS, cuda_options, start_session
+from tlbuild.runtime.providers import ORT_PROVIDERS, session_providers, start_session
 
 
 @dataclass(frozen=True)
@@ -68,15 +68,9 @@ def ort_session(
     if o.profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = o.profile_prefix
-    providers: list[Any] = [wanted]
-    if provider == "cuda":
-        providers = [(wanted, cuda_options(o.device_id))]
-    if provider == "tensorrt":
-        trt = {**(tensorrt or tensorrt_options(Path(path))), "device_id": str(o.device_id)}
-        # Nodes TensorRT does not take run on the GPU too, not on the CPU.
-        providers = [(wanted, trt), (ORT_PROVIDERS["cuda"], cuda_options(o.device_id))]
-    if provider != "cpu":
-        providers.append(ORT_PROVIDERS["cpu"])
+    if provider == "tensorrt" and tensorrt is None:
+        tensorrt = tensorrt_options(Path(path))
+    providers = session_providers(provider, o.device_id, tensorrt)
     # ORT falls back to the CPU when a GPU provider fails to start; say so instead.
     session, problem = start_session(str(path), so, providers)
     if problem:
