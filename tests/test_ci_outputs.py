@@ -179,3 +179,13 @@ def test_verdict_banner_says_passed_failed_or_none() -> None:
     assert "rgb(26, 127, 55)" in verdict_banner(3, 0) and str(PASSED_RGB) in verdict_banner(3, 0)
     assert "FAILED: 1 of 3" in verdict_banner(2, 1) and str(FAILED_RGB) in verdict_banner(2, 1)
     assert "No gates" in verdict_banner(0, 0)
+
+
+def test_a_junit_path_that_cannot_be_written_is_refused_before_the_build(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "r"\n[data]\nroot = "nowhere"\n')
+    res = runner.invoke(app, ["run", str(recipe), "--junit", str(blocker / "gates.xml")])
+    assert res.exit_code == 2
+    assert "--junit" in res.output and "cannot create its folder" in res.output
