@@ -241,7 +241,8 @@ class StageRecords:
 
     def outputs(self, stage: StageInfo) -> dict[str, Any]:
         """sha256 of the files `stage` wrote and of its manifest section."""
-        files = {p.name: sha256_file(p) for p in stage.files(self.out)}
+        # Relative to the folder: a top-level file's key is its name, a kit file's its path.
+        files = {p.relative_to(self.out).as_posix(): sha256_file(p) for p in stage.files(self.out)}
         return {"files": files, "manifest": section_digest(self.out, stage.name)}
 
     def start(self, name: str) -> None:
@@ -292,8 +293,13 @@ def _usable(rec: Any) -> bool:
     return (
         isinstance(rec.get("inputs"), dict)
         and isinstance(files, dict)
-        and all(plain_name(n) for n in files)
+        and all(_inside(n) for n in files)
     )
+
+
+def _inside(name: object) -> bool:
+    """A path relative to the export folder that stays inside it (conformance/images/a.jpg)."""
+    return isinstance(name, str) and all(plain_name(part) for part in name.split("/"))
 
 
 def _now() -> str:

@@ -145,7 +145,7 @@ class _ReadersAside:
     def __init__(self, records: StageRecords, stage: Stage) -> None:
         self.records, self.stage, self.out = records, stage, records.out
         self.before = (records.finished(stage.name) or {}).get("outputs")
-        names = [p.name for p in stage.files(self.out)]
+        names = [self._key(p) for p in stage.files(self.out)]
         names += list((self.before or {}).get("files", {}))
         self.readers = [
             later
@@ -154,12 +154,17 @@ class _ReadersAside:
         ]
         self.saved: dict[str, tuple[list[str], dict[str, Any] | None]] = {}
 
+    def _key(self, p: Path) -> str:
+        """A file's name in the records: its path in the export folder (conformance/...)."""
+        return p.relative_to(self.out).as_posix()
+
     def __enter__(self) -> _ReadersAside:
         for r in self.readers:
             box = self.out / ASIDE / r.name
             box.mkdir(parents=True, exist_ok=True)
-            files = [p.name for p in r.files(self.out)]
+            files = [self._key(p) for p in r.files(self.out)]
             for name in files:
+                (box / name).parent.mkdir(parents=True, exist_ok=True)
                 (self.out / name).replace(box / name)
             self.saved[r.name] = (files, take_section(self.out, r.name))
         return self
@@ -175,6 +180,7 @@ class _ReadersAside:
                 files, section = self.saved.get(r.name, ([], None))
                 if same:
                     for name in files:
+                        (self.out / name).parent.mkdir(parents=True, exist_ok=True)
                         (self.out / ASIDE / r.name / name).replace(self.out / name)
                     if section is not None:
                         put_section(self.out, r.name, section)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -91,6 +92,11 @@ class Stage:
 
     def cleanup(self, out: Path) -> None:
         """Remove its files and its manifest section (turned off, or its inputs changed)."""
+        folders = set()
         for p in self.files(out):
             p.unlink(missing_ok=True)
+            folders |= {d for d in p.parents if d != out and out in d.parents}
+        for d in sorted(folders, key=lambda d: len(d.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty: someone else's files are in it
+                d.rmdir()
         drop_section(out, self.name)
