@@ -32,13 +32,18 @@ def test_bench_on_an_export_folder_writes_json_parquet_and_a_table(
     rows = bench["results"]
     assert {(r["artifact"], r["batch"]) for r in rows} == {
         (a, b) for a in ("model.pt", "model.onnx", "model.int8.cpu.onnx") for b in (1, 4)
-    }
+    } | {("model_image.onnx", 1), ("model_image.int8.cpu.onnx", 1)}  # frames one at a time
+    by_name = {r["artifact"]: r for r in rows}
+    assert by_name["model_image.onnx"]["input"] == "64x64x3 uint8"  # the frames' own size
+    assert by_name["model.onnx"]["input"] == "3x64x64 float32"
+    assert by_name["model_image.onnx"]["accuracy"] == by_name["model.onnx"]["accuracy"]
     for r in rows:
         assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["iters"] >= 5
         assert np.isclose(r["throughput_ips"], r["batch"] * 1000 / r["mean_ms"])
         assert 0.0 <= r["accuracy"] <= 1.0 and r["size_bytes"] > 0
     skipped = {s["artifact"] for s in bench["skipped"]}
     assert {"model.fp16.onnx", "model.int8.trt.onnx"} <= skipped  # no GPU provider here
+    assert "model_image.fp16.onnx" in skipped
     checks = bench["timer_check"]
     # At the smallest batch, where the binding's own cost weighs most.
     assert {(c["artifact"], c["batch"]) for c in checks} == {

@@ -106,20 +106,3 @@ def test_device_images_zero_ships_no_batch(tiny_build: Path, tmp_path: Path) -> 
     runner.run_one(recipe, Console(quiet=True), "export")
     man = json.loads((out / "manifest.json").read_text())
     assert "device_batch" not in man and not (out / "device_batch.npz").exists()
-
-
-def test_image_model_false_ships_none_and_removes_an_earlier_one(
-    tiny_build: Path, tmp_path: Path
-) -> None:
-    import shutil
-
-    out = tmp_path / "noimage"
-    shutil.copytree(tiny_build, out)
-    assert (out / "model_image.onnx").is_file()
-    recipe = load_recipe(tiny_build.parent.parent / "tiny.toml")
-    export = ExportConfig(parity_images=8, image_model=False)
-    recipe = recipe.model_copy(update={"output_dir": tmp_path, "name": "noimage", "export": export})
-    runner.run_one(recipe, Console(quiet=True), "export")
-    man = json.loads((out / "manifest.json").read_text())
-    assert man["onnx"].get("image_input") is None and "model_image.onnx" not in man["artifacts"]
-    assert not (out / "model_image.onnx").exists()

@@ -14,14 +14,9 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
+from tlbuild.clients.image_models import make_image_model
 from tlbuild.data.preprocess import Preprocessing, load_batch, resize_for_model
-from tlbuild.export.image_input import (
-    IMAGE_INPUT,
-    _geometry,
-    _Graph,
-    image_input_model,
-    make_image_model,
-)
+from tlbuild.export.image_input import IMAGE_INPUT, _geometry, _Graph, image_input_model
 
 
 def _photos(n: int = 12) -> list[Image.Image]:
@@ -114,13 +109,20 @@ def test_other_filters_have_no_image_model_and_say_why(
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_the_export_ships_it_hashed_and_described(tiny_build: Path) -> None:
+def test_the_build_ships_a_twin_of_every_shipped_onnx_artifact(tiny_build: Path) -> None:
     manifest = json.loads((tiny_build / "manifest.json").read_text())
-    entry = manifest["onnx"]["image_input"]
-    assert entry["file"] == "model_image.onnx" and (tiny_build / "model_image.onnx").is_file()
-    assert entry["input"]["dtype"] == "uint8" and entry["input"]["layout"] == "NHWC"
-    assert entry["check"]["top1_agreement"] == 1.0 and entry["check"]["images"] > 0
-    assert "model_image.onnx" in manifest["artifacts"]
+    accepted = {v["file"] for v in manifest["variants"].values() if v["status"] == "accepted"}
+    assert {"model.fp16.onnx", "model.int8.trt.onnx", "model.int8.cpu.onnx"} <= accepted
+    # Not for TensorRT's INT8: no engine is built from a twin, and ORT runs its Q/DQ otherwise.
+    assert "model_image.int8.trt.onnx" not in manifest["image_models"]
+    assert not (tiny_build / "model_image.int8.trt.onnx").exists()
+    for file in ("model.onnx", "model.fp16.onnx", "model.int8.cpu.onnx"):
+        twin = "model_image" + file.removeprefix("model")
+        entry = manifest["image_models"][twin]
+        assert entry["file"] == twin and (tiny_build / twin).is_file() and entry["of"] == file
+        assert entry["input"]["dtype"] == "uint8" and entry["input"]["layout"] == "NHWC"
+        assert entry["check"]["top1_agreement"] == 1.0 and entry["check"]["images"] > 0
+        assert twin in manifest["artifacts"]
 
 
 def test_the_centre_crop_size_is_python_s_to_the_pixel() -> None:
@@ -164,14 +166,17 @@ def test_an_image_model_that_disagrees_is_never_under_its_name(
     dst = tmp_path / "model_image.onnx"
     dst.write_bytes(b"an earlier one")
     record = make_image_model(tiny_build / "model.onnx", dst, spec, [Sample(img, 0)], 1.01)
-    assert record["file"] is None and "under export.min_top1_agreement" in record["why_not"]
+    assert record["file"] is None and "under clients.min_top1_agreement" in record["why_not"]
     assert record["check"]["images"] == 1 and not dst.exists()
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_tlbuild_does_not_open_it_as_an_ordinary_model(tiny_build: Path) -> None:
+def test_tlbuild_opens_it_as_a_model_that_takes_images(tiny_build: Path) -> None:
     from tlbuild.errors import UsageError
     from tlbuild.runtime import load_predictor
 
-    with pytest.raises(UsageError, match="takes decoded images"):
-        load_predictor(tiny_build / "model_image.onnx")
+    p = load_predictor(tiny_build / "model_image.onnx")
+    assert p.takes_images and p.precision == "fp32"
+    assert load_predictor(tiny_build / "model_image.int8.cpu.onnx").precision == "int8"
+    with pytest.raises(UsageError, match="not built into a TensorRT engine"):
+        load_predictor(tiny_build / "model_image.onnx", provider="tensorrt")

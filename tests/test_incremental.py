@@ -58,11 +58,13 @@ def test_a_copied_build_is_fresh_and_each_section_reruns_only_its_stages(
         "train": "reused",
         "export": "reused",
         "quantize": "reused",
+        "image_models": "reused",
         "engines": "reused",
         "bench": "ran",
         "explain": "reused",  # heat maps follow training alone
         "novelty": "reused",  # follows the model and its variants, not the benchmark
         "decision": "disabled",
+        "conformance": "reused",
         "report": "ran",
         "track": "disabled",
     }
@@ -75,8 +77,12 @@ def test_a_copied_build_is_fresh_and_each_section_reruns_only_its_stages(
     ran = _actions(runner.run(load_recipe(recipe), QUIET))
     assert ran["train"] == "reused"
     assert all(
-        ran[s] == "ran" for s in ("export", "quantize", "engines", "bench", "novelty", "report")
-    )
+        ran[s] == "ran"
+        for s in (
+            "export", "quantize", "image_models", "engines", "bench", "novelty", "conformance",
+            "report",
+        )
+    )  # fmt: skip
     assert (out / "model.pt").stat().st_mtime_ns == model_mtime  # never retrained
 
     forced = _actions(runner.run(load_recipe(recipe), QUIET, force=("bench",)))
@@ -232,7 +238,12 @@ def test_disabling_a_stage_removes_its_files_and_reruns_what_follows(
     manifest = json.loads((out / "manifest.json").read_text())
     assert "variants" not in manifest and "model.int8.cpu.onnx" not in manifest["artifacts"]
     bench = json.loads((out / "bench.json").read_text())
-    assert {r["artifact"] for r in bench["results"]} == {"model.pt", "model.onnx"}
+    assert {r["artifact"] for r in bench["results"]} == {
+        "model.pt",
+        "model.onnx",
+        "model_image.onnx",  # the variants' image models went with them
+    }
+    assert [p.name for p in out.glob("model_image*")] == ["model_image.onnx"]
     assert set(_actions(runner.run(load_recipe(recipe), QUIET)).values()) <= {
         "reused",
         "disabled",
@@ -273,9 +284,8 @@ def test_each_stage_is_one_module_keyed_on_the_code_it_imports() -> None:
 
     package = Path(__file__).parent.parent / "tlbuild"
     assert [s.name for s in STAGES] == [
-        *("train", "export", "quantize", "engines", "bench", "explain", "novelty", "decision"),
-        "report",
-        "track",
+        *("train", "export", "quantize", "image_models", "engines", "bench", "explain"),
+        *("novelty", "decision", "conformance", "report", "track"),
     ]
     code = {
         s.name: {p.relative_to(package).as_posix() for p in module_closure(s.module)}
@@ -306,11 +316,13 @@ def test_a_stage_whose_code_changed_reruns_alone_when_it_writes_the_same_files(
         "train": "reused",
         "export": "reused",
         "quantize": "ran",
+        "image_models": "reused",
         "engines": "reused",
         "bench": "reused",
         "explain": "reused",
         "novelty": "reused",
         "decision": "disabled",
+        "conformance": "reused",
         "report": "reused",
         "track": "disabled",
     }

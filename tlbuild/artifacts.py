@@ -118,12 +118,37 @@ def rejected_name(file: str) -> str:
     return file.removesuffix(".onnx") + ".rejected.onnx"
 
 
-# model.onnx behind a uint8 image input with the preprocessing in the graph (export stage).
+# model.onnx behind a uint8 image input with the preprocessing in the graph (clients stage);
+# each shipped variant has such a twin: model.int8.cpu.onnx -> model_image.int8.cpu.onnx.
 MODEL_IMAGE_ONNX = "model_image.onnx"
+CONFORMANCE = "conformance"  # the conformance kit's folder (clients stage)
+
+
+def image_twin(file: str) -> str:
+    """'model.int8.cpu.onnx' -> 'model_image.int8.cpu.onnx': its uint8-image-input twin."""
+    return "model_image" + file.removeprefix("model")
+
+
+def is_image_model(name: str) -> bool:
+    """Whether `name` is an image-input twin (it takes decoded images, not tensors)."""
+    return name.startswith("model_image.") and name.endswith(".onnx")
+
+
+def twin_source(name: str) -> str:
+    """'model_image.fp16.onnx' -> 'model.fp16.onnx': the artifact a twin wraps."""
+    return "model" + name.removeprefix("model_image")
+
+
+def onnx_artifact(name: str) -> OnnxArtifact | None:
+    """The ONNX artifact `name` is, or (for an image model) the one it wraps."""
+    source = twin_source(name) if is_image_model(name) else name
+    return next((a for a in ONNX_ARTIFACTS.values() if a.file == source), None)
 
 
 def precision_of(name: str) -> str:
     """The precision of an artifact file (an engine's is in its name: model.<label>.b...)."""
+    if is_image_model(name):
+        return precision_of(twin_source(name))
     for a in ONNX_ARTIFACTS.values():
         if name == a.file:
             return a.precision

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from tlbuild import __version__
+from tlbuild.artifacts import is_image_model
 from tlbuild.errors import UsageError
 from tlbuild.fileio import plain_name, read_record_text, sha256_file, write_json
 
@@ -63,8 +64,6 @@ class OnnxInfo(_Entry):
     parity: dict[str, Any]
     # The novelty features output and its layout; None for a model exported before them.
     features: dict[str, Any] | None = None
-    # model_image.onnx (uint8 image in, preprocessing in the graph) and its check; None: none.
-    image_input: dict[str, Any] | None = None
 
 
 class Variant(_Entry):
@@ -197,6 +196,10 @@ class Manifest(BaseModel):
     novelty: Novelty | None = None
     # decision
     decision: Decision | None = None
+    # image_models: each model_image twin's record, keyed by its name
+    image_models: dict[str, dict[str, Any]] = {}
+    # conformance: the kit's folder, size and kit.json's sha256
+    conformance: dict[str, Any] | None = None
     gates: dict[str, Any] = {}  # [gates] as the report stage judged them (`bench DIR` reuses)
     artifacts: dict[str, FileHash] = {}
 
@@ -226,6 +229,7 @@ class Manifest(BaseModel):
         names += [self.onnx.file] if self.onnx is not None else []
         names += [v.file for v in self.variants.values()]
         names += [e["path"] for e in self.engine_entries().values() if "path" in e]
+        names += [r["file"] for r in self.image_models.values() if r.get("file")]
         if self.device_batch:
             names.append(self.device_batch.get("file"))
         return names
@@ -238,7 +242,9 @@ class Manifest(BaseModel):
         for e in self.engine_entries().values():
             if e.get("path") == name:
                 return e.get("status") == "accepted"
-        return name in ("model.onnx", "model.pt", "model_image.onnx")
+        if is_image_model(name):
+            return (self.image_models.get(name) or {}).get("file") == name
+        return name in ("model.onnx", "model.pt")
 
     def engine_entries(self) -> dict[str, dict[str, Any]]:
         """Per engine variant, its record (empty where the stage was skipped or never ran)."""
@@ -283,6 +289,8 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "bench": ("bench",),
     "novelty": ("novelty",),
     "decision": ("decision",),
+    "image_models": ("image_models",),
+    "conformance": ("conformance",),
     "report": ("gates",),
 }
 

@@ -346,11 +346,6 @@ class ExportConfig(_Section):
     parity_images: int = Field(64, ge=1, description="validation images compared with PyTorch")
     parity_atol: float = Field(1e-3, gt=0.0, description="max allowed |logit difference|")
     min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)
-    image_model: bool = Field(
-        True,
-        description="also write model_image.onnx: uint8 RGB at the camera's size in, the "
-        "resize, scale and normalisation inside the graph (for clients in any language)",
-    )
     device_images: int = Field(
         200,
         ge=0,
@@ -543,6 +538,33 @@ class DecisionConfig(_Section):
         return self
 
 
+class ClientsConfig(_Section):
+    """What a client outside tlbuild (C++, C#, Node, DeepStream) gets to give tlbuild's answers."""
+
+    image_models: bool = Field(
+        True,
+        description="beside each shipped ONNX artifact, its model_image twin: uint8 RGB at the "
+        "camera's own size in, the resize, scale and normalisation inside the graph",
+    )
+    kit_images: int = Field(
+        8,
+        ge=0,
+        le=200,
+        description="validation images in the conformance kit (conformance/), plus four made "
+        "from them (EXIF-rotated, alpha, 16-bit, an enlarged JPEG); 0: no kit",
+    )
+    min_top1_agreement: float = Field(
+        0.99,
+        ge=0.0,
+        le=1.0,
+        description="an image model ships only where it gives its artifact's answer on at least "
+        "this share of validation images decoded at their own size",
+    )
+    check_images: int = Field(
+        64, ge=1, description="validation images each image model is checked on"
+    )
+
+
 class TrackConfig(_Section):
     """Experiment tracking: a build that ran any stage is logged as one MLflow run."""
 
@@ -624,6 +646,7 @@ class Recipe(_Section):
     novelty: NoveltyConfig = NoveltyConfig()
     decision: DecisionConfig | None = None  # no [decision]: the argmax rule
     gates: GatesConfig = GatesConfig()
+    clients: ClientsConfig = ClientsConfig()
     track: TrackConfig = TrackConfig()
 
     _resolve_out = field_validator("output_dir")(_resolve)

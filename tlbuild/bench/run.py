@@ -20,15 +20,17 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from tlbuild.artifacts import MODEL_ONNX, MODEL_PT, VARIANTS
+from tlbuild.artifacts import MODEL_ONNX, MODEL_PT, VARIANTS, onnx_artifact
 from tlbuild.bench.environment import cpu_cores, environment
 from tlbuild.bench.timing import Precision, measure, ort_profile_check
+from tlbuild.data.images import load_rgb
 from tlbuild.data.preprocess import Preprocessing, load_batch
 from tlbuild.data.scan import Sample
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.fileio import write_json, write_parquet
 from tlbuild.manifest import Manifest, read_manifest
 from tlbuild.recipe import BenchConfig
+from tlbuild.runtime.backends import images_logits
 from tlbuild.runtime.base import Predictor
 from tlbuild.runtime.load import load_predictor
 from tlbuild.runtime.providers import ORT_PROVIDERS, provider_problem, providers_that_start
@@ -89,6 +91,14 @@ def targets(folder: Path, manifest: Manifest) -> tuple[list[Target], list[dict[s
             # Why it did not start, where this onnxruntime has the provider at all.
             listed = ORT_PROVIDERS[a.provider] in ort.get_available_providers()
             skip(a.file, a.not_here + (f" ({why})" if listed else ""))
+    for name, r in manifest.image_models.items():
+        a = onnx_artifact(name)
+        if not r.get("file") or not (folder / name).is_file() or a is None:
+            continue
+        if (why := problem(a.provider)) is None:
+            found.append(Target(name, a.provider))
+        else:
+            skip(name, a.not_here or why)
     engines = sorted(folder.glob("*.engine"))
     if engines:
         ok, why = tensorrt_status()
@@ -131,20 +141,36 @@ def _inputs(spec: Preprocessing, val: Sequence[Sample] | None, batch: int) -> np
 def _accuracy(
     predictors: dict[Target, Predictor], val: Sequence[Sample], spec: Preprocessing
 ) -> dict[Target, float]:
-    """Top-1 accuracy of each predictor on the validation split, decoding each chunk once."""
+    """Top-1 accuracy of each predictor on the validation split, decoding each chunk once; an
+    image model is fed each file's decoded pixels at its own size."""
     correct: dict[Target, int | None] = dict.fromkeys(predictors, 0)
+    takes_images = any(p.takes_images for p in predictors.values())
     for i in range(0, len(val), 8):  # 8: inside any engine's batch range
         chunk = val[i : i + 8]
         x = load_batch([s.path for s in chunk], spec)
+        pixels = [np.asarray(load_rgb(s.path)) for s in chunk] if takes_images else []
         y = np.array([s.label for s in chunk])
         for t, p in predictors.items():
             if correct[t] is None:
                 continue
             try:
-                correct[t] += int((p.logits(x).argmax(1) == y).sum())  # type: ignore[operator]
+                logits = images_logits(p, pixels, False)[0] if p.takes_images else p.logits(x)
+                correct[t] += int((logits.argmax(1) == y).sum())  # type: ignore[operator]
             except Exception:
                 correct[t] = None  # reported without accuracy; its latency rows say more
     return {t: c / len(val) for t, c in correct.items() if c is not None}
+
+
+def _image_inputs(val: Sequence[Sample] | None, batch: int) -> np.ndarray:
+    """A batch of decoded validation images at their own size (the most common one), for an
+    image model; a 640x480 grey frame where there are none."""
+    if not val:
+        return np.full((batch, 480, 640, 3), 128, np.uint8)
+    pixels = [np.asarray(load_rgb(s.path)) for s in val[: max(batch, 32)]]
+    shapes = [p.shape for p in pixels]
+    common = max(set(shapes), key=shapes.count)
+    same = [p for p in pixels if p.shape == common]
+    return np.stack([same[i % len(same)] for i in range(batch)])
 
 
 def _sync(p: Predictor) -> None:
@@ -210,8 +236,8 @@ def _timer_checks(
     # At the smallest batch only: there the binding's own cost is the largest share of a call,
     # so it is the strictest test of the timer (at batch 32 the two agreed to 0.1-0.2%).
     x = inputs[min(inputs)]
-    for t in predictors:
-        if t.provider != "cpu" or not t.artifact.endswith(".onnx"):
+    for t, p in predictors.items():
+        if t.provider != "cpu" or not t.artifact.endswith(".onnx") or p.takes_images:
             continue
         try:
             checks.append(ort_profile_check(folder / t.artifact, x, threads))
@@ -238,19 +264,33 @@ def bench_folder(
         predictors = _load_predictors(folder, found, threads, skipped)
         acc = _accuracy(predictors, val, spec) if (cfg.accuracy and val) else {}
         inputs = {b: _inputs(spec, val, b) for b in cfg.batch_sizes}
+        # An image model is timed at the smallest batch only, on decoded frames at their own
+        # size: a station sends one frame at a time, and its graph's resize is what is new.
+        first = min(cfg.batch_sizes)
+        images = (
+            {first: _image_inputs(val, first)}
+            if any(p.takes_images for p in predictors.values())
+            else {}
+        )
+        total = sum(len(images if p.takes_images else inputs) for p in predictors.values())
         with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("Benchmarking", total=len(predictors) * len(inputs))
+            task = progress.add_task("Benchmarking", total=total)
             for t, p in predictors.items():
-                for b, x in inputs.items():
+                for b, x in (images if p.takes_images else inputs).items():
                     progress.update(task, description=f"Benchmarking {t.artifact} batch {b}")
                     row = _measure_one(t, p, b, x, cfg)
                     if "reason" in row:
                         skipped.append(row)
                     else:
                         size = (folder / t.artifact).stat().st_size
-                        rows.append(
-                            {**row, "accuracy": acc.get(t), "size_bytes": size, "threads": threads}
+                        # What one call is fed: an image model takes frames at their size.
+                        fed = "x".join(map(str, x.shape[1:])) + (
+                            " uint8" if p.takes_images else " float32"
                         )
+                        rows.append(
+                            {**row, "accuracy": acc.get(t), "size_bytes": size, "threads": threads,
+                             "input": fed}
+                        )  # fmt: skip
                     progress.advance(task)
             checks = (
                 _timer_checks(folder, predictors, inputs, threads, console)

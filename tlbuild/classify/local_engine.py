@@ -46,16 +46,20 @@ class LocalEngine:
         maker = RowMaker(self.predictor, decider, sha256)
         workers = self.options.workers or cpu_cores()
         spec, exact = self.predictor.preprocessing, self.options.exact_decode
+        images = self.predictor.takes_images
 
         def decode(chunk: list[str]) -> Decoded:
-            return decode_batch(chunk, spec, exact)
+            return decode_batch(chunk, spec, exact, images)
 
         # Daemon threads: a decode stuck in a read cannot keep Ctrl-C or SIGTERM from ending
         # the run (the rows written so far are committed by the caller, in its thread). A few
         # batches decode ahead of inference: enough to hide decode behind it, few enough that
         # memory does not depend on how many files there are.
         with DecodeThreads(workers) as pool, one_blas_thread():
-            for decoded in pool.imap(decode, chunks(paths, self.options.batch_size), workers + 1):
+            # Decoded frames at full size (an image model's) are far larger than model inputs:
+            # one batch ahead, not one per worker, keeps 12 MP frames to a few hundred MB.
+            ahead = 2 if images else workers + 1
+            for decoded in pool.imap(decode, chunks(paths, self.options.batch_size), ahead):
                 yield maker.rows(decoded)
 
     def close(self) -> None:

@@ -136,23 +136,15 @@ class Classifier:
 
     def _decode(self, paths: list[str]) -> Decoded:
         spec = self.maker.predictor.preprocessing
+        images = self.maker.predictor.takes_images
         if self.pool is None or len(paths) < 2 * self.threads:
-            return decode_batch(paths, spec, self.exact)
+            return decode_batch(paths, spec, self.exact, images)
         size = -(-len(paths) // self.threads)
 
         def decode(chunk: list[str]) -> Decoded:
-            return decode_batch(chunk, spec, self.exact)
+            return decode_batch(chunk, spec, self.exact, images)
 
-        parts = list(self.pool.imap(decode, chunks(paths, size), self.threads))
-        merged = Decoded([], np.concatenate([d.batch for d in parts]), [], [], [], [], [])
-        for d in parts:
-            merged.ok += [len(merged.paths) + i for i in d.ok]
-            merged.paths += d.paths
-            merged.width += d.width
-            merged.height += d.height
-            merged.size += d.size
-            merged.error += d.error
-        return merged
+        return Decoded.merge(list(self.pool.imap(decode, chunks(paths, size), self.threads)))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         # Paths travel as bytes: a file name that is not UTF-8 cannot be an Arrow string.

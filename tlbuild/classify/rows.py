@@ -17,10 +17,12 @@ import numpy as np
 
 from tlbuild.classify.results import COLUMNS, storable
 from tlbuild.classify.storage import is_url, read_bytes
-from tlbuild.data.preprocess import Preprocessing, load_input
+from tlbuild.data.images import decode
+from tlbuild.data.preprocess import ModelInput, Preprocessing, load_input
 from tlbuild.errors import UsageError
 from tlbuild.novelty.drift import ImageBlock
 from tlbuild.novelty.score import NoveltyModel
+from tlbuild.runtime.backends import images_logits
 from tlbuild.runtime.base import Predictor, softmax
 
 
@@ -29,12 +31,30 @@ class Decoded:
     """One batch of files: the readable ones preprocessed, the others with their reason."""
 
     paths: list[str]
-    batch: np.ndarray  # (n_ok, 3, H, W) for the readable files, in order
+    # (n_ok, 3, H, W) for the readable files, in order; for a model that takes images (a
+    # model_image twin), their decoded pixels, uint8 (H, W, 3) at each file's own size
+    batch: np.ndarray | list[np.ndarray]
     ok: list[int]  # indices into paths of the rows in batch
     width: list[int | None]
     height: list[int | None]
     size: list[int | None]
     error: list[str | None]
+
+    @staticmethod
+    def merge(parts: list[Decoded]) -> Decoded:
+        """One batch of several, in order."""
+        pixels = [x for d in parts if isinstance(d.batch, list) for x in d.batch]
+        arrays = [d.batch for d in parts if not isinstance(d.batch, list)]
+        merged = Decoded([], pixels if pixels or not arrays else np.concatenate(arrays),
+                         [], [], [], [], [])  # fmt: skip
+        for d in parts:
+            merged.ok += [len(merged.paths) + i for i in d.ok]
+            merged.paths += d.paths
+            merged.width += d.width
+            merged.height += d.height
+            merged.size += d.size
+            merged.error += d.error
+        return merged
 
 
 def _local_size(path: str) -> int | None:
@@ -52,10 +72,14 @@ def _storage_reason(e: Exception) -> str:
     return f"cannot read: {type(e).__name__}: {e}"
 
 
-def decode_batch(paths: list[str], spec: Preprocessing, exact: bool) -> Decoded:
-    """Decode and preprocess `paths`; every failure is kept per file, never raised."""
+def decode_batch(
+    paths: list[str], spec: Preprocessing, exact: bool, images: bool = False
+) -> Decoded:
+    """Decode and preprocess `paths`; every failure is kept per file, never raised. With
+    `images`, keep each file's decoded pixels instead (fully decoded, at its own size)."""
     h, w = spec.input_size
-    batch = np.empty((len(paths), 3, h, w), np.float32)
+    batch = np.empty((0 if images else len(paths), 3, h, w), np.float32)
+    pixels: list[np.ndarray] = []
     d = Decoded(paths, batch, [], [], [], [], [])
     for i, p in enumerate(paths):
         remote = is_url(p)
@@ -65,7 +89,12 @@ def decode_batch(paths: list[str], spec: Preprocessing, exact: bool) -> Decoded:
             if remote:
                 data = read_bytes(p)
                 size = len(data)
-            mi = load_input(p, spec, exact, data)
+            if images:
+                full = decode(p, None, data)
+                pixels.append(np.asarray(full.image))
+                mi = ModelInput(pixels[-1], full.width, full.height)
+            else:
+                mi = load_input(p, spec, exact, data)
         except Exception as e:  # one bad file must never stop a nightly run
             reason = getattr(e, "reason", None)
             if reason is None:
@@ -80,10 +109,11 @@ def decode_batch(paths: list[str], spec: Preprocessing, exact: bool) -> Decoded:
             d.error.append(storable(reason))  # messages can quote undecodable file names
             continue
         d.size.append(size)
-        batch[len(d.ok)] = mi.array
+        if not images:
+            batch[len(d.ok)] = mi.array
         d.ok.append(i)
         d.width.append(mi.width), d.height.append(mi.height), d.error.append(None)
-    d.batch = batch[: len(d.ok)]
+    d.batch = pixels if images else batch[: len(d.ok)]
     return d
 
 
@@ -193,7 +223,15 @@ class RowMaker:
         n = len(d.paths)
         cols: dict[str, list[Any]] = {c: [None] * n for c in COLUMNS}
         cols["path"] = [storable(p) for p in d.paths]
-        if d.ok:
+        if d.ok and isinstance(d.batch, list):
+            logits, features = images_logits(
+                self.predictor, d.batch, with_features=self.decider.novelty is not None
+            )
+            decided = self.decider.decide(logits, features)
+            for c, values in decided.items():
+                for i, v in zip(d.ok, values, strict=True):
+                    cols[c][i] = v
+        elif d.ok:
             batch = np.ascontiguousarray(d.batch, dtype=np.float32)
             if self.decider.novelty is None:
                 logits, features = self.predictor.logits(batch), None

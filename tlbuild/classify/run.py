@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from tlbuild.artifacts import is_image_model
 from tlbuild.classify.dataset_out import ResultsDataset, is_dataset_out
 from tlbuild.classify.inputs import InputWalker, check_inputs
 from tlbuild.classify.options import ClassifyOptions, ModelChoice, RayOptions
@@ -279,6 +280,30 @@ class _Plan:
     summary: ClassifySummary
 
 
+def _decider(
+    manifest: Manifest,
+    options: ClassifyOptions,
+    ok_class: str | None,
+    threshold: float | None,
+    novelty: NoveltyModel | None,
+) -> Decider:
+    image = None
+    if novelty is not None and manifest.onnx is not None and manifest.onnx.features:
+        spec = manifest.preprocessing
+        image = image_block(manifest.onnx.features["layout"], spec["mean"], spec["std"])
+    return Decider(manifest.classes, options.topk, ok_class, threshold, novelty, image)
+
+
+def default_decider(folder: Path, manifest: Manifest) -> Decider:
+    """The decision rule `tlbuild classify` applies to this export folder with its defaults
+    (the manifest's ok class, threshold and novelty threshold): the conformance kit's."""
+    options = ClassifyOptions()
+    ok_class = _resolve_ok_class(options, manifest, manifest.classes)
+    threshold, _ = _resolve_threshold(options, manifest, ok_class)
+    novelty, _ = _resolve_novelty(options, manifest, folder)
+    return _decider(manifest, options, ok_class, threshold, novelty)
+
+
 def _plan(choice: ModelChoice, out: str, options: ClassifyOptions) -> _Plan:
     """The run's decision rule and results identity, from the chosen model's manifest."""
     manifest = read_manifest(choice.folder)
@@ -287,11 +312,7 @@ def _plan(choice: ModelChoice, out: str, options: ClassifyOptions) -> _Plan:
     threshold, decided = _resolve_threshold(options, manifest, ok_class)
     novelty, novelty_said = _resolve_novelty(options, manifest, choice.folder)
     sha = manifest.artifacts[choice.artifact].sha256
-    image = None
-    if novelty is not None and manifest.onnx is not None and manifest.onnx.features:
-        spec = manifest.preprocessing
-        image = image_block(manifest.onnx.features["layout"], spec["mean"], spec["std"])
-    decider = Decider(classes, options.topk, ok_class, threshold, novelty, image)
+    decider = _decider(manifest, options, ok_class, threshold, novelty)
     identity = {
         "model_sha256": sha,
         "artifact": choice.artifact,
@@ -301,7 +322,10 @@ def _plan(choice: ModelChoice, out: str, options: ClassifyOptions) -> _Plan:
         "topk": decider.topk,
         "precision": choice.precision,
         "classes": classes,
-        "decode": "exact" if options.exact_decode else "jpeg-draft",
+        # An image model decodes fully: its graph resizes from the file's own pixels.
+        "decode": "exact"
+        if options.exact_decode or is_image_model(choice.artifact)
+        else "jpeg-draft",
         "model_name": manifest.name,
     }
     summary = ClassifySummary(out, choice.artifact, choice.backend, ok_class=ok_class)

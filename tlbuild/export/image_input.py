@@ -14,18 +14,11 @@ pass without the intermediate rounding matched 84%, and gave answers 8x further 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from tlbuild.data.preprocess import Preprocessing
-from tlbuild.data.scan import Sample
-from tlbuild.errors import TlbuildError
-from tlbuild.fileio import atomic_path
 
 IMAGE_INPUT = "image"
 # ONNX Resize's modes for the filters it shares with Pillow. Lanczos has none; nearest was
@@ -181,83 +174,3 @@ def image_input_model(model: onnx.ModelProto, spec: Preprocessing) -> onnx.Model
             opset.version = 18
     onnx.checker.check_model(out)
     return out
-
-
-def make_image_model(
-    src: Path, dst: Path, spec: Preprocessing, samples: Sequence[Sample], min_agreement: float
-) -> dict[str, Any]:
-    """Write `dst` (model_image.onnx) from `src` (model.onnx) and check it: each sample decoded
-    as a client would (upright 8-bit RGB at its own size) against `src` on tlbuild's own
-    preprocessing. The manifest's record; the file is removed where it falls short."""
-    why = supported(spec)
-    if why:
-        dst.unlink(missing_ok=True)
-        return {"file": None, "why_not": why}
-    figures: dict[str, Any] = {}
-    try:
-        with atomic_path(dst) as tmp:
-            onnx.save(image_input_model(onnx.load(str(src)), spec), str(tmp))
-            figures = _agreement(src, tmp, spec, samples)
-            if figures["top1_agreement"] < min_agreement:
-                raise _Rejected  # never under its name, not even for a moment
-    except _Rejected:
-        pass  # recorded below, with the figures
-    except TlbuildError:  # a full disk: the user's to see
-        raise
-    except Exception as e:  # an optional extra: the build goes on without it, saying why
-        dst.unlink(missing_ok=True)
-        return {"file": None, "why_not": f"it could not be made ({type(e).__name__}: {e})"}
-    record = {
-        "file": dst.name,
-        "input": {
-            "name": IMAGE_INPUT,
-            "dtype": "uint8",
-            "layout": "NHWC",
-            "shape": ["batch", "height", "width", 3],
-            "channel_order": "RGB",
-            "decode": "upright (EXIF applied), alpha composited on white, 16-bit to 8-bit",
-        },
-        "resize": "in the graph: ONNX Resize (antialias, opset 18 or later), "
-        f"{spec.interpolation}, width then height with 8-bit rounding between, as Pillow",
-        "check": figures,
-    }
-    if figures["top1_agreement"] < min_agreement:
-        dst.unlink(missing_ok=True)  # an earlier one
-        record["file"] = None
-        record["why_not"] = (
-            f"it gave model.onnx's answer on {figures['top1_agreement']:.1%} of "
-            f"{figures['images']} validation images, under export.min_top1_agreement"
-        )
-    return record
-
-
-class _Rejected(Exception):
-    """The check fell short: the temporary file is not renamed."""
-
-
-def _agreement(
-    src: Path, candidate: Path, spec: Preprocessing, samples: Sequence[Sample]
-) -> dict[str, Any]:
-    from tlbuild.data.images import load_rgb
-    from tlbuild.data.preprocess import load_batch
-    from tlbuild.runtime.backends import open_onnx
-    from tlbuild.runtime.base import softmax
-
-    reference, image = open_onnx(src), open_onnx(candidate)
-    same, probs, logits = [], [], []
-    for s in samples:  # one at a time: each image has its own size
-        want = reference.logits(load_batch([s.path], spec))
-        got = image.logits(np.asarray(load_rgb(s.path))[None])
-        p, q = softmax(want)[0], softmax(got)[0]
-        same.append(bool(p.argmax() == q.argmax()))
-        probs.append(float(np.abs(p - q).max()))
-        logits.append(float(np.abs(want - got).max()))
-    n = len(samples)
-    return {
-        "images": n,
-        "top1_agreement": round(sum(same) / n, 4) if n else 1.0,
-        "mean_max_prob_diff": round(float(np.mean(probs)), 6) if n else 0.0,
-        "max_prob_diff": round(max(probs), 6) if n else 0.0,
-        "max_abs_logit_diff": round(max(logits), 6) if n else 0.0,
-        "reference": "model.onnx on tlbuild's preprocessing (Pillow resize)",
-    }

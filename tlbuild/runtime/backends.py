@@ -3,16 +3,19 @@ No PyTorch (torch_model.py): stages that run only exported files stay keyed off 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from tlbuild.artifacts import precision_of
+from tlbuild.data.images import load_rgb
 from tlbuild.data.preprocess import Preprocessing
 from tlbuild.errors import UsageError
 from tlbuild.export.feature_graph import FEATURES_NAME
-from tlbuild.runtime.base import Predictor
+from tlbuild.runtime.base import Predictor, softmax
 from tlbuild.runtime.providers import CPU, Placement
 from tlbuild.runtime.sessions import OrtOptions, ort_session
 
@@ -83,6 +86,59 @@ class OnnxPredictor(Predictor):
         if not self.options.profile_prefix:
             raise UsageError(f"{self.artifact.name} was opened without profile_prefix")
         return Path(self._session.end_profiling())
+
+
+class ImageOnnxPredictor(OnnxPredictor):
+    """A model_image twin: decoded uint8 RGB images in (N, H, W, 3), the resize and normalisation
+    in its graph. Images of one size run as one batch; `preprocess` only decodes to pixels."""
+
+    takes_images = True
+
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        """The decoded image's pixels: uint8 HWC RGB at its own size."""
+        return np.asarray(img.convert("RGB"))
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        out = self._session.run([self._logits_name], {self._input: batch.astype(np.uint8)})[0]
+        return out.astype(np.float32)
+
+    def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return super().logits_and_features(batch.astype(np.uint8))
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(batch))
+
+    def predict_paths(self, paths: Sequence[Path], batch_size: int = 32) -> np.ndarray:
+        pixels = [self.preprocess(load_rgb(p)) for p in paths]
+        logits, _ = images_logits(self, pixels, with_features=False)
+        return (
+            softmax(logits) if len(pixels) else np.zeros((0, len(self.classes or ())), np.float32)
+        )
+
+
+def images_logits(
+    predictor: Predictor, images: Sequence[np.ndarray], with_features: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits (and features) for decoded images of any sizes, in order: one run per size."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(img.shape, []).append(i)
+    logits: list[np.ndarray | None] = [None] * len(images)
+    features: list[np.ndarray | None] = [None] * len(images)
+    for idx in groups.values():
+        batch = np.stack([images[i] for i in idx])
+        if with_features:
+            lg, ft = predictor.logits_and_features(batch)
+        else:
+            lg, ft = predictor.logits(batch), None
+        for k, i in enumerate(idx):
+            logits[i] = lg[k]
+            features[i] = None if ft is None else ft[k]
+    if not images:
+        return np.zeros((0, 0), np.float32), None
+    stacked = np.stack(logits)  # type: ignore[arg-type]
+    has = all(f is not None for f in features)
+    return stacked, np.stack(features) if has else None  # type: ignore[arg-type]
 
 
 def open_onnx(

@@ -28,6 +28,10 @@ class Predictor(ABC):
     only compares logits on preprocessed batches opens one without them (open_onnx).
     """
 
+    # Whether it takes decoded images (uint8 RGB NHWC at their own size, the preprocessing in
+    # its graph: a model_image twin) instead of preprocessed NCHW float32 batches.
+    takes_images = False
+
     def __init__(
         self,
         artifact: Path,

@@ -6,15 +6,15 @@ from pathlib import Path
 
 from tlbuild.artifacts import (
     CPU_ORDER,
-    MODEL_IMAGE_ONNX,
     MODEL_ONNX,
     ONNX_ARTIFACTS,
+    is_image_model,
     precision_of,
 )
 from tlbuild.data.preprocess import Preprocessing
 from tlbuild.errors import UsageError
 from tlbuild.manifest import Manifest, read_manifest
-from tlbuild.runtime.backends import OnnxPredictor, TensorRTPredictor
+from tlbuild.runtime.backends import ImageOnnxPredictor, OnnxPredictor, TensorRTPredictor
 from tlbuild.runtime.base import Predictor
 from tlbuild.runtime.providers import provider_problem
 from tlbuild.runtime.sessions import OrtOptions, tensorrt_options
@@ -99,11 +99,6 @@ def _open(
 ) -> Predictor:
     if not (folder / name).is_file():
         raise UsageError(f"no {name} in {folder}")
-    if name == MODEL_IMAGE_ONNX:
-        raise UsageError(
-            f"{name} takes decoded images (uint8 RGB at their own size) and is for clients "
-            "outside tlbuild; tlbuild runs model.onnx or one of its variants"
-        )
     if not verified:  # the provider="auto" loop hashes each candidate before trying it
         manifest.verify(folder, name)
     if not manifest.accepted(name):
@@ -116,6 +111,19 @@ def _open(
         entry = next((e for e in manifest.engine_entries().values() if e.get("path") == name), {})
         check_engine_version(name, entry.get("trt_version"))
         return TensorRTPredictor(folder / name, classes, spec, precision_of(name))
+    if is_image_model(name):
+        if provider == "tensorrt":
+            raise UsageError(
+                f"{name} is not built into a TensorRT engine (its input size varies with the "
+                "camera); run it with --provider cpu or cuda"
+            )
+        return ImageOnnxPredictor(
+            folder / name,
+            classes,
+            spec,
+            precision_of(name),
+            OrtOptions(provider, threads, spinning),
+        )
     if name.endswith(".onnx"):
         trt = None
         if provider == "tensorrt" and manifest.onnx is not None:

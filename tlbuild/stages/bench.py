@@ -33,7 +33,13 @@ def summarise(result: dict[str, Any]) -> str:
 STAGE = Stage(
     name="bench",
     sections=("bench",),
-    inputs=(MODEL_PT, MODEL_ONNX, *(a.file for a in VARIANTS.values()), "*.engine"),
+    inputs=(
+        MODEL_PT,
+        MODEL_ONNX,
+        *(a.file for a in VARIANTS.values()),
+        "model_image*.onnx",
+        "*.engine",
+    ),  # fmt: skip
     outputs=(BENCH_JSON, BENCH_PARQUET),
     run=run,
     summarise=summarise,

@@ -43,4 +43,7 @@ STAGE = Stage(
     summarise=summarise,
     disabled=_disabled,
     machine=True,
+    # Not the image models: no engine is built from them, and a [clients] change must not
+    # rebuild engines.
+    upstream=("train", "export", "quantize"),
 )

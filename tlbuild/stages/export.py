@@ -10,7 +10,6 @@ from tlbuild.artifacts import (
     DEVICE_BATCH,
     LABELS_JSON,
     METRICS_JSON,
-    MODEL_IMAGE_ONNX,
     MODEL_ONNX,
     MODEL_PT,
     SPLITS_JSON,
@@ -21,7 +20,6 @@ from tlbuild.data.scan import Sample
 from tlbuild.data.splits_file import evenly_spaced, read_split
 from tlbuild.errors import BuildError, UsageError
 from tlbuild.export.feature_graph import FEATURES_NAME
-from tlbuild.export.image_input import make_image_model
 from tlbuild.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_io
 from tlbuild.export.parity import ParityResult, check_parity
 from tlbuild.fileio import atomic_path, read_json_or_empty, sha256_file, write_json
@@ -81,30 +79,6 @@ def _write_device_batch(
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, images=images, labels=labels, fp32_logits=logits)
     return {"file": DEVICE_BATCH, "images": len(samples), "sha256": sha256_file(path)}
-
-
-def _write_image_model(
-    ctx: StageContext, tm: TrainedModel, val: list[Sample]
-) -> dict[str, Any] | None:
-    """model_image.onnx (export.image_model), checked on the parity images; its record."""
-    cfg, path = ctx.recipe.export, ctx.out / MODEL_IMAGE_ONNX
-    if not cfg.image_model:
-        path.unlink(missing_ok=True)
-        return None
-    samples = evenly_spaced(val, cfg.parity_images)
-    record = make_image_model(
-        ctx.out / MODEL_ONNX, path, tm.preprocessing, samples, cfg.min_top1_agreement
-    )
-    if record["file"] is None:
-        ctx.console.print(f"[yellow]No {MODEL_IMAGE_ONNX}:[/] {record['why_not']}")
-        return record
-    c = record["check"]
-    ctx.console.print(
-        f"{MODEL_IMAGE_ONNX} (uint8 image in, preprocessing in the graph) on {c['images']} "
-        f"validation images decoded at their own size: model.onnx's answer on "
-        f"{c['top1_agreement']:.1%}, top probability within {c['max_prob_diff']:.2e}"
-    )
-    return record
 
 
 def _metrics_summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -177,8 +151,6 @@ def run(ctx: StageContext) -> ParityResult:
     """Export model.pt to ONNX, verify it against PyTorch on validation images, write manifest."""
     tm = load_trained(ctx.out / MODEL_PT)
     val = read_split(ctx.out, "val", tm.classes)
-    # Made from the model.onnx about to be replaced: never left beside a different one.
-    (ctx.out / MODEL_IMAGE_ONNX).unlink(missing_ok=True)
     checked = _export_checked(ctx, tm, val)
     parity = checked[0]
     batch = _write_device_batch(ctx, tm, val)
@@ -186,12 +158,9 @@ def run(ctx: StageContext) -> ParityResult:
         f"ONNX parity on {parity.images} validation images: max |logit diff| "
         f"{parity.max_abs_logit_diff:.2e}, top-1 agreement {parity.top1_agreement:.1%} [green]ok[/]"
     )
-    image = _write_image_model(ctx, tm, val)
     write_json(ctx.out / LABELS_JSON, tm.classes)
     files = [MODEL_ONNX, LABELS_JSON, *TRAINING_FILES] + ([DEVICE_BATCH] if batch else [])
-    files += [MODEL_IMAGE_ONNX] if image and image["file"] else []
     fields = _manifest_fields(ctx, tm, checked, batch)
-    fields["onnx"]["image_input"] = image
     write_section(ctx.out, "export", fields, files)
     ctx.console.print(f"Wrote {ctx.out / MODEL_ONNX} and {ctx.out / MANIFEST_JSON}")
     return parity
@@ -206,7 +175,7 @@ STAGE = Stage(
     name="export",
     sections=("export",),
     inputs=(MODEL_PT, SPLITS_JSON, METRICS_JSON),
-    outputs=(MODEL_ONNX, MODEL_IMAGE_ONNX, LABELS_JSON, DEVICE_BATCH),
+    outputs=(MODEL_ONNX, LABELS_JSON, DEVICE_BATCH),
     run=run,
     summarise=summarise,
 )

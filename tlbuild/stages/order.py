@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from tlbuild.stages import (
     bench,
+    conformance,
     decision,
     engines,
     explain,
     export,
+    image_models,
     novelty,
     quantize,
     report,
@@ -19,5 +21,18 @@ from tlbuild.stages.base import Stage
 
 STAGES: tuple[Stage, ...] = tuple(
     m.STAGE
-    for m in (train, export, quantize, engines, bench, explain, novelty, decision, report, track)
+    for m in (
+        train,
+        export,
+        quantize,
+        image_models,
+        engines,
+        bench,
+        explain,
+        novelty,
+        decision,
+        conformance,
+        report,
+        track,
+    )
 )
