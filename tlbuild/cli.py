@@ -694,6 +694,46 @@ def select(
     )
 
 
+@app.command("verify-client")
+def verify_client(
+    results: Annotated[
+        Path,
+        typer.Argument(
+            help="Your client's RESULTS.csv on the kit's images (conformance/README.md)."
+        ),
+    ],
+    kit: Annotated[
+        Path, typer.Option(help="The conformance kit: an export folder or its conformance/.")
+    ] = Path("."),
+) -> None:
+    """Check a client's outputs against the conformance kit; name the step that differs."""
+    from tlbuild.clients.verify import verify
+
+    console = _console()
+    report = _guard(lambda: verify(results, kit))
+    for r in report.rows:
+        if r.ok:
+            continue
+        console.print(
+            f"[red]differs[/] {escape(r.image)} on {escape(r.artifact)} (line {r.line}): "
+            f"[bold]{r.step}[/] step: {escape(r.why)}",
+            soft_wrap=True,
+        )
+    passed = sum(r.ok for r in report.rows)
+    steps = sorted({s for r in report.rows for s in r.checked})
+    console.print(
+        f"{passed} of {len(report.rows)} rows conform "
+        f"(steps compared: {', '.join(steps) or 'none'})"
+    )
+    if report.unchecked:
+        shown = ", ".join(report.unchecked[:6]) + (" ..." if len(report.unchecked) > 6 else "")
+        console.print(
+            f"[red]no row for[/] {len(report.unchecked)} image(s) of the kit: {escape(shown)}"
+        )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @data_app.command("synth-defects")
 def synth_defects(
     out: Annotated[Path, typer.Argument(help="Output folder (class sub-folders are created).")],
