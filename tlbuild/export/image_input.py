@@ -5,11 +5,12 @@ inside the graph, so a client in any language only decodes the file.
 The resize follows Pillow's `Image.resize`, the reference every check uses: ONNX `Resize`
 (opset 18) with `antialias` (the filter widened by the scale when shrinking, as Pillow does),
 cubic with a = -0.5 (Pillow's BICUBIC) or linear (BILINEAR), half-pixel centres, and, like
-Pillow's 8-bit path, the width first, rounded and clipped to 0..255, then the height, rounded
-and clipped. Pillow keeps only the taps inside the image and renormalises (`exclude_outside`).
-Measured on 60 photographs (180-640 px crops to 160 px, bicubic): 95.7% of output pixels
-identical to Pillow's and all but 0.007% within one grey level (bilinear: none further); one
-pass without the intermediate rounding matched 84%, and gave answers 8x further off.
+Pillow's 8-bit path, the width first, rounded half up and clipped to 0..255, then the height,
+the same. Pillow keeps only the taps inside the image and renormalises (`exclude_outside`).
+Measured (benchmarks/image_model_pixels.py): 98.3% of pixels identical to Pillow's on 60
+photograph crops (180-640 px) resized to 160 px, 99.9% with the centre crop, none more than 5
+levels off; 99.99% on 640x480 frames and on 32 px textures enlarged to 128, none more than 1.
+One pass without the intermediate rounding matched 84%, and gave answers 8x further off.
 """
 
 from __future__ import annotations
@@ -54,10 +55,15 @@ class _Graph:
         return out
 
     def to_uint8_levels(self, x: str) -> str:
-        """Round half to even and clip to 0..255: what an 8-bit image holds."""
+        """Round half up and clip to 0..255, as Pillow's fixed-point resize does. ONNX Round
+        rounds half to even: on an exact 4x upscale (32 to 128 px, where the weights are
+        dyadic and sums land on .5) that left 0.08% of pixels a level off, and 2 of 700
+        answers changed; half up matched every pixel."""
         lo = self.const(np.array(0.0, np.float32), "zero")
         hi = self.const(np.array(255.0, np.float32), "max")
-        return self.op("Clip", [self.op("Round", [x], "round"), lo, hi], "clip")
+        half = self.const(np.array(0.5, np.float32), "half")
+        up = self.op("Floor", [self.op("Add", [x, half], "plus_half")], "round_half_up")
+        return self.op("Clip", [up, lo, hi], "clip")
 
 
 def supported(spec: Preprocessing) -> str | None:
