@@ -308,3 +308,37 @@ def test_decoded_batches_merge_in_order_for_both_kinds() -> None:
     y = Decoded(["b"], np.ones((1, 3, 4, 4), np.float32), [0], [4], [4], [1], [None])
     merged = Decoded.merge([x, y])
     assert isinstance(merged.batch, np.ndarray) and merged.batch.shape == (2, 3, 4, 4)
+
+
+def test_a_center_crop_recipe_gets_twins_that_crop_as_classify_does(
+    tiny_build: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    from conftest import run_stage
+
+    from tlbuild.recipe import load_recipe
+
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_build, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["preprocessing"].update(resize="center_crop", crop_pct=0.875)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    recipe = load_recipe(tiny_build.parent.parent / "tiny.toml")
+    recipe = recipe.model_copy(update={"output_dir": tmp_path})
+    records = run_stage("image_models", recipe)
+    assert records["model_image.onnx"]["check"]["top1_agreement"] == 1.0
+    assert "centre crop" in records["model_image.onnx"]["resize"]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, size in enumerate([(90, 70), (70, 120), (203, 151)]):  # crops that differ in shape
+        for j, p in enumerate(sorted(tiny_data.rglob("*.jpg"))[:4]):
+            Image.open(p).resize(size).save(inputs / f"{i}_{j}.png")
+    outs = {}
+    for artifact in ("model_image.onnx", "model.onnx"):
+        res = tmp_path / f"{artifact}.parquet"
+        args = ["classify", str(inputs), "--model", str(out), "--artifact", artifact,
+                "--provider", "cpu", "--novelty", "off", "--out", str(res)]  # fmt: skip
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+        outs[artifact] = pd.read_parquet(res).set_index("path").sort_index()
+    a, b = outs["model_image.onnx"], outs["model.onnx"]
+    assert (a.label == b.label).all() and (a.score - b.score).abs().max() < 0.02

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from tlbuild.artifacts import MODEL_ONNX, VARIANTS, onnx_artifact
+from tlbuild.artifacts import MODEL_ONNX, SPLITS_JSON, VARIANTS, onnx_artifact
 from tlbuild.data.preprocess import Preprocessing
 from tlbuild.data.scan import Sample
 from tlbuild.errors import TlbuildError
@@ -27,6 +27,22 @@ INPUT = {
     "channel_order": "RGB",
     "decode": "upright (EXIF applied), alpha composited on white, 16-bit to 8-bit",
 }
+
+
+def exported(out: Path) -> tuple[Manifest, Preprocessing, list[Sample]]:
+    """The export folder's manifest, its preprocessing and the validation split; a UsageError
+    saying what to run where there is none."""
+    from tlbuild.data.splits_file import read_split
+    from tlbuild.errors import UsageError
+    from tlbuild.manifest import read_manifest_if_any
+
+    manifest = read_manifest_if_any(out)
+    if manifest is None or manifest.onnx is None:
+        raise UsageError(f"no exported model in {out}; run `tlbuild run` first")
+    val = read_split(out, "val", manifest.classes)
+    if not val:
+        raise UsageError(f"{out / SPLITS_JSON} lists no validation images; retrain")
+    return manifest, Preprocessing.from_dict(manifest.preprocessing), val
 
 
 def shipped(out: Path, manifest: Manifest) -> list[str]:

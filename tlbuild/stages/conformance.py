@@ -8,12 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from tlbuild.artifacts import CONFORMANCE, MODEL_ONNX, NOVELTY_NPZ, SPLITS_JSON, VARIANTS
-from tlbuild.clients.image_models import shipped, simulates_qdq
+from tlbuild.clients.image_models import exported, shipped, simulates_qdq
 from tlbuild.clients.kit import KIT_FOLDERS, KIT_JSON, make_kit
-from tlbuild.data.preprocess import Preprocessing
-from tlbuild.data.splits_file import read_split
-from tlbuild.errors import UsageError
-from tlbuild.manifest import read_manifest_if_any, write_section
+from tlbuild.manifest import write_section
 from tlbuild.recipe import Recipe
 from tlbuild.runtime.backends import OnnxPredictor, open_onnx
 from tlbuild.stages.base import Stage, StageContext
@@ -24,13 +21,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from tlbuild.classify.run import default_decider
 
     cfg, out = ctx.recipe.clients, ctx.out
-    manifest = read_manifest_if_any(out)
-    if manifest is None or manifest.onnx is None:
-        raise UsageError(f"no exported model in {out}; run `tlbuild run` first")
-    spec = Preprocessing.from_dict(manifest.preprocessing)
-    val = read_split(out, "val", manifest.classes)
-    if not val:
-        raise UsageError(f"{out / SPLITS_JSON} lists no validation images; retrain")
+    manifest, spec, val = exported(out)
     twins = [r["file"] for r in manifest.image_models.values() if r.get("file")]
     # On the CPU, as a client's reference: a GPU's FP16 and TensorRT's INT8 differ from it
     # within the kit's probability tolerance (int8_trt with Q/DQ run as written).

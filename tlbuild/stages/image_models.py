@@ -10,15 +10,14 @@ from typing import Any
 from tlbuild.artifacts import MODEL_ONNX, SPLITS_JSON, VARIANTS, image_twin, onnx_artifact
 from tlbuild.clients.image_models import (
     INPUT,
+    exported,
     make_image_model,
     resize_note,
     simulates_qdq,
     wrapped,
 )
-from tlbuild.data.preprocess import Preprocessing
-from tlbuild.data.splits_file import evenly_spaced, read_split
-from tlbuild.errors import UsageError
-from tlbuild.manifest import read_manifest_if_any, write_section
+from tlbuild.data.splits_file import evenly_spaced
+from tlbuild.manifest import write_section
 from tlbuild.recipe import Recipe
 from tlbuild.stages.base import Stage, StageContext
 
@@ -26,13 +25,7 @@ from tlbuild.stages.base import Stage, StageContext
 def run(ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Write a twin of each shipped ONNX artifact, check it, record it in the manifest."""
     cfg, out = ctx.recipe.clients, ctx.out
-    manifest = read_manifest_if_any(out)
-    if manifest is None or manifest.onnx is None:
-        raise UsageError(f"no exported model in {out}; run `tlbuild run` first")
-    spec = Preprocessing.from_dict(manifest.preprocessing)
-    val = read_split(out, "val", manifest.classes)
-    if not val:
-        raise UsageError(f"{out / SPLITS_JSON} lists no validation images; retrain")
+    manifest, spec, val = exported(out)
     for old in out.glob("model_image*.onnx"):  # made from files that may have changed
         old.unlink()
     on = ctx.checks_on()
