@@ -342,3 +342,14 @@ def test_a_center_crop_recipe_gets_twins_that_crop_as_classify_does(
         outs[artifact] = pd.read_parquet(res).set_index("path").sort_index()
     a, b = outs["model_image.onnx"], outs["model.onnx"]
     assert (a.label == b.label).all() and (a.score - b.score).abs().max() < 0.02
+
+
+def test_results_of_the_old_draft_decode_say_how_to_continue(
+    tiny_build: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "r.parquet"
+    args = ["classify", str(tiny_data), "--model", str(tiny_build), "--out", str(out)]
+    assert runner.invoke(app, [*args, "--no-exact-decode"]).exit_code == 0
+    r = runner.invoke(app, args, env={"COLUMNS": "500"})  # the default: the full decode
+    assert r.exit_code == 2 and "add --no-exact-decode" in r.output
+    assert runner.invoke(app, [*args, "--no-exact-decode"]).exit_code == 0

@@ -35,6 +35,7 @@ from tlbuild.classify.results import (
     META_KEY,
     PathIndex,
     check_columns,
+    check_identity,
     count_rows,
     object_encodings,
     parquet_keys,
@@ -251,16 +252,7 @@ class ResultsDataset:
                 "use --overwrite to replace them, or another --out"
             )
         if found is not None:
-            diffs = [
-                f"{k}: {found.get(k)!r} there, {self.identity[k]!r} now"
-                for k in IDENTITY_KEYS
-                if found.get(k) != self.identity[k]
-            ]
-            if diffs:
-                raise UsageError(
-                    f"{self.out}/ holds results of another model or settings "
-                    f"({'; '.join(diffs)}). Use --overwrite to start over, or another --out."
-                )
+            check_identity(found, self.identity, f"{self.out}/")
         # Only in a folder this run may write: a plan names files to delete.
         self._finish_compaction()
         if found is None:

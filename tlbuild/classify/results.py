@@ -248,6 +248,25 @@ def parquet_keys(pf: Any, retry_errors: bool) -> tuple[np.ndarray, int]:
     return np.concatenate(parts), rows
 
 
+def check_identity(found: dict[str, Any], identity: dict[str, Any], where: str) -> None:
+    """Refuse to add rows to results written by another model or settings, saying which."""
+    diffs = [
+        f"{k}: {found.get(k)!r} there, {identity[k]!r} now"
+        for k in IDENTITY_KEYS
+        if found.get(k) != identity[k]
+    ]
+    if not diffs:
+        return
+    hint = ""
+    if found.get("decode") == "jpeg-draft" and identity.get("decode") == "exact":
+        # The full decode became the default: an older run's file continues with the option.
+        hint = " To continue it as it was written, add --no-exact-decode."
+    raise UsageError(
+        f"{where} holds results of another model or settings ({'; '.join(diffs)}). "
+        f"Use --overwrite to start over, or another --out.{hint}"
+    )
+
+
 class ResultsFile:
     """Appends rows to `out`; `done(path)` says whether a previous run already classified it."""
 
@@ -352,16 +371,7 @@ class ResultsFile:
         return found
 
     def _check_identity(self, found: dict[str, Any], where: str) -> None:
-        diffs = [
-            f"{k}: {found.get(k)!r} there, {self.identity[k]!r} now"
-            for k in IDENTITY_KEYS
-            if found.get(k) != self.identity[k]
-        ]
-        if diffs:
-            raise UsageError(
-                f"{where} holds results of another model or settings ({'; '.join(diffs)}). "
-                "Use --overwrite to start over, or another --out."
-            )
+        check_identity(found, self.identity, where)
 
     def _fold_journal(self) -> None:
         """Rows journaled by a run that was killed go into the file before anything new."""
