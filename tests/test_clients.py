@@ -241,6 +241,13 @@ def test_verify_client_holds_scores_decisions_and_missing_rows(
     _write(results, rows[:-1])
     code, out = _verify(results, tiny_build)
     assert code == 1 and "no row for 1 image(s) of the kit" in out
+    # A dump that is not there is a difference, never a pass with nothing compared.
+    _write(results, [dict(r, decoded="nowhere.png") for r in rows])
+    code, out = _verify(results, tiny_build)
+    assert code == 1 and "0 of 12 rows conform" in out and "is not there" in out
+    # A Windows client's paths (Path.Combine) are the same paths.
+    _write(results, [dict(r, image=r["image"].replace("/", "\\")) for r in rows])
+    assert _verify(results, tiny_build)[0] == 0
 
 
 def test_verify_client_judges_each_step_on_the_client_s_own_pixels(

@@ -258,7 +258,8 @@ def check_identity(found: dict[str, Any], identity: dict[str, Any], where: str) 
     if not diffs:
         return
     hint = ""
-    if found.get("decode") == "jpeg-draft" and identity.get("decode") == "exact":
+    only_decode = [k for k in IDENTITY_KEYS if found.get(k) != identity[k]] == ["decode"]
+    if only_decode and found.get("decode") == "jpeg-draft":
         # The full decode became the default: an older run's file continues with the option.
         hint = " To continue it as it was written, add --no-exact-decode."
     raise UsageError(

@@ -26,12 +26,13 @@ from PIL import Image
 
 from tlbuild.artifacts import CONFORMANCE, SCRATCH, is_image_model
 from tlbuild.data.images import load_rgb
-from tlbuild.data.preprocess import Preprocessing, normalize, resize_for_model
+from tlbuild.data.preprocess import Preprocessing, normalize, resize_for_model, resized_size
 from tlbuild.data.scan import Sample
 from tlbuild.fileio import sha256_file, write_json, write_text
 from tlbuild.runtime.base import Predictor, softmax
 
 KIT_JSON = "kit.json"
+KIT_FORMAT = "tlbuild.conformance/1"
 KIT_FOLDERS = ("images", "decoded", "resized", "input")
 LOSSY = (".jpg", ".jpeg", ".webp")
 STEPS = ("decode", "resize", "normalise", "model")
@@ -208,7 +209,11 @@ def mistakes(path: Path, spec: Preprocessing) -> dict[str, np.ndarray]:
         out[DECODE_MISTAKES[1]] = tensor(np.asarray(stored))
     elif stored is not None and alpha:
         out[DECODE_MISTAKES[2]] = tensor(np.asarray(stored))
-    resized = _bilinear_no_antialias(right, h, w)
+    # Stretched to the size the recipe resizes to, then cut as resize_for_model cuts.
+    new_w, new_h = resized_size(right.shape[1], right.shape[0], spec)
+    stretched = _bilinear_no_antialias(right, new_h, new_w)
+    top, left = (new_h - h) // 2, (new_w - w) // 2
+    resized = np.ascontiguousarray(stretched[top : top + h, left : left + w])
     out["resize without antialiasing (cv2.resize INTER_LINEAR)"] = normalize(
         Image.fromarray(resized), spec
     )
@@ -249,7 +254,7 @@ def make_kit(
         images = [_kit_image(tmp, f, spec, classes, artifacts, decide) for f in files]
         reference = artifacts.get("model.onnx")
         kit = {
-            "format": "tlbuild.conformance/1",
+            "format": KIT_FORMAT,
             "classes": classes,
             "preprocessing": spec.to_dict(),
             "steps": list(STEPS),
@@ -274,8 +279,8 @@ def make_kit(
 
 
 def _swap_in(new: Path, final: Path) -> None:
-    """Put the finished kit in place of an earlier one: two renames, the old one removed last,
-    so no moment leaves neither."""
+    """Put the finished kit in place of an earlier one: two renames, the old one removed last
+    (between them the folder is briefly absent; a build killed then makes it again)."""
     old = new.with_name(new.name + "-old")
     if final.exists():
         os.replace(final, old)

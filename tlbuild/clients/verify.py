@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from tlbuild.artifacts import is_image_model
-from tlbuild.clients.kit import DECODE_MISTAKES, KIT_JSON
+from tlbuild.clients.kit import DECODE_MISTAKES, KIT_FORMAT, KIT_JSON
 from tlbuild.errors import UsageError
 from tlbuild.fileio import plain_name
 from tlbuild.runtime.base import softmax
@@ -33,8 +33,8 @@ class RowVerdict:
 
     @property
     def ok(self) -> bool:
-        """Whether the row conforms."""
-        return self.step is None
+        """Whether the row conforms: its answers were compared, and nothing differed."""
+        return self.step is None and "model" in self.checked
 
 
 @dataclass
@@ -59,6 +59,7 @@ def read_kit(kit: Path) -> dict[str, Any]:
                 data = json.loads((folder / KIT_JSON).read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise UsageError(f"cannot read {folder / KIT_JSON}: {e}") from None
+            _check_kit(data, folder / KIT_JSON)
             data["_folder"] = folder
             return data
     raise UsageError(
@@ -67,10 +68,37 @@ def read_kit(kit: Path) -> dict[str, Any]:
     )
 
 
+def _check_kit(data: Any, where: Path) -> None:
+    """A kit.json tlbuild wrote, or a UsageError saying it is damaged."""
+    ok = (
+        isinstance(data, dict)
+        and data.get("format") == KIT_FORMAT
+        and isinstance(data.get("classes"), list)
+        and isinstance(data.get("images"), list)
+        and isinstance(data.get("artifacts"), list)
+        and isinstance(data.get("tolerances"), dict)
+        and isinstance(data.get("preprocessing"), dict)
+        and all(
+            isinstance(r, dict)
+            and isinstance(r.get("file"), str)
+            and isinstance(r.get("expected"), dict)
+            and all(
+                len(e.get("probabilities", ())) == len(data["classes"])
+                for e in r["expected"].values()
+            )
+            for r in data["images"]
+        )
+    )
+    if not ok:
+        raise UsageError(f"{where} is damaged or not a kit of this tlbuild; rebuild the export")
+
+
 def _load_pixels(path: Path) -> np.ndarray:
     """A client's pixel dump as uint8; a float or 16-bit dump is a difference in itself."""
     if path.suffix.lower() == ".npy":
         pixels = np.load(path, allow_pickle=False)
+        if not isinstance(pixels, np.ndarray):
+            raise _Differs(f"{path.name} is not one array; save the pixels with np.save")
     else:
         with Image.open(path) as img:
             if img.mode == "P":  # a palette PNG holds its colours in the palette
@@ -85,14 +113,19 @@ def _load_pixels(path: Path) -> np.ndarray:
 
 def _load_tensor(path: Path, shape: list[int]) -> np.ndarray:
     if path.suffix.lower() == ".bin":
-        raw = np.fromfile(path, dtype="<f4")
-        if raw.size != math.prod(shape):
+        want = 4 * math.prod(shape)
+        size = path.stat().st_size
+        if size != want:
+            guess = " (float64?)" if size == 2 * want else ""
             raise _Differs(
-                f"{path.name} holds {raw.size} float32 values, the input has "
-                f"{math.prod(shape)} {tuple(shape)}"
+                f"{path.name} holds {size} bytes; the input is {want} bytes of float32 "
+                f"{tuple(shape)}{guess}"
             )
-        return raw.reshape(shape)
-    return np.load(path, allow_pickle=False).astype(np.float32)
+        return np.fromfile(path, dtype="<f4").reshape(shape)
+    tensor = np.load(path, allow_pickle=False)
+    if not isinstance(tensor, np.ndarray):
+        raise _Differs(f"{path.name} is not one array (an .npz?); save the tensor with np.save")
+    return tensor.astype(np.float32)
 
 
 class _Differs(Exception):
@@ -170,7 +203,8 @@ def _model_step(
     want = np.asarray(expected["probabilities"], np.float32)
     tol = float(kit["tolerances"]["probability_max_abs"])
     if (row.get("logits") or "").strip():
-        probs = softmax(_floats(row["logits"], "logits")[None])[0]
+        with np.errstate(all="ignore"):  # overflowing logits are judged below, not warned of
+            probs = softmax(_floats(row["logits"], "logits")[None])[0]
     elif (row.get("probabilities") or "").strip():
         probs = _floats(row["probabilities"], "probabilities")
     else:
@@ -199,6 +233,9 @@ def _model_step(
     )
 
 
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
 def _decision_problems(
     row: dict[str, str],
     probs: np.ndarray,
@@ -215,7 +252,9 @@ def _decision_problems(
     out = []
     stated = (row.get("defective") or "").strip().lower()
     if stated:
-        said = stated in ("1", "true", "yes")
+        if stated not in _TRUE + _FALSE:
+            raise _Differs(f"its defective column says {stated!r}; write true or false")
+        said = stated in _TRUE
         if said != want:
             out.append(f"its defective column says {said}, tlbuild decides {want}")
     if expected.get("novel"):
@@ -263,7 +302,11 @@ def verify(results: Path, kit_path: Path) -> Report:
     try:
         # utf-8-sig: C#'s Encoding.UTF8 and Excel start the file with a byte-order mark.
         with results.open(newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows, lines = [], []
+            for row in reader:  # the file's line, blank lines and quoted newlines counted
+                rows.append(row)
+                lines.append(reader.line_num)
     except FileNotFoundError:
         raise UsageError(f"no results file at {results}") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
@@ -278,7 +321,7 @@ def verify(results: Path, kit_path: Path) -> Report:
         )
     verdicts = []
     seen: set[tuple[str, str]] = set()
-    for line, row in enumerate(rows, 2):
+    for line, row in zip(lines, rows, strict=True):
         v = _verify_row(line, row, kit, folder, results.parent)
         verdicts.append(v)
         seen.add((v.image, v.artifact))
@@ -295,7 +338,9 @@ def verify(results: Path, kit_path: Path) -> Report:
 def _verify_row(
     line: int, row: dict[str, str], kit: dict[str, Any], folder: Path, base: Path
 ) -> RowVerdict:
-    image, artifact = (row.get("image") or "").strip(), (row.get("artifact") or "").strip()
+    # A Windows client writes backslashes (Path.Combine): the same paths.
+    image = (row.get("image") or "").strip().replace("\\", "/")
+    artifact = (row.get("artifact") or "").strip()
     v = RowVerdict(line, Path(image).name, artifact)
     record = _find_image(kit, image)
     if record is None:
@@ -314,7 +359,7 @@ def _verify_row(
         mistakes = {k: p for k, p in mistakes.items() if k in DECODE_MISTAKES}
 
     def dump(column: str) -> Path | None:
-        text = (row.get(column) or "").strip()
+        text = (row.get(column) or "").strip().replace("\\", "/")
         if not text:
             return None
         path = Path(text) if Path(text).is_absolute() else base / text
@@ -322,31 +367,37 @@ def _verify_row(
             raise _Differs(f"its {column} file {path} is not there")
         return path
 
+    spec = kit["preprocessing"]
     try:
+        v.step = "decode"
         decoded = None
         if path := dump("decoded"):
-            v.step = "decode"
             decoded = _load_pixels(path)
             _pixels_step(decoded, _kit_pixels(folder, record, "decoded"), decode_levels)
             v.checked.append("decode")
         # Each step is judged on the client's own pixels from the step before, where it
         # dumped them: a decode within tolerance must not fail the resize.
-        resized = (
-            _kit_pixels(folder, record, "resized")
-            if decoded is None
-            else _resized(decoded, kit["preprocessing"])
-        )
+        v.step = "resize"
+        resized = None
         if path := dump("resized"):
-            v.step = "resize"
-            got = _load_pixels(path)
-            _pixels_step(got, resized, tol["resize_max_levels"], tol["resize_within_1_level"])
-            resized = got
+            want = (
+                _kit_pixels(folder, record, "resized")
+                if decoded is None
+                else _resized(decoded, spec)
+            )
+            resized = _load_pixels(path)
+            _pixels_step(resized, want, tol["resize_max_levels"], tol["resize_within_1_level"])
             v.checked.append("resize")
+        v.step = "normalise"
         if path := dump("input"):
-            v.step = "normalise"
-            want = _normalised(resized, kit["preprocessing"])
+            if resized is None:
+                resized = (
+                    _kit_pixels(folder, record, "resized")
+                    if decoded is None
+                    else _resized(decoded, spec)
+                )
             got = _load_tensor(path, record["input"]["shape"])
-            _tensor_step(got, want, kit["preprocessing"], tol["tensor_max_abs"])
+            _tensor_step(got, _normalised(resized, spec), spec, tol["tensor_max_abs"])
             v.checked.append("normalise")
         v.step = "model"
         _model_step(row, expected, kit, mistakes)
@@ -354,8 +405,10 @@ def _verify_row(
         v.step = None
     except _Differs as e:
         v.why = str(e)
-    except (OSError, ValueError, TypeError) as e:
-        v.why = f"cannot read the dump: {e}"
+    except UsageError:  # the kit itself: not the client's to answer for
+        raise
+    except Exception as e:  # a dump no reader could use: this row's difference, said
+        v.why = f"cannot read its dump ({type(e).__name__}: {e})"
     return v
 
 
