@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,24 +30,15 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "accuracy"))
 import datasets  # noqa: E402
 
 from tlbuild.data.preprocess import Preprocessing, resize_for_model  # noqa: E402
-from tlbuild.export.image_input import IMAGE_INPUT, _geometry, _Graph  # noqa: E402
+from tlbuild.export.image_input import IMAGE_INPUT, resize_model  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def graph(spec: Preprocessing) -> ort.InferenceSession:
     """The image model's resize alone: uint8 NHWC in, 8-bit levels (float, NCHW) out."""
-    g = _Graph()
-    x = g.op("Transpose", [g.op("Cast", [IMAGE_INPUT], "f", to=1)], "t", perm=[0, 3, 1, 2])
-    y = _geometry(g, x, spec)
-    inputs = [helper.make_tensor_value_info(IMAGE_INPUT, TensorProto.UINT8, [1, "h", "w", 3])]
-    outputs = [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)]
-    m = helper.make_model(
-        helper.make_graph(g.nodes, "resize", inputs, outputs, g.inits),
-        opset_imports=[helper.make_opsetid("", 18)],
-        ir_version=10,
-    )
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    model = resize_model(spec)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def compare(images: list[np.ndarray], spec: Preprocessing) -> tuple[float, float, int]:

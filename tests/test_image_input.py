@@ -16,7 +16,13 @@ from PIL import Image
 
 from tlbuild.clients.image_models import make_image_model
 from tlbuild.data.preprocess import Preprocessing, load_batch, resize_for_model
-from tlbuild.export.image_input import IMAGE_INPUT, _geometry, _Graph, image_input_model
+from tlbuild.export.image_input import (
+    IMAGE_INPUT,
+    _geometry,
+    _Graph,
+    image_input_model,
+    resize_model,
+)
 
 
 def _photos(n: int = 12) -> list[Image.Image]:
@@ -46,24 +52,18 @@ def _spec(resize: str, interpolation: str) -> Preprocessing:
     )
 
 
+def _resize_session(spec: Preprocessing) -> ort.InferenceSession:
+    model = resize_model(spec)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
 @pytest.mark.parametrize(
     ("resize", "interpolation"),
     [("resize", "bicubic"), ("center_crop", "bicubic"), ("resize", "bilinear")],
 )
 def test_the_graph_resizes_as_pillow_does(resize: str, interpolation: str) -> None:
     spec = _spec(resize, interpolation)
-    g = _Graph()
-    x = g.op("Transpose", [g.op("Cast", [IMAGE_INPUT], "f", to=1)], "t", perm=[0, 3, 1, 2])
-    y = _geometry(g, x, spec)
-    graph = helper.make_graph(
-        g.nodes,
-        "geometry",
-        [helper.make_tensor_value_info(IMAGE_INPUT, TensorProto.UINT8, [1, "h", "w", 3])],
-        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],
-        g.inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = _resize_session(spec)
     diffs = []
     for img in _photos():
         want = np.asarray(resize_for_model(img, spec)).astype(np.float32).transpose(2, 0, 1)
@@ -79,18 +79,7 @@ def test_an_exact_enlargement_rounds_half_up_as_pillow() -> None:
     # 32 to 128 px: the cubic weights are dyadic, sums land on .5, and ONNX Round (half to
     # even) put 0.08% of pixels a level apart; half up matches Pillow's fixed point.
     spec = dataclasses.replace(_spec("resize", "bicubic"), input_size=(128, 128))
-    g = _Graph()
-    x = g.op("Transpose", [g.op("Cast", [IMAGE_INPUT], "f", to=1)], "t", perm=[0, 3, 1, 2])
-    y = _geometry(g, x, spec)
-    graph = helper.make_graph(
-        g.nodes,
-        "up",
-        [helper.make_tensor_value_info(IMAGE_INPUT, TensorProto.UINT8, [1, "h", "w", 3])],
-        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],
-        g.inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = _resize_session(spec)
     rng = np.random.default_rng(0)
     same = []
     for _ in range(20):  # smooth surfaces with sensor noise, as the textures set has

@@ -133,6 +133,23 @@ def _geometry(g: _Graph, x: str, spec: Preprocessing) -> str:
     return g.op("Slice", [x, start, stop, axes], "crop")
 
 
+def resize_model(spec: Preprocessing) -> onnx.ModelProto:
+    """The graph's resize (and crop) alone: uint8 NHWC in, its 8-bit levels out as float NCHW;
+    what the tests and benchmarks/image_model_pixels.py hold against Pillow."""
+    g = _Graph()
+    x = g.op("Transpose", [g.op("Cast", [IMAGE_INPUT], "float", to=TensorProto.FLOAT)],
+             "nchw", perm=[0, 3, 1, 2])  # fmt: skip
+    y = _geometry(g, x, spec)
+    graph = helper.make_graph(
+        g.nodes,
+        "resize",
+        [helper.make_tensor_value_info(IMAGE_INPUT, TensorProto.UINT8, [1, "h", "w", 3])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],
+        g.inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
 def image_input_model(model: onnx.ModelProto, spec: Preprocessing) -> onnx.ModelProto:
     """`model` (float NCHW input, preprocessed) behind a uint8 NHWC RGB input of any size.
 
