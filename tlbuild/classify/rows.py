@@ -218,27 +218,27 @@ class RowMaker:
             "precision": predictor.precision,
         }
 
+    def _outputs(
+        self, batch: np.ndarray | list[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits, and the features where the novelty score needs them, for one batch (an
+        image model's decoded images: one run per size)."""
+        novelty = self.decider.novelty is not None
+        if isinstance(batch, list):
+            return images_logits(self.predictor, batch, with_features=novelty)
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if not novelty:
+            return self.predictor.logits(x), None
+        return self.predictor.logits_and_features(x)
+
     def rows(self, d: Decoded) -> dict[str, list[Any]]:
         """Result columns for one decoded batch, error rows included, in the batch's order."""
         n = len(d.paths)
         cols: dict[str, list[Any]] = {c: [None] * n for c in COLUMNS}
         cols["path"] = [storable(p) for p in d.paths]
-        if d.ok and isinstance(d.batch, list):
-            logits, features = images_logits(
-                self.predictor, d.batch, with_features=self.decider.novelty is not None
-            )
-            decided = self.decider.decide(logits, features)
-            for c, values in decided.items():
-                for i, v in zip(d.ok, values, strict=True):
-                    cols[c][i] = v
-        elif d.ok:
-            batch = np.ascontiguousarray(d.batch, dtype=np.float32)
-            if self.decider.novelty is None:
-                logits, features = self.predictor.logits(batch), None
-            else:
-                logits, features = self.predictor.logits_and_features(batch)
-            decided = self.decider.decide(logits, features)
-            for c, values in decided.items():
+        if d.ok:
+            logits, features = self._outputs(d.batch)
+            for c, values in self.decider.decide(logits, features).items():
                 for i, v in zip(d.ok, values, strict=True):
                     cols[c][i] = v
         cols["width"], cols["height"] = d.width, d.height
