@@ -360,3 +360,40 @@ def test_results_of_the_old_draft_decode_say_how_to_continue(
     r = runner.invoke(app, args, env={"COLUMNS": "500"})  # the default: the full decode
     assert r.exit_code == 2 and "add --no-exact-decode" in r.output
     assert runner.invoke(app, [*args, "--no-exact-decode"]).exit_code == 0
+
+
+def test_verify_client_refuses_a_pipe_or_folder_as_results(
+    tiny_build: Path, tmp_path: Path
+) -> None:
+    import os
+
+    pipe = tmp_path / "results.csv"
+    os.mkfifo(pipe)
+    code, out = _verify(pipe, tiny_build)  # returns at once: a pipe is never opened
+    assert code == 2 and "not a regular file" in out
+    code, out = _verify(tmp_path, tiny_build)
+    assert code == 2 and "name the CSV file itself" in out
+
+
+@pytest.mark.parametrize("off", ["image_models", "kit_images"])
+def test_each_clients_option_turns_off_its_own_part(
+    tiny_build: Path, tmp_path: Path, off: str
+) -> None:
+    from tlbuild import runner as build
+    from tlbuild.recipe import ClientsConfig, load_recipe
+
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_build, out)
+    recipe = load_recipe(tiny_build.parent.parent / "tiny.toml")
+    cfg = ClientsConfig(**{off: False if off == "image_models" else 0})
+    recipe = recipe.model_copy(update={"output_dir": tmp_path, "clients": cfg})
+    build.run(recipe, Console(quiet=True))
+    manifest = json.loads((out / "manifest.json").read_text())
+    if off == "image_models":  # the kit stays, for the tensor models alone
+        assert not list(out.glob("model_image*")) and "image_models" not in manifest
+        kit = _kit(out)
+        assert "model.onnx" in kit["artifacts"]
+        assert not any(a.startswith("model_image") for a in kit["artifacts"])
+    else:  # the twins stay, the kit goes
+        assert (out / "model_image.onnx").is_file() and "model_image.onnx" in manifest["artifacts"]
+        assert not (out / "conformance").exists() and "conformance" not in manifest

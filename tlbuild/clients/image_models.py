@@ -13,10 +13,11 @@ import onnx
 from tlbuild.artifacts import MODEL_ONNX, SPLITS_JSON, VARIANTS, onnx_artifact
 from tlbuild.data.preprocess import Preprocessing
 from tlbuild.data.scan import Sample
-from tlbuild.errors import TlbuildError
+from tlbuild.data.splits_file import read_split
+from tlbuild.errors import TlbuildError, UsageError
 from tlbuild.export.image_input import IMAGE_INPUT, image_input_model, supported
 from tlbuild.fileio import atomic_path
-from tlbuild.manifest import Manifest
+from tlbuild.manifest import Manifest, read_manifest_if_any
 from tlbuild.runtime.providers import CPU, Placement
 
 INPUT = {
@@ -32,10 +33,6 @@ INPUT = {
 def exported(out: Path) -> tuple[Manifest, Preprocessing, list[Sample]]:
     """The export folder's manifest, its preprocessing and the validation split; a UsageError
     saying what to run where there is none."""
-    from tlbuild.data.splits_file import read_split
-    from tlbuild.errors import UsageError
-    from tlbuild.manifest import read_manifest_if_any
-
     manifest = read_manifest_if_any(out)
     if manifest is None or manifest.onnx is None:
         raise UsageError(f"no exported model in {out}; run `tlbuild run` first")

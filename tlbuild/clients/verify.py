@@ -4,6 +4,7 @@ tlbuild's, row by row, naming the first step that differs (decode, resize, norma
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from PIL import Image
 from tlbuild.artifacts import is_image_model
 from tlbuild.clients.kit import DECODE_MISTAKES, KIT_FORMAT, KIT_JSON
 from tlbuild.errors import UsageError
-from tlbuild.fileio import plain_name
+from tlbuild.fileio import NotRegularFileError, open_regular, plain_name
 from tlbuild.runtime.base import softmax
 
 
@@ -301,7 +302,8 @@ def verify(results: Path, kit_path: Path) -> Report:
     folder: Path = kit["_folder"]
     try:
         # utf-8-sig: C#'s Encoding.UTF8 and Excel start the file with a byte-order mark.
-        with results.open(newline="", encoding="utf-8-sig") as f:
+        # Only a regular file: a named pipe given as the results must not hang the check.
+        with io.TextIOWrapper(open_regular(results), encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             rows, lines = [], []
             for row in reader:  # the file's line, blank lines and quoted newlines counted
@@ -309,6 +311,8 @@ def verify(results: Path, kit_path: Path) -> Report:
                 lines.append(reader.line_num)
     except FileNotFoundError:
         raise UsageError(f"no results file at {results}") from None
+    except NotRegularFileError as e:
+        raise UsageError(f"{results}: {e.reason}; name the CSV file itself") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UsageError(f"cannot read {results}: {e}") from None
     if not rows:
