@@ -184,21 +184,6 @@ def test_classify_runs_an_image_model_on_images_of_any_size(
     assert a.novelty[ok].notna().all()  # the twin keeps the features output
 
 
-def test_no_image_models_and_no_kit_turn_the_stage_off(tiny_build: Path, tmp_path: Path) -> None:
-    from tlbuild import runner as build
-    from tlbuild.recipe import ClientsConfig, load_recipe
-
-    out = tmp_path / "tiny"
-    shutil.copytree(tiny_build, out)
-    recipe = load_recipe(tiny_build.parent.parent / "tiny.toml")
-    off = ClientsConfig(image_models=False, kit_images=0)
-    recipe = recipe.model_copy(update={"output_dir": tmp_path, "clients": off})
-    build.run(recipe, Console(quiet=True))
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert not list(out.glob("model_image*")) and not (out / "conformance").exists()
-    assert "image_models" not in manifest and not any("image" in a for a in manifest["artifacts"])
-
-
 def _rows(results: Path) -> list[dict[str, str]]:
     with results.open(newline="") as f:
         return list(csv.DictReader(f))
@@ -375,7 +360,7 @@ def test_verify_client_refuses_a_pipe_or_folder_as_results(
     assert code == 2 and "name the CSV file itself" in out
 
 
-@pytest.mark.parametrize("off", ["image_models", "kit_images"])
+@pytest.mark.parametrize("off", ["image_models", "kit_images", "both"])
 def test_each_clients_option_turns_off_its_own_part(
     tiny_build: Path, tmp_path: Path, off: str
 ) -> None:
@@ -385,11 +370,17 @@ def test_each_clients_option_turns_off_its_own_part(
     out = tmp_path / "tiny"
     shutil.copytree(tiny_build, out)
     recipe = load_recipe(tiny_build.parent.parent / "tiny.toml")
-    cfg = ClientsConfig(**{off: False if off == "image_models" else 0})
+    settings = {"image_models": {"image_models": False}, "kit_images": {"kit_images": 0}}
+    settings["both"] = {**settings["image_models"], **settings["kit_images"]}
+    cfg = ClientsConfig(**settings[off])
     recipe = recipe.model_copy(update={"output_dir": tmp_path, "clients": cfg})
     build.run(recipe, Console(quiet=True))
     manifest = json.loads((out / "manifest.json").read_text())
-    if off == "image_models":  # the kit stays, for the tensor models alone
+    if off == "both":  # both stages off: their files, folders and manifest sections gone
+        assert not list(out.glob("model_image*")) and not (out / "conformance").exists()
+        assert "image_models" not in manifest
+        assert not any("image" in a for a in manifest["artifacts"])
+    elif off == "image_models":  # the kit stays, for the tensor models alone
         assert not list(out.glob("model_image*")) and "image_models" not in manifest
         kit = _kit(out)
         assert "model.onnx" in kit["artifacts"]
